@@ -1,0 +1,123 @@
+"""All configuration, in one typed object read from ``LIPSYNC_*`` environment variables (and ``.env``).
+
+Celery's own configuration is derived from this object in :mod:`worker.app`; there is no second
+config system. Secrets are ``SecretStr`` with no default: they print as ``**********`` and are
+checked where they are needed, so a producer that only enqueues jobs needs no GEN key.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AnyUrl, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from worker.models import LipsyncModel
+
+Dialect = Literal["autocontentengine", "vidsheet"]
+
+
+class Settings(BaseSettings):
+    """Every setting, with its environment variable ``LIPSYNC_<NAME>``. The README lists them all."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LIPSYNC_",
+        env_file=".env",
+        env_ignore_empty=True,
+        extra="ignore",
+        # Validation errors must not echo a secret's value back into a log.
+        hide_input_in_errors=True,
+    )
+
+    # -- broker and state ---------------------------------------------------------------------
+    #: Celery broker. Redis is the supported and tested broker.
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery result backend; defaults to the broker URL.
+    result_backend: str | None = None
+    #: Redis for job records, locks and rate limits; defaults to the broker URL.
+    redis_url: str | None = None
+    #: Redis visibility timeout (seconds): an unacknowledged message is redelivered after this long.
+    #: It must stay far above the longest step (the download) and the longest poll countdown.
+    visibility_timeout: int = Field(default=7200, ge=60)
+    #: How long finished results and job records are kept in Redis (seconds).
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
+
+    # -- GEN ------------------------------------------------------------------------------------
+    gen_base_url: AnyUrl = AnyUrl("https://api.gen.pro")
+    #: GEN personal access token, sent as ``X-API-Key``. Required by the worker; never logged.
+    gen_api_key: SecretStr | None = None
+    #: GEN agent whose sheets the jobs run on (``agent_id`` query parameter).
+    gen_agent_id: str | None = None
+    #: ``autocontentengine``: ``/v1/autocontentengine`` with ``model``/``video_resource_id``/
+    #: ``audio_resource_id`` (GEN's older documented body). ``vidsheet``: ``/v1/vidsheet`` with
+    #: ``talking_avatar_video_data`` URLs and ``lip_sync_model`` (GEN's newer body).
+    gen_dialect: Dialect = "autocontentengine"
+    gen_connect_timeout: float = Field(default=5.0, gt=0)
+    gen_read_timeout: float = Field(default=30.0, gt=0)
+    #: Model used when a request names none (GEN's ``lipSyncModel`` card setting).
+    default_model: LipsyncModel = "gen"
+
+    # -- the job's pace -----------------------------------------------------------------------------
+    #: Wall-clock limit for one job (seconds). Past it the generation is stopped on GEN.
+    job_timeout: float = Field(default=1800.0, gt=0)
+    #: First poll delay after submit, and the cap the delay grows to (seconds).
+    poll_initial_delay: float = Field(default=5.0, gt=0)
+    poll_max_delay: float = Field(default=30.0, gt=0)
+    poll_backoff_factor: float = Field(default=1.5, ge=1.0)
+    #: Fraction of each delay randomised away, so polls of many jobs do not march in step.
+    poll_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    #: Delay cap for retrying a transient GEN error (seconds); Retry-After is honoured up to this.
+    retry_max_delay: float = Field(default=60.0, gt=0)
+    #: Transient errors tolerated on submit or on download before the job fails.
+    max_transient_retries: int = Field(default=10, ge=0)
+    #: Unreadable GEN answers tolerated while polling before the job fails.
+    max_bad_responses: int = Field(default=5, ge=0)
+
+    # -- output ---------------------------------------------------------------------------------
+    #: Where outputs are stored (local storage backend).
+    storage_dir: Path = Path("lipsync-output")
+    #: Largest output accepted (bytes).
+    max_output_bytes: int = Field(default=2 * 1024**3, gt=0)
+    #: Overall time limit for one download (seconds); a slow trickle cannot hold a worker forever.
+    download_timeout: float = Field(default=600.0, gt=0)
+
+    # -- callbacks ------------------------------------------------------------------------------
+    #: HMAC secret for webhook signatures (Standard Webhooks; ``whsec_`` + base64, or any string).
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: float = Field(default=15.0, gt=0)
+    #: Delays between webhook delivery attempts (seconds, comma separated).
+    webhook_retry_delays: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200])
+
+    # -- safety ---------------------------------------------------------------------------------
+    #: Allow webhook and download URLs on private/loopback/link-local addresses (tests, the demo,
+    #: an in-cluster GEN simulator). Off in production: it is the SSRF guard.
+    allow_private_urls: bool = False
+
+    @field_validator("webhook_retry_delays", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        if isinstance(value, int | float):
+            return [float(value)]
+        return value
+
+    @property
+    def effective_result_backend(self) -> str:
+        return self.result_backend or self.broker_url
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or self.broker_url
+
+    @property
+    def gen_base(self) -> str:
+        return str(self.gen_base_url).rstrip("/")
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
