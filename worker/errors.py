@@ -13,7 +13,10 @@ Nothing here imports Celery, so the GEN client and the storage layer stay usable
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+#: The statuses a job can end with when it produced no video (see worker.models.LipsyncFailure).
+FailureStatus = Literal["failed", "stopped", "timeout", "rejected", "cancelled"]
 
 
 class LipsyncError(Exception):
@@ -39,6 +42,13 @@ class RequestInvalid(LipsyncError, ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.errors,))
+
+
+class ConfigurationError(LipsyncError):
+    """The worker is misconfigured (e.g. ``LIPSYNC_GEN_API_KEY`` unset). Never retried.
+
+    The message names the setting; it never contains a secret's value.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +219,7 @@ class UnsafeURL(OutputError):
 class JobError(LipsyncError):
     """The job ended without a video. ``status`` and ``error_code`` go into the failure JSON."""
 
-    status: str = "failed"
+    status: FailureStatus = "failed"
     error_code: str = "job_failed"
 
     def __init__(self, message: str, *, generation_id: str | None = None) -> None:
@@ -252,3 +262,19 @@ class JobTimeout(JobError):
 
     status = "timeout"
     error_code = "timeout"
+
+
+class LipsyncJobFailed(LipsyncError):
+    """Raised by the last task of a failed job, so Celery marks it FAILURE and runs ``link_error``.
+
+    Its only argument is the failure JSON (:class:`worker.models.LipsyncFailure`), so a caller that
+    does not import this package still finds the whole failure in the task's ``exc_message``.
+    """
+
+    def __init__(self, failure: dict[str, Any]) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
+    def __str__(self) -> str:
+        f = self.failure
+        return f"lipsync job {f.get('job_id')} {f.get('status')} ({f.get('error_code')}): {f.get('message')}"

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.errors import RequestInvalid
+from worker.errors import FailureStatus, RequestInvalid
 
 #: Version of the result/failure/event payloads; bumped on any incompatible change.
 SCHEMA_VERSION = 1
@@ -206,6 +206,8 @@ class Job(BaseModel):
     request: LipsyncRequest
     #: The model actually used (the request's, or the configured default).
     model: LipsyncModel
+    #: Celery id of the caller's ``lipsync.run`` task; progress states are reported under it.
+    task_id: str | None = None
     enqueued_at: float = Field(default_factory=time.time)
     #: Wall-clock deadline (epoch seconds); past it the poll stops the generation and fails.
     deadline_at: float
@@ -215,6 +217,8 @@ class Job(BaseModel):
     polls: int = 0
     #: Unreadable GEN answers seen so far; capped so schema drift cannot poll forever.
     bad_responses: int = 0
+    #: Transient errors retried in the current step (reset when a step succeeds).
+    step_retries: int = 0
     generation_completed_at: float | None = None
     output_resource: OutputResource | None = None
     execution_cost: float | None = None
@@ -275,9 +279,6 @@ class LipsyncResult(BaseModel):
     polls: int
     timings: Timings
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-
-FailureStatus = Literal["failed", "stopped", "timeout", "rejected", "cancelled"]
 
 
 class LipsyncFailure(BaseModel):

@@ -8,6 +8,7 @@ checked where they are needed, so a producer that only enqueues jobs needs no GE
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.models import LipsyncModel
 
+ENV_PREFIX = "LIPSYNC_"
+
 Dialect = Literal["autocontentengine", "vidsheet"]
 
 
@@ -23,7 +26,7 @@ class Settings(BaseSettings):
     """Every setting, with its environment variable ``LIPSYNC_<NAME>``. The README lists them all."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LIPSYNC_",
+        env_prefix=ENV_PREFIX,
         env_file=".env",
         env_ignore_empty=True,
         extra="ignore",
@@ -88,7 +91,9 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout: float = Field(default=15.0, gt=0)
     #: Delays between webhook delivery attempts (seconds, comma separated).
-    webhook_retry_delays: Annotated[list[float], NoDecode] = Field(default_factory=lambda: [5, 30, 120, 600, 1800, 3600, 7200])
+    webhook_retry_delays: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0]
+    )
 
     # -- safety ---------------------------------------------------------------------------------
     #: Allow webhook and download URLs on private/loopback/link-local addresses (tests, the demo,
@@ -103,6 +108,17 @@ class Settings(BaseSettings):
         if isinstance(value, int | float):
             return [float(value)]
         return value
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Settings from an explicit ``LIPSYNC_*`` mapping only (not the process environment).
+
+        Used where one process configures another (the demo, the tests).
+        """
+        values = {
+            k.removeprefix(ENV_PREFIX).lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)
+        }
+        return cls.model_validate(values)
 
     @property
     def effective_result_backend(self) -> str:

@@ -1,0 +1,348 @@
+"""The job end to end: real Redis, real worker processes, the GEN simulator over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from tests.conftest import WEBHOOK_SECRET, Cluster, wait_for
+from tests.webhook_receiver import WebhookReceiver
+from worker.enqueue import enqueue, job_status
+from worker.errors import LipsyncJobFailed, RequestInvalid
+from worker.jobstore import JobStore
+from worker.simulator import Fault
+
+pytestmark = pytest.mark.integration
+
+RESULT_TIMEOUT = 60
+
+
+def request(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "job_id": f"job-{uuid.uuid4().hex[:12]}",
+        "sheet_id": 101,
+        "cell_id": 3000,
+        "layer_id": 4000,
+        "video_resource_id": 5001,
+        "audio_resource_id": 6001,
+        "model": "gen",
+        "metadata": {"trace": "abc", "n": 1},
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def failure_of(exc_info: pytest.ExceptionInfo[BaseException]) -> dict[str, Any]:
+    exc = exc_info.value
+    assert isinstance(exc, LipsyncJobFailed), repr(exc)
+    return exc.failure
+
+
+def generate_requests(sim: Any) -> list[dict[str, Any]]:
+    return [r for r in sim.stats()["requests"] if r["endpoint"] == "generate"]
+
+
+@pytest.mark.parametrize("model", ["gen", "sync_so"])
+def test_completes_with_the_video_in_storage(cluster: Cluster, simulator: Any, model: str) -> None:
+    result = enqueue(request(model=model), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+
+    assert result["status"] == "completed"
+    assert result["model"] == model
+    assert result["metadata"] == {"trace": "abc", "n": 1}
+    output = result["output"]
+    served = simulator.output_bytes(result["generation_id"])
+    assert output["sha256"] == hashlib.sha256(served).hexdigest()
+    assert output["size_bytes"] == len(served)
+    assert output["content_type"] == "video/mp4"
+    assert output["url"].startswith(simulator.base_url + "/cdn/outputs/")
+    assert output["thumbnail_url"] and output["id"]
+    path = Path(output["path"])
+    assert path.read_bytes() == served
+    assert output["uri"] == path.as_uri()
+    assert result["execution_cost"] is not None
+    assert result["timings"]["total_seconds"] > 0
+    assert result["polls"] >= 1
+    # One paid generation, created with the job's Idempotency-Key.
+    stats = simulator.stats()
+    assert stats["generations_created"] == 1
+    assert simulator.generation(result["generation_id"])["model"] == model
+    assert not list(path.parent.glob(".partial/*")), "no temp file left behind"
+
+
+@pytest.mark.parametrize(
+    ("layer_id", "suffix"), [(4001, "/cells/3001/layers/4001/generate"), (None, "/cells/3001/generate")]
+)
+def test_layer_and_cell_endpoints(
+    cluster: Cluster, simulator: Any, layer_id: int | None, suffix: str
+) -> None:
+    enqueue(request(cell_id=3001, layer_id=layer_id), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    (call,) = generate_requests(simulator)
+    assert call["path"] == f"/v1/autocontentengine/101{suffix}"
+    assert call["idempotency_key"]
+
+
+def test_default_model_is_used_when_the_request_names_none(cluster: Cluster, simulator: Any) -> None:
+    result = enqueue(request(model=None), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    assert result["model"] == "gen"
+
+
+def test_signature_callback_reaches_the_pipeline_on_its_own_queue(cluster: Cluster, simulator: Any) -> None:
+    if not any(w.name == "pipeline-media" for w in cluster.workers):
+        cluster.start_consumer("media")
+    req = request(callback={"task": "pipeline.on_lipsync", "queue": "media"})
+    result = enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+
+    def mine() -> list[dict[str, Any]]:
+        return [c for c in cluster.received_callbacks() if c["payload"]["job_id"] == req["job_id"]]
+
+    wait_for(lambda: bool(mine()), timeout=20)
+    (received,) = mine()
+    assert received["queue"] == "media"
+    assert received["task_id"] == f"{req['job_id']}.outcome"
+    assert received["payload"] == result
+
+
+def test_webhook_callback_is_signed_and_carries_stage_events(cluster: Cluster, simulator: Any) -> None:
+    receiver = WebhookReceiver(secret=WEBHOOK_SECRET)
+    try:
+        events = ["submitted", "generation_completed", "output_fetched"]
+        req = request(callback={"webhook_url": receiver.url, "events": events})
+        result = enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+        job_id = req["job_id"]
+        wanted = {f"{job_id}.outcome", *(f"{job_id}.event.{e}" for e in events)}
+        wait_for(lambda: wanted <= set(receiver.ids()), timeout=20)
+        assert all(r.verified for r in receiver.received)
+        outcome = next(r for r in receiver.received if r.msg_id == f"{job_id}.outcome")
+        assert outcome.payload == result
+        submitted = next(r for r in receiver.received if r.msg_id.endswith(".event.submitted"))
+        assert submitted.payload["generation_id"] == result["generation_id"]
+        assert submitted.payload["metadata"] == req["metadata"]
+    finally:
+        receiver.close()
+
+
+def test_webhook_endpoint_down_then_back_gets_the_same_id(cluster: Cluster, simulator: Any) -> None:
+    receiver = WebhookReceiver(secret=WEBHOOK_SECRET, fail_next=2)
+    try:
+        req = request(callback={"webhook_url": receiver.url})
+        enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+        wait_for(lambda: bool(receiver.received), timeout=20)
+        assert receiver.attempts == 3
+        assert receiver.ids() == [f"{req['job_id']}.outcome"]
+    finally:
+        receiver.close()
+
+
+def test_failed_generation_delivers_gens_reason(cluster: Cluster, simulator: Any) -> None:
+    receiver = WebhookReceiver(secret=WEBHOOK_SECRET)
+    try:
+        req = request(video_resource_id=5099, callback={"webhook_url": receiver.url})
+        with pytest.raises(LipsyncJobFailed) as exc_info:
+            enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+        failure = failure_of(exc_info)
+        assert failure["status"] == "failed"
+        assert failure["error_code"] == "generation_failed"
+        assert failure["message"] == "No face detected in the source video"
+        assert failure["generation_id"]
+        assert failure["metadata"] == req["metadata"]
+        wait_for(lambda: bool(receiver.received), timeout=20)
+        assert receiver.received[0].payload == failure
+    finally:
+        receiver.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status_code", "error_code"),
+    [
+        ({"sheet_id": 999}, 404, "not_found"),
+        ({"video_resource_id": "no_such_video"}, 422, "validation_error"),
+    ],
+)
+def test_gen_refusal_fails_at_once_without_retries(
+    cluster: Cluster, simulator: Any, overrides: dict[str, Any], status_code: int, error_code: str
+) -> None:
+    with pytest.raises(LipsyncJobFailed) as exc_info:
+        enqueue(request(**overrides), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    failure = failure_of(exc_info)
+    assert failure["status"] == "rejected"
+    assert failure["error_code"] == error_code
+    assert str(status_code) in failure["message"]
+    assert [r["status"] for r in generate_requests(simulator)] == [status_code]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(endpoint="generate", status=429, times=2),
+        Fault(endpoint="generate", status=429, retry_after=0.5, times=1),
+        Fault(endpoint="generate", status=503, times=3),
+        Fault(endpoint="get_generation", status=502, times=3),
+        Fault(endpoint="get_generation", status=429, retry_after=0.3, times=2),
+    ],
+    ids=["429", "429-retry-after", "503-on-submit", "502-on-poll", "429-on-poll"],
+)
+def test_transient_errors_are_retried_and_complete(cluster: Cluster, simulator: Any, fault: Fault) -> None:
+    simulator.add_fault(fault)
+    result = enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    assert result["status"] == "completed"
+    stats = simulator.stats()
+    assert stats["generations_created"] == 1
+    keys = {r["idempotency_key"] for r in generate_requests(simulator)}
+    assert len(keys) == 1, "every submit attempt carries the same Idempotency-Key"
+
+
+def test_retry_after_is_honoured(cluster: Cluster, simulator: Any) -> None:
+    simulator.add_fault(Fault(endpoint="generate", status=429, retry_after=1.5, times=1))
+    enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    first, second = generate_requests(simulator)
+    assert second["t"] - first["t"] >= 1.5
+
+
+def test_deadline_stops_the_generation_and_fails_with_timeout(make_cluster: Any, simulator: Any) -> None:
+    cluster = make_cluster(LIPSYNC_JOB_TIMEOUT="2")
+    cluster.start_worker()
+    with pytest.raises(LipsyncJobFailed) as exc_info:
+        enqueue(request(video_resource_id=5098), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    failure = failure_of(exc_info)
+    assert failure["status"] == "timeout"
+    assert failure["error_code"] == "timeout"
+    assert simulator.stats()["stops"] == [int(failure["generation_id"])] or simulator.stats()["stops"] == [
+        failure["generation_id"]
+    ]
+    assert simulator.generation(failure["generation_id"])["status"] == "stopped"
+
+
+def test_vidsheet_dialect_sends_gens_newer_body(make_cluster: Any, simulator: Any) -> None:
+    simulator.strict_dialect = True
+    cluster = make_cluster(LIPSYNC_GEN_DIALECT="vidsheet")
+    cluster.start_worker()
+    for model in ("sync_so", "gen"):
+        result = enqueue(request(model=model), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+        assert result["status"] == "completed"
+        assert simulator.generation(result["generation_id"])["model"] == model
+    assert {r["path"] for r in generate_requests(simulator)} == {
+        "/v1/vidsheet/101/cells/3000/layers/4000/generate"
+    }
+
+
+def test_autocontentengine_dialect_is_refused_by_a_strict_vidsheet_only_gen(
+    cluster: Cluster, simulator: Any
+) -> None:
+    simulator.strict_dialect = True
+    result = enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    assert result["status"] == "completed", "old body on the old prefix is accepted under strict rules"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"cell_id": None}, "cell_id"),
+        ({"model": "wav2lip"}, "model"),
+        ({"video_resource_id": "../../etc"}, "video_resource_id"),
+        ({"colour": "blue"}, "colour"),
+        ({"callback": {"queue": "media"}}, "callback"),
+    ],
+)
+def test_bad_request_is_refused_at_enqueue_by_the_helper(
+    cluster: Cluster, overrides: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(RequestInvalid) as exc_info:
+        enqueue(request(**overrides), app=cluster.app())
+    assert any(e["field"].startswith(field) for e in exc_info.value.errors), exc_info.value.errors
+    assert field in str(exc_info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"cell_id": None}, "cell_id"), ({"model": "wav2lip"}, "model"), ({"sheet_id": True}, "sheet_id")],
+)
+def test_bad_request_sent_raw_fails_at_task_start_naming_the_field(
+    cluster: Cluster, simulator: Any, overrides: dict[str, Any], field: str
+) -> None:
+    receiver = WebhookReceiver(secret=WEBHOOK_SECRET)
+    try:
+        raw = request(**overrides, callback={"webhook_url": receiver.url})
+        async_result = cluster.app().send_task("lipsync.run", kwargs={"request": raw})
+        with pytest.raises(LipsyncJobFailed) as exc_info:
+            async_result.get(timeout=RESULT_TIMEOUT)
+        failure = failure_of(exc_info)
+        assert failure["status"] == "rejected"
+        assert failure["error_code"] == "validation_error"
+        assert failure["job_id"] == raw["job_id"]
+        assert any(e["field"] == field for e in failure["errors"]), failure["errors"]
+        wait_for(lambda: bool(receiver.received), timeout=20)
+        assert receiver.received[0].payload["error_code"] == "validation_error"
+        assert generate_requests(simulator) == []
+    finally:
+        receiver.close()
+
+
+def test_raw_send_task_with_plain_json_completes(cluster: Cluster, simulator: Any) -> None:
+    raw = {
+        "sheet_id": "101",
+        "cell_id": "3002",
+        "video_resource_id": "video_res_123",
+        "audio_resource_id": "audio_res_456",
+    }
+    result = cluster.app().send_task("lipsync.run", kwargs={"request": raw}).get(timeout=RESULT_TIMEOUT)
+    assert result["status"] == "completed"
+    assert result["job_id"]
+
+
+def test_caller_link_and_link_error_keep_working(cluster: Cluster, simulator: Any) -> None:
+    app = cluster.app()
+    if not any(w.name == "pipeline-media" for w in cluster.workers):
+        cluster.start_consumer("media")
+    ok = request()
+    bad = request(video_resource_id=5099)
+    link = app.signature("pipeline.on_lipsync", queue="media")
+    enqueue(ok, app=app, link=link).get(timeout=RESULT_TIMEOUT)
+    with pytest.raises(LipsyncJobFailed):
+        enqueue(bad, app=app, link_error=app.signature("pipeline.on_lipsync", queue="media")).get(
+            timeout=RESULT_TIMEOUT
+        )
+    wait_for(
+        lambda: any(
+            c["payload"].get("job_id") == ok["job_id"]
+            for c in cluster.received_callbacks()
+            if isinstance(c["payload"], dict)
+        ),
+        timeout=20,
+    )
+
+
+def test_progress_states_and_job_record(cluster: Cluster, simulator: Any) -> None:
+    req = request(model="sync_so")
+    async_result = enqueue(req, app=cluster.app())
+    seen: set[str] = set()
+
+    def observe() -> bool:
+        seen.add(async_result.state)
+        return async_result.ready()
+
+    wait_for(observe, timeout=RESULT_TIMEOUT, interval=0.05)
+    assert "POLLING" in seen, seen
+    assert async_result.state == "SUCCESS"
+    store = JobStore(cluster.redis(), ttl=60)
+    record = job_status(req["job_id"], store=store)
+    assert record is not None
+    assert record.state == "completed"
+    assert record.generation_id == async_result.result["generation_id"]
+    assert record.outcome == async_result.result
+    assert record.callbacks_dispatched
+
+
+def test_result_is_reachable_by_job_id(cluster: Cluster, simulator: Any) -> None:
+    req = request()
+    enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    assert cluster.app().AsyncResult(req["job_id"]).get(timeout=1)["job_id"] == req["job_id"]
+
+
+def test_unknown_task_state_times_out_cleanly(cluster: Cluster) -> None:
+    with pytest.raises(CeleryTimeout):
+        cluster.app().AsyncResult("no-such-job").get(timeout=0.5)

@@ -1,0 +1,75 @@
+"""A local webhook receiver that verifies Standard Webhooks signatures, as a real receiver would."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from worker.webhooks import WebhookVerificationError, verify
+
+
+@dataclass
+class Received:
+    msg_id: str
+    payload: dict[str, Any]
+    verified: bool
+    headers: dict[str, str]
+
+
+@dataclass
+class WebhookReceiver:
+    secret: str
+    #: Answer this status to the next N requests (e.g. 503 to simulate an endpoint that is down).
+    fail_next: int = 0
+    fail_status: int = 503
+    received: list[Received] = field(default_factory=list)
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                headers = {k: v for k, v in self.headers.items()}
+                with receiver._lock:
+                    receiver.attempts += 1
+                    failing = receiver.fail_next > 0
+                    if failing:
+                        receiver.fail_next -= 1
+                if failing:
+                    self.send_response(receiver.fail_status)
+                    self.end_headers()
+                    return
+                try:
+                    msg_id = verify(receiver.secret, body, headers)
+                    verified = True
+                except WebhookVerificationError:
+                    msg_id, verified = headers.get("webhook-id", ""), False
+                with receiver._lock:
+                    receiver.received.append(Received(msg_id, json.loads(body), verified, headers))
+                self.send_response(204 if verified else 401)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/hooks/lipsync"
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return [r.msg_id for r in self.received]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,83 @@
+"""The Celery app, configured from :class:`worker.settings.Settings` for this workload.
+
+The workload: a few short HTTP calls per job spread over minutes of waiting (polls are re-queued
+with a countdown, never slept), plus one download per job that may be large. Each choice below says
+why it differs from Celery's default.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from worker.settings import Settings, get_settings
+
+#: Queues, one per kind of work, so operators can give downloads their own workers. A worker started
+#: without ``-Q`` consumes all three (Celery consumes every queue in ``task_queues``).
+QUEUE_JOBS = "lipsync"
+QUEUE_FETCH = "lipsync.fetch"
+QUEUE_CALLBACKS = "lipsync.callbacks"
+ALL_QUEUES = (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS)
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    vt = settings.visibility_timeout
+    transport = {
+        # Redis redelivers an unacknowledged message after this long. Poll countdowns are capped
+        # at 15 min (worker.backoff.MAX_COUNTDOWN) and downloads at LIPSYNC_DOWNLOAD_TIMEOUT, both
+        # far below it, so nothing is redelivered while still legitimately held (kombu#337).
+        "visibility_timeout": vt,
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.effective_result_backend,
+        # JSON only, in both directions: producers in any language, and no pickle on the wire.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # Every step is idempotent (job record + Idempotency-Key, GETs, atomic rename, stable
+        # callback ids), so a message is acknowledged only after its step ran: a worker that dies
+        # mid-step leaves the message to be redelivered instead of losing the job.
+        "task_acks_late": True,
+        # ... and when a pool child is killed, requeue rather than ack (Celery's default acks).
+        "task_reject_on_worker_lost": True,
+        # One message per process at a time: a download must not sit behind another in a prefetch
+        # buffer while other workers idle.
+        "worker_prefetch_multiplier": 1,
+        # Countdown (ETA) messages bypass the prefetch limit and live in worker memory; bound them.
+        "worker_eta_task_limit": 5000,
+        # The visibility timeout must be set in all three places or the shortest silently wins
+        # (celery#7651, celery#9339).
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "visibility_timeout": vt,
+        # With late acks, a lost broker connection would otherwise leave a step running while its
+        # message is redelivered elsewhere: the same step twice, in parallel (celery#4671).
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+        # Flower and operators: events for every task, including "sent" before a worker has it,
+        # STARTED states, and names/args/queues stored with results.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_extended": True,
+        # Celery keeps results a day by default; pipelines may come back for them later.
+        "result_expires": settings.result_ttl,
+        "task_default_queue": QUEUE_JOBS,
+        "task_queues": tuple(Queue(name) for name in ALL_QUEUES),
+        "task_routes": {
+            "lipsync.fetch_output": {"queue": QUEUE_FETCH},
+            "lipsync.deliver_webhook": {"queue": QUEUE_CALLBACKS},
+        },
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    celery = Celery("lipsync", include=["tasks.lipsync"])
+    celery.conf.update(celery_config(settings))
+    return celery
+
+
+app = create_app()

@@ -1,0 +1,221 @@
+"""The ``lipsync-worker`` command: worker, simulator, submit, status, schema and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from worker.errors import LipsyncJobFailed, RequestInvalid
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "worker":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler = args.handler
+    try:
+        return int(handler(args, extra))
+    except RequestInvalid as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lipsync-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run a Celery worker (extra arguments go to 'celery worker')")
+    p.add_argument("-c", "--concurrency", type=int, default=None)
+    p.add_argument("-Q", "--queues", default=None, help="comma-separated queues (default: all three)")
+    p.add_argument("-l", "--loglevel", default="INFO")
+    p.set_defaults(handler=_cmd_worker)
+
+    p = sub.add_parser("simulator", help="run the GEN API simulator (an HTTP server)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument(
+        "--api-key", default=None, help="key to require (default: LIPSYNC_GEN_API_KEY or 'sim-key')"
+    )
+    p.add_argument(
+        "--agent-id", default=None, help="agent id to accept (default: LIPSYNC_GEN_AGENT_ID or 42)"
+    )
+    p.add_argument("--gen-seconds", type=float, default=3.0)
+    p.add_argument("--sync-so-seconds", type=float, default=6.0)
+    p.set_defaults(handler=_cmd_simulator)
+
+    p = sub.add_parser("submit", help="enqueue one job (and optionally wait for it)")
+    p.add_argument("--json", dest="json_file", help="request JSON file, or - for stdin")
+    p.add_argument("--sheet", dest="sheet_id")
+    p.add_argument("--cell", dest="cell_id")
+    p.add_argument("--layer", dest="layer_id")
+    p.add_argument("--video", dest="video_resource_id")
+    p.add_argument("--audio", dest="audio_resource_id")
+    p.add_argument("--model", choices=["sync_so", "gen"])
+    p.add_argument("--job-id")
+    p.add_argument("--callback-task")
+    p.add_argument("--callback-queue")
+    p.add_argument("--webhook-url")
+    p.add_argument("--metadata", help="JSON object passed through to the result")
+    p.add_argument("--wait", action="store_true", help="wait, showing progress, and print the result")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.set_defaults(handler=_cmd_submit)
+
+    p = sub.add_parser("status", help="print a job's record and Celery state as JSON")
+    p.add_argument("job_id")
+    p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("schema", help="write the JSON Schemas of the request, result, failure and events")
+    p.add_argument("--out", type=Path, default=Path("docs/schemas"))
+    p.set_defaults(handler=_cmd_schema)
+
+    p = sub.add_parser("demo", help="run a few jobs end to end on an embedded Redis and the simulator")
+    p.add_argument("--jobs", type=int, default=4)
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: LIPSYNC_STORAGE_DIR)")
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    from worker.app import ALL_QUEUES, app
+
+    argv = ["worker", "-l", args.loglevel, "-Q", args.queues or ",".join(ALL_QUEUES)]
+    if args.concurrency:
+        argv += ["-c", str(args.concurrency)]
+    app.worker_main(argv + extra)
+    return 0
+
+
+def _cmd_simulator(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.simulator import serve
+
+    api_key = args.api_key or os.environ.get("LIPSYNC_GEN_API_KEY") or "sim-key"
+    agent = args.agent_id or os.environ.get("LIPSYNC_GEN_AGENT_ID") or "42"
+    serve(
+        args.host,
+        args.port,
+        api_key=api_key,
+        agent_ids=(agent,),
+        durations={"gen": args.gen_seconds, "sync_so": args.sync_so_seconds},
+    )
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.app import app
+    from worker.enqueue import enqueue
+
+    request = _request_from_args(args)
+    result = enqueue(request, app=app)
+    print(f"enqueued job {result.id}", file=sys.stderr)
+    if not args.wait:
+        print(json.dumps({"job_id": result.id}))
+        return 0
+    return _wait_and_print(result, timeout=args.timeout)
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.json_file:
+        text = sys.stdin.read() if args.json_file == "-" else Path(args.json_file).read_text()
+        loaded = json.loads(text)
+        if not isinstance(loaded, dict):
+            raise RequestInvalid([{"field": "request", "message": "must be a JSON object"}])
+        return loaded
+    request: dict[str, Any] = {}
+    for name in (
+        "job_id",
+        "sheet_id",
+        "cell_id",
+        "layer_id",
+        "video_resource_id",
+        "audio_resource_id",
+        "model",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            request[name] = value
+    callback: dict[str, Any] = {}
+    if args.callback_task:
+        callback["task"] = args.callback_task
+    if args.callback_queue:
+        callback["queue"] = args.callback_queue
+    if args.webhook_url:
+        callback["webhook_url"] = args.webhook_url
+    if callback:
+        request["callback"] = callback
+    if args.metadata:
+        request["metadata"] = json.loads(args.metadata)
+    return request
+
+
+def _wait_and_print(result: Any, *, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while not result.ready() and time.monotonic() < deadline:
+        line = _progress_line(result)
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+        time.sleep(0.25)
+    try:
+        outcome = result.get(timeout=max(0.1, deadline - time.monotonic()))
+    except LipsyncJobFailed as exc:
+        print(json.dumps(exc.failure, indent=2))
+        return 1
+    print(json.dumps(outcome, indent=2))
+    return 0
+
+
+def _progress_line(result: Any) -> str:
+    info = result.info if isinstance(result.info, dict) else {}
+    gen = f" generation {info['generation_id']}" if info.get("generation_id") else ""
+    status = f" (GEN: {info['gen_status']}, {info.get('polls', 0)} polls)" if info.get("gen_status") else ""
+    return f"  {result.id}: {result.state}{gen}{status}"
+
+
+def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.app import app
+    from worker.enqueue import job_status
+
+    record = job_status(args.job_id)
+    celery = app.AsyncResult(args.job_id)
+    info = celery.info if isinstance(celery.info, dict) else None
+    print(
+        json.dumps(
+            {
+                "job": record.model_dump(mode="json") if record else None,
+                "celery": {"state": celery.state, "info": info},
+            },
+            indent=2,
+        )
+    )
+    return 0 if record else 1
+
+
+def _cmd_schema(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.schemas import write_schemas
+
+    for path in write_schemas(args.out):
+        print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(jobs=args.jobs, out=args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

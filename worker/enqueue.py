@@ -1,0 +1,61 @@
+"""The Python helper other services use to enqueue a job and read its state.
+
+Services that do not import this package send the same message by hand::
+
+    celery_app.send_task("lipsync.run", kwargs={"request": {...}})
+
+The helper adds what a raw ``send_task`` cannot: the request is validated before it is sent (a
+:class:`~worker.errors.RequestInvalid` naming the field, at enqueue time), and the Celery task id
+is the job id, so ``AsyncResult(job_id)`` and ``lipsync-worker status JOB_ID`` find it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from worker.jobstore import JobRecord, JobStore
+from worker.models import LipsyncRequest
+
+RUN_TASK = "lipsync.run"
+
+
+def enqueue(
+    request: LipsyncRequest | Mapping[str, Any],
+    *,
+    app: Celery | None = None,
+    link: Any = None,
+    link_error: Any = None,
+    queue: str | None = None,
+) -> AsyncResult[Any]:
+    """Validate and enqueue one lipsync job. ``result.get()`` returns the result JSON.
+
+    Raises:
+        RequestInvalid: the request is not valid (nothing was sent).
+    """
+    if app is None:
+        from worker.app import app as default_app
+
+        app = default_app
+    parsed = request if isinstance(request, LipsyncRequest) else LipsyncRequest.parse(dict(request))
+    options: dict[str, Any] = {"task_id": parsed.job_id}
+    if queue:
+        options["queue"] = queue
+    if link is not None:
+        options["link"] = link
+    if link_error is not None:
+        options["link_error"] = link_error
+    payload = parsed.model_dump(mode="json", exclude_none=True)
+    return app.send_task(RUN_TASK, kwargs={"request": payload}, **options)
+
+
+def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | None:
+    """The job's durable record (state, generation id, polls, outcome...), or None if unknown."""
+    if store is None:
+        from worker.context import resources
+
+        store = resources().jobs
+    return store.get(job_id)

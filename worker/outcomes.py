@@ -1,0 +1,61 @@
+"""Ending a job exactly once, and telling the caller.
+
+The outcome is written to the job record with HSETNX: the first writer decides, later writers (a
+redelivered step, a second chain joined to the same job) read it back. Callbacks are dispatched
+until the record says they were; a crash between dispatch and that mark re-dispatches with the
+same message ids, which receivers dedupe on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Celery
+
+from worker.context import Resources
+from worker.delivery import dispatch
+from worker.models import Callback, Job, LipsyncFailure, LipsyncResult, StageEvent, StageEventPayload
+
+log = logging.getLogger("lipsync.outcomes")
+
+
+def finish(
+    app: Celery,
+    res: Resources,
+    *,
+    job_id: str,
+    callback: Callback | None,
+    outcome: LipsyncResult | LipsyncFailure,
+) -> dict[str, Any]:
+    """Record the outcome (unless one is recorded) and deliver it. Returns the recorded outcome."""
+    payload = outcome.model_dump(mode="json")
+    first, stored = res.jobs.finish(job_id, payload, state=payload["status"])
+    if not first:
+        log.info(
+            "job %s already ended as %s; not recording %s", job_id, stored.get("status"), payload["status"]
+        )
+    record = res.jobs.get(job_id)
+    if record is None or not record.callbacks_dispatched:
+        dispatch(app, callback, stored, job_id=job_id, kind="outcome")
+        res.jobs.mark_callbacks_dispatched(job_id)
+    return stored
+
+
+def emit_event(app: Celery, res: Resources, job: Job, event: StageEvent, data: dict[str, Any]) -> None:
+    """Send a stage event to subscribers, once per job and event."""
+    callback = job.request.callback
+    if callback is None or event not in callback.events:
+        return
+    if not res.jobs.mark_once(job.job_id, f"event:{event.value}"):
+        return
+    payload = StageEventPayload(
+        event=event,
+        job_id=job.job_id,
+        generation_id=job.generation_id,
+        at=time.time(),
+        data=data,
+        metadata=job.request.metadata,
+    ).model_dump(mode="json")
+    dispatch(app, callback, payload, job_id=job.job_id, kind=f"event.{event.value}")
