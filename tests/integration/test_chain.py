@@ -346,3 +346,26 @@ def test_result_is_reachable_by_job_id(cluster: Cluster, simulator: Any) -> None
 def test_unknown_task_state_times_out_cleanly(cluster: Cluster) -> None:
     with pytest.raises(CeleryTimeout):
         cluster.app().AsyncResult("no-such-job").get(timeout=0.5)
+
+
+def test_no_secret_reaches_logs_results_or_the_broker(cluster: Cluster, simulator: Any) -> None:
+    """Runs last in this module: everything the worker wrote so far must be free of secrets."""
+    from tests.conftest import API_KEY
+
+    req = request(callback={"webhook_url": "http://127.0.0.1:9/unreachable"})
+    enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    secrets = [API_KEY, WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_")]
+    logs = "".join(w.log() for w in cluster.workers)
+    assert "lipsync.poll" in logs
+    client = cluster.redis()
+    stored = b"".join(
+        b"".join(str(client.dump(key)).encode() for key in client.scan_iter())
+        for client in [
+            __import__("redis").Redis.from_url(cluster.env[n])
+            for n in ("LIPSYNC_BROKER_URL", "LIPSYNC_RESULT_BACKEND", "LIPSYNC_REDIS_URL")
+        ]
+    )
+    for secret in secrets:
+        assert secret not in logs
+        assert secret.encode() not in stored
+    client.close()

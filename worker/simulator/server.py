@@ -171,6 +171,8 @@ class SimHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 resets connections when many workers connect at once.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], context: SimContext) -> None:
         self.context = context

@@ -1,0 +1,127 @@
+"""The lipsync-worker command, run as a user runs it: as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import API_KEY, REPO, Cluster, wait_for
+from worker.embedded_redis import free_port
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        [*CLI, *args],
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_simulator_command_serves_gen(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(  # noqa: S603
+        [*CLI, "simulator", "--port", str(port), "--api-key", "cli-key"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return requests.get(f"{base}/v1/generations/1", timeout=1).status_code == 401
+            except requests.ConnectionError:
+                return False
+
+        wait_for(up, timeout=30)
+        response = requests.get(
+            f"{base}/v1/autocontentengine/101/cells/3000",
+            params={"agent_id": "42"},
+            headers={"X-API-Key": "cli-key"},
+            timeout=5,
+        )
+        assert response.status_code == 200
+        assert response.json()["id"] == 3000
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_submit_wait_and_status(cluster: Cluster, simulator: object) -> None:
+    job_id = f"cli-{uuid.uuid4().hex[:8]}"
+    submitted = run_cli(
+        "submit",
+        "--job-id",
+        job_id,
+        "--sheet",
+        "101",
+        "--cell",
+        "3005",
+        "--layer",
+        "4005",
+        "--video",
+        "5001",
+        "--audio",
+        "6001",
+        "--model",
+        "gen",
+        "--metadata",
+        '{"from": "cli"}',
+        "--wait",
+        env=cluster.env,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    result = json.loads(submitted.stdout)
+    assert result["job_id"] == job_id and result["status"] == "completed"
+    assert result["metadata"] == {"from": "cli"}
+    assert "POLLING" in submitted.stderr or "SUCCESS" in submitted.stderr
+
+    status = run_cli("status", job_id, env=cluster.env)
+    assert status.returncode == 0, status.stderr
+    shown = json.loads(status.stdout)
+    assert shown["job"]["state"] == "completed"
+    assert shown["job"]["generation_id"] == result["generation_id"]
+    assert shown["celery"]["state"] == "SUCCESS"
+    assert API_KEY not in submitted.stdout + submitted.stderr + status.stdout + status.stderr
+
+
+def test_submit_refuses_a_bad_request_naming_the_field(cluster: Cluster) -> None:
+    bad = run_cli("submit", "--sheet", "101", "--cell", "3000", "--video", "5001", env=cluster.env)
+    assert bad.returncode == 2
+    assert "audio_resource_id" in bad.stderr
+
+
+def test_status_of_an_unknown_job(cluster: Cluster) -> None:
+    status = run_cli("status", "no-such-job", env=cluster.env)
+    assert status.returncode == 1
+    assert json.loads(status.stdout)["job"] is None
+
+
+def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+    demo = subprocess.run(  # noqa: S603
+        [*CLI, "demo", "--jobs", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "2 of 2 jobs completed." in demo.stdout
+    outputs = sorted((tmp_path / "lipsync-output").glob("*.mp4"))
+    assert len(outputs) == 2
+    assert all(str(path) in demo.stdout for path in outputs)
+    assert outputs[0].read_bytes()[4:8] == b"ftyp"

@@ -1,0 +1,64 @@
+"""The files users read and run: README, docker-compose.yml, the published schemas, CI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from worker.schemas import PUBLISHED, schema_of
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_fresh_machine_commands() -> None:
+    first_block = re.search(r"```bash\n(.*?)```", README, re.S)
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).strip().splitlines()]
+    assert commands == ["./dev demo", "./dev test"]
+    assert README.index(first_block.group(0)) < README.index("\n## ")
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "./dev test" in ci
+
+
+def test_every_setting_is_documented() -> None:
+    for name in Settings.model_fields:
+        assert f"`LIPSYNC_{name.upper()}`" in README, f"LIPSYNC_{name.upper()} is not in the README"
+
+
+def test_committed_schemas_match_the_models() -> None:
+    for name in PUBLISHED:
+        committed = json.loads((ROOT / "docs" / "schemas" / f"{name}.json").read_text())
+        assert committed == schema_of(name), f"docs/schemas/{name}.json is stale: run lipsync-worker schema"
+
+
+def test_docker_compose_is_valid_and_scalable() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "worker", "flower", "simulator"} <= set(services)
+    worker = services["worker"]
+    # --scale needs replicas without fixed names or host ports.
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["command"][:2] == ["lipsync-worker", "worker"]
+    env = worker["environment"]
+    assert env["LIPSYNC_BROKER_URL"].startswith("redis://redis:")
+    assert any("--basic-auth" in part for part in services["flower"]["command"])
+    assert "noeviction" in services["redis"]["command"]
+    for service in services.values():
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).exists()
+
+
+def test_dockerfile_runs_commands_that_exist() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert 'CMD ["lipsync-worker", "worker"' in dockerfile
+    for copied in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (ROOT / copied).exists(), copied
