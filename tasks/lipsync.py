@@ -9,23 +9,30 @@ Each task is a thin translation of a step in :mod:`worker.steps` into Celery ter
 * the step raises → the job's failure is recorded and delivered once, and the task raises
   :class:`~worker.errors.LipsyncJobFailed` so Celery marks the caller's result FAILURE and runs the
   caller's ``link_error``.
+
+Before doing anything, every task checks the job record (:func:`_guard`): a job that already ended,
+or a message whose drive token is older than the record's (the sweeper re-drove the job, or it was
+cancelled), does nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, NoReturn
 
-from celery import Task, chain
+from celery import Celery, Task, chain
+from celery.exceptions import Ignore
 from pydantic import TypeAdapter, ValidationError
 
-from worker.app import app
+from worker.app import QUEUE_FETCH, QUEUE_JOBS, app
 from worker.context import Resources, resources
 from worker.delivery import WebhookFailed, WebhookRejected, post_webhook
 from worker.errors import LipsyncJobFailed, UnsafeURL
+from worker.jobstore import JobRecord
 from worker.models import Callback, Job, JobId, StageEvent
 from worker.outcomes import emit_event, finish
-from worker.steps import Again, failure_for
+from worker.steps import CURRENT_TASK_ID, Again, failure_for
 from worker.steps import fetch as fetch_step
 from worker.steps import poll as poll_step
 from worker.steps import start as start_step
@@ -33,14 +40,15 @@ from worker.steps import submit as submit_step
 
 log = logging.getLogger("lipsync.tasks")
 
+AnyTask = Task[Any, Any]
+
 #: Custom task states, visible through the caller's AsyncResult and ``lipsync-worker status``.
 STATE_SUBMITTED = "SUBMITTED"
 STATE_POLLING = "POLLING"
 STATE_FETCHING = "FETCHING"
+STATE_JOINED = "JOINED"
 
 _JOB_ID: TypeAdapter[str] = TypeAdapter(JobId)
-
-AnyTask = Task[Any, Any]
 
 _STEP_OPTIONS: dict[str, Any] = {
     "bind": True,
@@ -57,14 +65,20 @@ def run(self: AnyTask, request: Any = None) -> Any:
     """Validate ``request`` and replace this task with the chain submit → poll → fetch_output.
 
     The chain inherits this task's id, so the caller's AsyncResult resolves to the final result,
-    and the caller's ``link``/``link_error`` move onto the chain.
+    and the caller's ``link``/``link_error`` move onto the chain. A second enqueue of a job id that
+    is already running joins it (``lipsync.await_job``) instead of starting anything at GEN.
     """
     res = resources()
-    task_id = str(self.request.id)
     try:
-        job = start_step(request, task_id=task_id, res=res)
+        started = start_step(request, task_id=str(self.request.id), res=res)
     except Exception as exc:  # noqa: BLE001 - every failure to start becomes the job's failure
         _fail_unstarted(self, request, exc, res)
+    job = started.job
+    if started.record.outcome is not None:
+        return _deliver_recorded(started.record.outcome)
+    if not res.jobs.mark_once(job.job_id, "chain_started"):
+        log.info("job %s: already running; this enqueue joins it", job.job_id)
+        return self.replace(await_job.s(job.job_id))
     log.info("job %s: starting (%s, %s)", job.job_id, job.model, _target(job))
     body = job.model_dump(mode="json")
     return self.replace(chain(submit.s(body), poll.s(), fetch_output.s()))
@@ -75,6 +89,7 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Start the generation on GEN (once per job; see :func:`worker.steps.submit`)."""
     current = Job.model_validate(job)
     res = resources()
+    _guard(current, res, final=False)
     outcome = _run_step(self, current, res, submit_step)
     assert isinstance(outcome, Job)
     _report(self, outcome, STATE_SUBMITTED)
@@ -88,15 +103,11 @@ def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Check the generation once; re-queued with a countdown until GEN reports a terminal status."""
     current = Job.model_validate(job)
     res = resources()
+    _guard(current, res, final=False)
     outcome = _run_step(self, current, res, poll_step)
     assert isinstance(outcome, Job) and outcome.output_resource is not None
-    emit_event(
-        self.app,
-        res,
-        outcome,
-        StageEvent.GENERATION_COMPLETED,
-        {"url": outcome.output_resource.url, "execution_cost": outcome.execution_cost},
-    )
+    data = {"url": outcome.output_resource.url, "execution_cost": outcome.execution_cost}
+    emit_event(self.app, res, outcome, StageEvent.GENERATION_COMPLETED, data)
     return outcome.model_dump(mode="json")
 
 
@@ -105,15 +116,27 @@ def fetch_output(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Stream the output video into storage, then record and deliver the result."""
     current = Job.model_validate(job)
     res = resources()
+    recorded = _guard(current, res, final=True)
+    if recorded is not None:
+        return _deliver_recorded(recorded)
     _report(self, current, STATE_FETCHING)
     result = _run_step(self, current, res, fetch_step)
     assert not isinstance(result, Job | Again)
-    emit_event(
-        self.app, res, current, StageEvent.OUTPUT_FETCHED, {"output": result.output.model_dump(mode="json")}
-    )
+    output = result.output.model_dump(mode="json")
+    emit_event(self.app, res, current, StageEvent.OUTPUT_FETCHED, {"output": output})
     stored = finish(self.app, res, job_id=current.job_id, callback=current.request.callback, outcome=result)
     log.info("job %s: completed, output at %s", current.job_id, result.output.uri)
-    return stored
+    return _deliver_recorded(stored)
+
+
+@app.task(name="lipsync.await_job", bind=True, max_retries=None, acks_late=True, throws=(LipsyncJobFailed,))
+def await_job(self: AnyTask, job_id: str) -> dict[str, Any]:
+    """Resolve to the outcome of a job someone else drives (a duplicate enqueue joined it)."""
+    record = resources().jobs.get(job_id)
+    if record is not None and record.outcome is not None:
+        return _deliver_recorded(record.outcome)
+    self.update_state(state=STATE_JOINED, meta={"job_id": job_id, "state": record.state if record else None})
+    raise self.retry(countdown=min(5.0, 0.5 * (self.request.retries + 1)))
 
 
 @app.task(name="lipsync.deliver_webhook", bind=True, max_retries=None, acks_late=True, ignore_result=True)
@@ -146,16 +169,64 @@ def deliver_webhook(self: AnyTask, url: str, payload: dict[str, Any], msg_id: st
 
 
 # --------------------------------------------------------------------------------------------
+# re-driving (used by the sweeper)
+# --------------------------------------------------------------------------------------------
+
+
+def redrive_job(celery: Celery, job: Job, record: JobRecord) -> None:
+    """Send a fresh chain for ``job`` from the step its record says it is at.
+
+    The last task takes the caller's task id, so the caller's AsyncResult resolves when it ends.
+    """
+    body = job.model_dump(mode="json")
+    final = fetch_output.signature(queue=QUEUE_FETCH, task_id=job.task_id)
+    if job.output_resource is not None:
+        sig: Any = fetch_output.signature((body,), queue=QUEUE_FETCH, task_id=job.task_id)
+    elif job.generation_id:
+        sig = chain(poll.signature((body,), queue=QUEUE_JOBS), final)
+    else:
+        sig = chain(submit.signature((body,), queue=QUEUE_JOBS), poll.s(), final)
+    sig.apply_async()
+
+
+# --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _run_step(self: AnyTask, job: Job, res: Resources, step: Any) -> Any:
+def _guard(job: Job, res: Resources, *, final: bool) -> dict[str, Any] | None:
+    """Stop here if the job ended or this message is stale. The final task gets the outcome back."""
+    record = res.jobs.get(job.job_id)
+    if record is None:
+        return None
+    if record.outcome is not None:
+        if final:
+            return record.outcome
+        raise Ignore()
+    if record.drive != job.drive:
+        log.info(
+            "job %s: stale message (drive %d, current %d); dropping it", job.job_id, job.drive, record.drive
+        )
+        raise Ignore()
+    return None
+
+
+def _deliver_recorded(outcome: dict[str, Any]) -> dict[str, Any]:
+    """Return a recorded result, or raise a recorded failure, as the chain's last task does."""
+    if outcome.get("status") == "completed":
+        return outcome
+    raise LipsyncJobFailed(outcome)
+
+
+def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Resources], Any]) -> Any:
     """Run a step; retry it on :class:`Again`, end the job on an exception."""
+    token = CURRENT_TASK_ID.set(str(self.request.id))
     try:
         outcome = step(job, res)
     except Exception as exc:  # noqa: BLE001 - steps raise only what ends the job; see worker.steps
         _fail(self, job, exc, res)
+    finally:
+        CURRENT_TASK_ID.reset(token)
     if isinstance(outcome, Again):
         if outcome.job.gen_status:
             _report(self, outcome.job, STATE_POLLING)
@@ -180,7 +251,11 @@ def _fail_unstarted(self: AnyTask, raw: Any, exc: BaseException, res: Resources)
     metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
     failure = failure_for(exc, job=None, job_id=job_id, metadata=metadata)
     callback = _callback_of(raw_dict)
-    res.jobs.claim(job_id, task_id=str(self.request.id), model=str(raw_dict.get("model") or ""))
+    existing = res.jobs.get(job_id)
+    if existing is not None and existing.task_id != str(self.request.id):
+        # The id belongs to another, valid job: report this request's failure without touching it.
+        raise LipsyncJobFailed(failure.model_dump(mode="json")) from None
+    res.jobs.claim(job_id, task_id=str(self.request.id), model="", job=None, overdue_at=0)
     stored = finish(self.app, res, job_id=job_id, callback=callback, outcome=failure)
     log.info("job %s: rejected: %s", job_id, stored.get("message"))
     raise LipsyncJobFailed(stored) from None

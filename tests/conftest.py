@@ -68,6 +68,9 @@ def worker_environment(redis_url: str, sim_url: str, storage: Path, **overrides:
         "LIPSYNC_RETRY_MAX_DELAY": "0.5",
         "LIPSYNC_WEBHOOK_RETRY_DELAYS": "0.3,0.5,1",
         "LIPSYNC_JOB_TIMEOUT": "60",
+        "LIPSYNC_RECOVERY_GRACE": "2",
+        "LIPSYNC_QUEUED_RECOVERY": "20",
+        "LIPSYNC_SWEEP_INTERVAL": "0.5",
     }
     env.update(overrides)
     return env

@@ -11,6 +11,7 @@ from celery import Celery
 from kombu import Queue
 
 from worker.settings import Settings, get_settings
+from worker.sweeper import SweeperStep
 
 #: Queues, one per kind of work, so operators can give downloads their own workers. A worker started
 #: without ``-Q`` consumes all three (Celery consumes every queue in ``task_queues``).
@@ -77,6 +78,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     celery = Celery("lipsync", include=["tasks.lipsync"])
     celery.conf.update(celery_config(settings))
+    # Every worker runs a sweeper thread that re-drives stalled jobs (one per round wins a lease).
+    celery.steps["worker"].add(SweeperStep)
     return celery
 
 

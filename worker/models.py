@@ -208,6 +208,8 @@ class Job(BaseModel):
     model: LipsyncModel
     #: Celery id of the caller's ``lipsync.run`` task; progress states are reported under it.
     task_id: str | None = None
+    #: Drive token: messages carrying an older token than the job record are stale and do nothing.
+    drive: int = 1
     enqueued_at: float = Field(default_factory=time.time)
     #: Wall-clock deadline (epoch seconds); past it the poll stops the generation and fails.
     deadline_at: float

@@ -16,6 +16,8 @@ from celery import Celery
 
 from worker.context import Resources
 from worker.delivery import dispatch
+from worker.errors import LipsyncJobFailed
+from worker.failpoints import failpoint
 from worker.models import Callback, Job, LipsyncFailure, LipsyncResult, StageEvent, StageEventPayload
 
 log = logging.getLogger("lipsync.outcomes")
@@ -31,7 +33,9 @@ def finish(
 ) -> dict[str, Any]:
     """Record the outcome (unless one is recorded) and deliver it. Returns the recorded outcome."""
     payload = outcome.model_dump(mode="json")
-    first, stored = res.jobs.finish(job_id, payload, state=payload["status"])
+    # Until the callbacks are marked dispatched, the sweeper will re-dispatch them after the grace.
+    due = time.time() + res.settings.recovery_grace
+    first, stored = res.jobs.finish(job_id, payload, state=payload["status"], overdue_at=due)
     if not first:
         log.info(
             "job %s already ended as %s; not recording %s", job_id, stored.get("status"), payload["status"]
@@ -39,6 +43,7 @@ def finish(
     record = res.jobs.get(job_id)
     if record is None or not record.callbacks_dispatched:
         dispatch(app, callback, stored, job_id=job_id, kind="outcome")
+        failpoint("finish.after_dispatch")
         res.jobs.mark_callbacks_dispatched(job_id)
     return stored
 
@@ -59,3 +64,10 @@ def emit_event(app: Celery, res: Resources, job: Job, event: StageEvent, data: d
         metadata=job.request.metadata,
     ).model_dump(mode="json")
     dispatch(app, callback, payload, job_id=job.job_id, kind=f"event.{event.value}")
+
+
+def store_failure(app: Celery, task_id: str | None, failure: dict[str, Any]) -> None:
+    """Resolve the caller's AsyncResult as FAILURE when the job ends outside its chain
+    (cancelled, or given up by the sweeper)."""
+    if task_id:
+        app.backend.store_result(task_id, LipsyncJobFailed(failure), "FAILURE")

@@ -78,6 +78,18 @@ class Settings(BaseSettings):
     #: Unreadable GEN answers tolerated while polling before the job fails.
     max_bad_responses: int = Field(default=5, ge=0)
 
+    # -- recovery -------------------------------------------------------------------------------
+    #: Seconds past a job's expected next step (a due poll, a download's time limit) after which
+    #: the sweeper re-drives it. Bounds recovery from a killed worker or a lost message.
+    recovery_grace: float = Field(default=60.0, gt=0)
+    #: The same for a message that waits in a queue (a backlog is not a failure): only a broker
+    #: that lost data loses such a message.
+    queued_recovery: float = Field(default=3600.0, gt=0)
+    #: How often each worker tries to sweep (one of them wins a lease per round).
+    sweep_interval: float = Field(default=15.0, gt=0)
+    #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
+    max_redrives: int = Field(default=5, ge=1)
+
     # -- output ---------------------------------------------------------------------------------
     #: Where outputs are stored (local storage backend).
     storage_dir: Path = Path("lipsync-output")

@@ -9,8 +9,10 @@ A step either returns the updated :class:`Job` (move on), returns :class:`Again`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +34,9 @@ from worker.errors import (
     RequestInvalid,
     UnknownGenerationStatus,
 )
+from worker.failpoints import failpoint
 from worker.gen_client import idempotency_key_for
+from worker.jobstore import FETCHING, POLLING, SUBMITTING, JobRecord
 from worker.models import (
     Generation,
     GenerationStatus,
@@ -73,24 +77,58 @@ class UpstreamUnavailable(JobError):
 # --------------------------------------------------------------------------------------------
 
 
-def start(raw_request: Any, *, task_id: str, res: Resources) -> Job:
-    """Validate the request and open (or reopen) its job record.
+@dataclass(frozen=True)
+class Started:
+    """What :func:`start` found: the job, and whether this run created its record."""
 
-    A redelivered ``lipsync.run`` finds its record and carries on with the original deadline.
+    job: Job
+    created: bool
+    record: JobRecord
+
+
+def start(raw_request: Any, *, task_id: str, res: Resources) -> Started:
+    """Validate the request and open its job record, or find the record of an earlier enqueue.
 
     Raises:
         RequestInvalid: the request is not valid; nothing was recorded.
     """
     request = LipsyncRequest.parse(raw_request)
     model = request.model or res.settings.default_model
-    _, record = res.jobs.claim(request.job_id, task_id=task_id, model=model)
-    return Job(
+    now = time.time()
+    job = Job(
         request=request,
         model=model,
         task_id=task_id,
-        enqueued_at=record.created_at,
-        deadline_at=record.created_at + res.settings.job_timeout,
-        generation_id=record.generation_id,
+        enqueued_at=now,
+        deadline_at=now + res.settings.job_timeout,
+    )
+    created, record = res.jobs.claim(
+        request.job_id,
+        task_id=task_id,
+        model=model,
+        job=job.model_dump(mode="json"),
+        overdue_at=now + res.settings.queued_recovery,
+    )
+    if not created and record.job is not None:
+        # A redelivered or duplicate run carries on with the job as recorded (same deadline,
+        # same caller task id, same drive token).
+        job = Job.model_validate(record.job)
+    return Started(job, created, record)
+
+
+#: Celery id of the task running the current step (set by tasks.lipsync), recorded so a
+#: cancellation can revoke it.
+CURRENT_TASK_ID: ContextVar[str | None] = ContextVar("lipsync_current_task_id", default=None)
+
+
+def expect_next(job: Job, res: Resources, *, within: float, **fields: Any) -> None:
+    """Record the job's state and when its next sign of life is due (plus the recovery grace)."""
+    res.jobs.update(
+        job.job_id,
+        job=job.model_dump(mode="json"),
+        overdue_at=time.time() + within + res.settings.recovery_grace,
+        step_task_id=CURRENT_TASK_ID.get(),
+        **fields,
     )
 
 
@@ -112,6 +150,8 @@ def submit(job: Job, res: Resources) -> Job | Again:
         return _submitted(job, record.generation_id, status=record.gen_status, res=res)
     if time.time() >= job.deadline_at:
         raise JobTimeout("the deadline passed before GEN accepted the generation")
+    s = res.settings
+    expect_next(job, res, within=s.gen_connect_timeout + s.gen_read_timeout, state=SUBMITTING)
     request = job.request
     try:
         accepted = res.gen.generate_lipsync(
@@ -125,21 +165,28 @@ def submit(job: Job, res: Resources) -> Job | Again:
         )
     except GenAPIError as exc:
         return _transient_or_raise(job, exc, res)
+    failpoint("submit.after_generate")
     generation_id = res.jobs.set_generation(job.job_id, accepted.generation_id)
+    record = res.jobs.get(job.job_id)
+    if record is not None and record.cancel_requested:
+        # Cancelled while GEN was accepting: do not leave a paid generation running.
+        with contextlib.suppress(GenAPIError):
+            res.gen.stop_generation(generation_id)
     return _submitted(job, generation_id, status=accepted.status, res=res)
 
 
 def _submitted(job: Job, generation_id: str, *, status: str | None, res: Resources) -> Job:
-    now = time.time()
-    res.jobs.update(job.job_id, state="polling", gen_status=status)
-    return job.model_copy(
+    updated = job.model_copy(
         update={
             "generation_id": generation_id,
-            "submitted_at": job.submitted_at or now,
+            "submitted_at": job.submitted_at or time.time(),
             "gen_status": status,
             "step_retries": 0,
         }
     )
+    # The first poll now waits in the queue, where a backlog is normal.
+    expect_next(updated, res, within=res.settings.queued_recovery, state=POLLING, gen_status=status)
+    return updated
 
 
 def _transient_or_raise(job: Job, exc: GenAPIError | OutputError, res: Resources) -> Again:
@@ -152,8 +199,9 @@ def _transient_or_raise(job: Job, exc: GenAPIError | OutputError, res: Resources
         ) from exc
     retry_after = getattr(exc, "retry_after", None)
     delay = retry_delay(job.step_retries, retry_after=retry_after, cap=res.settings.retry_max_delay)
-    res.jobs.update(job.job_id, last_error=str(exc))
-    return Again(job.model_copy(update={"step_retries": job.step_retries + 1}), delay, str(exc))
+    updated = job.model_copy(update={"step_retries": job.step_retries + 1})
+    expect_next(updated, res, within=delay, last_error=str(exc))
+    return Again(updated, delay, str(exc))
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,16 +243,19 @@ def _poll_again_after_error(job: Job, exc: GenAPIError, res: Resources) -> Again
     # While polling, transient errors are bounded by the job's deadline, not by a count: GEN being
     # down for ten minutes should not lose a generation that is still running there.
     delay = retry_delay(job.step_retries, retry_after=exc.retry_after, cap=res.settings.retry_max_delay)
-    res.jobs.update(job.job_id, last_error=str(exc))
     updated = job.model_copy(update={"step_retries": job.step_retries + 1})
-    return Again(updated, clamp_to_deadline(delay, now=time.time(), deadline=job.deadline_at), str(exc))
+    countdown = clamp_to_deadline(delay, now=time.time(), deadline=job.deadline_at)
+    expect_next(updated, res, within=countdown, last_error=str(exc))
+    return Again(updated, countdown, str(exc))
 
 
 def _classify(job: Job, generation: Generation, res: Resources) -> Job | Again:
     status = generation.status
-    res.jobs.update(job.job_id, gen_status=status, polls=job.polls, last_error=None)
     if status == GenerationStatus.COMPLETED:
-        return _completed(job, generation)
+        done = _completed(job, generation)
+        # The fetch now waits in its queue.
+        expect_next(done, res, within=res.settings.queued_recovery, gen_status=status, polls=job.polls)
+        return done
     if status == GenerationStatus.FAILED:
         reason = generation.failed_reason or "GEN reported the generation as failed without a reason"
         raise GenerationFailed(reason, generation_id=job.generation_id)
@@ -221,8 +272,18 @@ def _classify(job: Job, generation: Generation, res: Resources) -> Job | Again:
         )
         now = time.time()
         countdown = clamp_to_deadline(delay, now=now, deadline=job.deadline_at)
-        res.jobs.update(job.job_id, next_poll_at=repr(now + countdown))
-        return Again(job.model_copy(update={"gen_status": status}), countdown, f"GEN status {status}")
+        waiting = job.model_copy(update={"gen_status": status})
+        expect_next(
+            waiting,
+            res,
+            within=countdown,
+            gen_status=status,
+            polls=job.polls,
+            next_poll_at=repr(now + countdown),
+            last_error=None,
+        )
+        return Again(waiting, countdown, f"GEN status {status}")
+    res.jobs.update(job.job_id, gen_status=status, polls=job.polls)
     raise UnknownGenerationStatus(
         f"GEN reported an unknown generation status {status[:50]!r}", generation_id=job.generation_id
     )
@@ -274,7 +335,7 @@ def fetch(job: Job, res: Resources) -> LipsyncResult | Again:
     """Download GEN's output into storage and build the result."""
     resource = job.output_resource
     assert resource is not None and job.generation_id is not None, "fetch needs a completed generation"
-    res.jobs.update(job.job_id, state="fetching")
+    expect_next(job, res, within=res.settings.download_timeout, state=FETCHING)
     started = time.time()
     try:
         downloaded = download(

@@ -1,0 +1,183 @@
+"""The sweeper: finds jobs that stopped moving and drives them again.
+
+Celery alone can lose a job's only message (a SIGKILLed worker holding a countdown poll, a retry
+published while the broker was down, a Redis restart) or bring it back only after the visibility
+timeout (an hour by default, checked every ~100 s). The job record knows when each job should next
+show a sign of life (``overdue_at``); every worker runs a sweeper thread, and one of them per round
+(a Redis lease) re-drives jobs that are past it:
+
+* it bumps the job's drive token under WATCH (so two sweepers never both take a job, and any old
+  message that resurfaces later is stale and does nothing), then
+* sends a fresh chain from the step the record says the job is at (submit, poll or fetch), whose
+  last task carries the caller's task id so the caller's AsyncResult still resolves.
+
+Finished jobs whose callbacks were not marked dispatched (a crash in between) get them re-sent,
+with the same message ids. A job re-driven ``LIPSYNC_MAX_REDRIVES`` times fails (``redrive_limit``)
+rather than crash-loop the fleet. Recovery time is bounded by ``LIPSYNC_RECOVERY_GRACE`` plus
+``LIPSYNC_SWEEP_INTERVAL``, not by Redis's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery, bootsteps
+
+from worker.context import Resources, resources
+from worker.jobstore import JobRecord
+from worker.models import Job, LipsyncFailure
+from worker.outcomes import finish, store_failure
+
+log = logging.getLogger("lipsync.sweeper")
+
+LEASE_KEY = "lipsync:sweeper:lease"
+
+#: Sends a fresh chain for a job: (app, job, record) -> None. Provided by tasks.lipsync.
+Redriver = Callable[[Celery, Job, JobRecord], None]
+
+
+@dataclass
+class SweepReport:
+    redriven: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+
+def sweep_once(app: Celery, res: Resources, redrive: Redriver, *, now: float | None = None) -> SweepReport:
+    """One pass over the overdue jobs."""
+    now = time.time() if now is None else now
+    report = SweepReport()
+    for job_id in res.jobs.overdue(now):
+        record = res.jobs.get(job_id)
+        if record is None or record.job is None:
+            res.jobs.forget_active(job_id)
+            report.skipped += 1
+            continue
+        if record.outcome is not None:
+            _redispatch(app, res, record, report)
+            continue
+        if record.cancel_requested:
+            # cancel() ends the job itself; a crash in the middle of it lands here.
+            report.skipped += 1
+            continue
+        if record.redrives >= res.settings.max_redrives:
+            _give_up(app, res, record, report)
+            continue
+        taken = res.jobs.take_over(job_id, now=now, overdue_at=now + res.settings.queued_recovery)
+        if taken is None or taken.job is None:
+            report.skipped += 1
+            continue
+        job = Job.model_validate(taken.job).model_copy(
+            update={"drive": taken.drive, "step_retries": 0, "generation_id": taken.generation_id}
+        )
+        log.warning(
+            "job %s: no progress since %s (state %s); re-driving (drive %d)",
+            job_id,
+            _ago(record.overdue_at, now),
+            record.state,
+            taken.drive,
+        )
+        redrive(app, job, taken)
+        report.redriven.append(job_id)
+    return report
+
+
+def _redispatch(app: Celery, res: Resources, record: JobRecord, report: SweepReport) -> None:
+    if record.callbacks_dispatched:
+        res.jobs.forget_active(record.job_id)
+        return
+    assert record.outcome is not None and record.job is not None
+    job = Job.model_validate(record.job)
+    log.warning("job %s: outcome recorded but callbacks not confirmed; re-dispatching", record.job_id)
+    finish(
+        app, res, job_id=record.job_id, callback=job.request.callback, outcome=_outcome_model(record.outcome)
+    )
+    report.redispatched.append(record.job_id)
+
+
+def _give_up(app: Celery, res: Resources, record: JobRecord, report: SweepReport) -> None:
+    assert record.job is not None
+    job = Job.model_validate(record.job)
+    failure = LipsyncFailure(
+        job_id=job.job_id,
+        generation_id=record.generation_id,
+        status="failed",
+        error_code="redrive_limit",
+        message=f"the job stopped making progress {record.redrives} times (workers dying on it?); giving up",
+        model=job.model,
+        metadata=job.request.metadata,
+    )
+    res.jobs.request_cancel(job.job_id)  # invalidate whatever message may still resurface
+    stored = finish(app, res, job_id=job.job_id, callback=job.request.callback, outcome=failure)
+    store_failure(app, job.task_id, stored)
+    log.error("job %s: failed after %d re-drives", job.job_id, record.redrives)
+    report.failed.append(job.job_id)
+
+
+def _outcome_model(outcome: dict[str, Any]) -> Any:
+    from worker.models import LipsyncResult
+
+    if outcome.get("status") == "completed":
+        return LipsyncResult.model_validate(outcome)
+    return LipsyncFailure.model_validate(outcome)
+
+
+def _ago(when: float | None, now: float) -> str:
+    return "an unknown time" if when is None else f"{now - when:.1f} s past due"
+
+
+def try_lease(res: Resources, holder: str, ttl: float) -> bool:
+    """One sweeper per round across the fleet."""
+    return bool(res.redis.set(LEASE_KEY, holder, nx=True, px=max(1, int(ttl * 1000))))
+
+
+class SweeperThread(threading.Thread):
+    """Runs :func:`sweep_once` every ``LIPSYNC_SWEEP_INTERVAL`` in a worker's main process."""
+
+    def __init__(self, app: Celery, redrive: Redriver, holder: str) -> None:
+        super().__init__(name="lipsync-sweeper", daemon=True)
+        self.app = app
+        self.redrive = redrive
+        self.holder = holder
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            res = resources()
+            interval = res.settings.sweep_interval
+            try:
+                if try_lease(res, self.holder, interval * 0.9):
+                    report = sweep_once(self.app, res, self.redrive)
+                    if report.redriven or report.redispatched or report.failed:
+                        log.warning("sweep: %s", report)
+            except Exception:
+                log.exception("sweep failed; will retry in %.0f s", interval)
+            self.stopping.wait(interval)
+
+
+class SweeperStep(bootsteps.StartStopStep):
+    """Celery worker bootstep that runs the sweeper thread next to the consumer."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.thread: SweeperThread | None = None
+
+    def start(self, worker: Any) -> None:
+        from tasks.lipsync import redrive_job
+
+        holder = f"{getattr(worker, 'hostname', None) or socket.gethostname()}"
+        self.thread = SweeperThread(worker.app, redrive_job, holder)
+        self.thread.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.thread is not None:
+            self.thread.stopping.set()
