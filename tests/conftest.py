@@ -46,6 +46,8 @@ def simulator(_simulator_session: Any) -> Iterator[Any]:
     """The GEN simulator, with generations, faults and counters reset for each test."""
     _simulator_session.reset()
     _simulator_session.strict_dialect = False
+    _simulator_session.output_size = 48_000
+    _simulator_session.durations = {"gen": 0.6, "sync_so": 1.2}
     yield _simulator_session
     _simulator_session.clear_faults()
 
@@ -216,9 +218,9 @@ def _wait_for(predicate: Callable[[], bool], *, timeout: float, interval: float 
     raise TimeoutError("condition not met in time")
 
 
-def _new_cluster(sim: Any, tmp: Path, **overrides: str) -> Cluster:
+def _new_cluster(sim: Any, tmp: Path, *, persistent: bool = False, **overrides: str) -> Cluster:
     tmp.mkdir(parents=True, exist_ok=True)
-    server = EmbeddedRedis().start()
+    server = EmbeddedRedis(persistent=persistent).start()
     env = worker_environment(server.url, sim.base_url, tmp / "outputs", **overrides)
     return Cluster(env=env, tmp=tmp, redis_server=server)
 
@@ -239,8 +241,8 @@ def make_cluster(_simulator_session: Any, tmp_path: Path) -> Iterator[Callable[.
     """Build a cluster with its own settings (and its own Redis, so workers never mix)."""
     made: list[Cluster] = []
 
-    def factory(**overrides: str) -> Cluster:
-        c = _new_cluster(_simulator_session, tmp_path / f"c{len(made)}", **overrides)
+    def factory(*, persistent: bool = False, **overrides: str) -> Cluster:
+        c = _new_cluster(_simulator_session, tmp_path / f"c{len(made)}", persistent=persistent, **overrides)
         made.append(c)
         return c
 

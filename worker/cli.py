@@ -73,6 +73,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.set_defaults(handler=_cmd_status)
 
+    p = sub.add_parser("cancel", help="cancel a job (stops it on GEN, fires the failure callback)")
+    p.add_argument("job_id")
+    p.add_argument("--reason", default="cancelled by request")
+    p.set_defaults(handler=_cmd_cancel)
+
+    p = sub.add_parser("callbacks", help="list dead-lettered webhooks, or replay them")
+    p.add_argument("action", nargs="?", choices=["list", "replay"], default="list")
+    p.add_argument("msg_ids", nargs="*", help="webhook ids to replay (default with --all: every one)")
+    p.add_argument("--all", action="store_true", help="replay every dead-lettered webhook")
+    p.set_defaults(handler=_cmd_callbacks)
+
+    p = sub.add_parser("sweep", help="re-drive overdue jobs once (workers do this by themselves)")
+    p.set_defaults(handler=_cmd_sweep)
+
+    p = sub.add_parser("health", help="exit 0 when the broker and the job-record Redis answer")
+    p.set_defaults(handler=_cmd_health)
+
     p = sub.add_parser("schema", help="write the JSON Schemas of the request, result, failure and events")
     p.add_argument("--out", type=Path, default=Path("docs/schemas"))
     p.set_defaults(handler=_cmd_schema)
@@ -201,6 +218,64 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
         )
     )
     return 0 if record else 1
+
+
+def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.enqueue import cancel
+
+    outcome = cancel(args.job_id, reason=args.reason)
+    if outcome is None:
+        print(f"error: no job {args.job_id!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(outcome, indent=2))
+    return 0
+
+
+def _cmd_callbacks(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.app import app
+    from worker.context import resources
+    from worker.delivery import replay_dead_letters
+
+    store = resources().jobs
+    if args.action == "list":
+        for entry in store.dead_letters():
+            summary = {k: entry[k] for k in ("msg_id", "url", "error", "attempts")}
+            print(json.dumps(summary))
+        return 0
+    if not args.msg_ids and not args.all:
+        print("error: name webhook ids to replay, or pass --all", file=sys.stderr)
+        return 2
+    replayed = replay_dead_letters(app, store, None if args.all else set(args.msg_ids))
+    for msg_id in replayed:
+        print(f"replaying {msg_id}")
+    return 0 if replayed else 1
+
+
+def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
+    from tasks.lipsync import redrive_job
+    from worker.app import app
+    from worker.context import resources
+    from worker.sweeper import sweep_once
+
+    report = sweep_once(app, resources(), redrive_job)
+    print(json.dumps(report.__dict__))
+    return 0
+
+
+def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:
+    import redis
+
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    for name, url in (("broker", settings.broker_url), ("job records", settings.effective_redis_url)):
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+        except redis.RedisError as exc:
+            print(f"unhealthy: {name} Redis does not answer: {type(exc).__name__}", file=sys.stderr)
+            return 1
+    print("ok")
+    return 0
 
 
 def _cmd_schema(args: argparse.Namespace, _: list[str]) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import requests
 from celery import Celery
 
+from worker.jobstore import JobStore
 from worker.models import Callback
 from worker.urlguard import check_url
 from worker.webhooks import signed_headers
@@ -90,3 +91,18 @@ def post_webhook(
         if response.status_code == 410:
             raise WebhookRejected(f"webhook {msg_id}: receiver answered 410 Gone")
         raise WebhookFailed(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")
+
+
+def replay_dead_letters(app: Celery, store: JobStore, msg_ids: set[str] | None) -> list[str]:
+    """Send dead-lettered webhooks again (all of them, or those named), each with its original id."""
+    replayed = []
+    for entry in store.dead_letters():
+        if msg_ids is not None and entry["msg_id"] not in msg_ids:
+            continue
+        app.send_task(
+            WEBHOOK_TASK,
+            kwargs={"url": entry["url"], "payload": entry["payload"], "msg_id": entry["msg_id"]},
+        )
+        store.remove_dead_letter(entry)
+        replayed.append(entry["msg_id"])
+    return replayed

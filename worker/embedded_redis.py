@@ -49,8 +49,11 @@ def free_port() -> int:
 class EmbeddedRedis:
     """``with EmbeddedRedis() as r: r.url`` — stopped (and its files removed) on exit."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
         self.port = port or free_port()
+        #: Keep data across :meth:`restart` (an fsync-always append-only file), as a production
+        #: broker with AOF would.
+        self.persistent = persistent
         self.binary = find_redis_server()
         self._dir = tempfile.mkdtemp(prefix="lipsync-redis-")
         self._process: subprocess.Popen[bytes] | None = None
@@ -69,7 +72,9 @@ class EmbeddedRedis:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
             "--dir",
             self._dir,
             "--maxmemory-policy",
@@ -105,7 +110,7 @@ class EmbeddedRedis:
         self._process = None
 
     def restart(self) -> None:
-        """Stop and start again on the same port with no data (as the developers' Redis keeps none)."""
+        """Stop and start again on the same port (keeping the data only when ``persistent``)."""
         self.stop()
         self.start()
 

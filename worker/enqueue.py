@@ -59,3 +59,20 @@ def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | Non
 
         store = resources().jobs
     return store.get(job_id)
+
+
+def cancel(
+    job_id: str, *, app: Celery | None = None, reason: str = "cancelled by request"
+) -> dict[str, Any] | None:
+    """Cancel a job: stop its messages and its generation on GEN, fire the failure callback once.
+
+    Returns the job's outcome (``status: "cancelled"``, or how it ended before), or None if unknown.
+    """
+    from worker.cancel import cancel_job
+    from worker.context import resources
+
+    if app is None:
+        from worker.app import app as default_app
+
+        app = default_app
+    return cancel_job(app, resources(), job_id, reason=reason)

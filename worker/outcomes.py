@@ -71,3 +71,14 @@ def store_failure(app: Celery, task_id: str | None, failure: dict[str, Any]) -> 
     (cancelled, or given up by the sweeper)."""
     if task_id:
         app.backend.store_result(task_id, LipsyncJobFailed(failure), "FAILURE")
+
+
+def store_outcome(app: Celery, task_id: str | None, outcome: dict[str, Any]) -> None:
+    """Resolve the caller's AsyncResult with a recorded outcome (the chain's last task died
+    after recording it)."""
+    if not task_id:
+        return
+    if outcome.get("status") == "completed":
+        app.backend.store_result(task_id, outcome, "SUCCESS")
+    else:
+        store_failure(app, task_id, outcome)

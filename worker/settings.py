@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyUrl, Field, SecretStr, field_validator
+from pydantic import AnyUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from worker.models import LipsyncModel
@@ -102,9 +102,11 @@ class Settings(BaseSettings):
     #: HMAC secret for webhook signatures (Standard Webhooks; ``whsec_`` + base64, or any string).
     webhook_secret: SecretStr | None = None
     webhook_timeout: float = Field(default=15.0, gt=0)
-    #: Delays between webhook delivery attempts (seconds, comma separated).
+    #: Delays between webhook delivery attempts (seconds, comma separated). Each is a countdown
+    #: held unacknowledged in a worker, so each must stay below the visibility timeout; the
+    #: default spreads eleven attempts over about two hours.
     webhook_retry_delays: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 1800.0, 3600.0, 7200.0]
+        default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 900.0, 900.0, 900.0, 900.0, 900.0, 900.0]
     )
 
     # -- safety ---------------------------------------------------------------------------------
@@ -131,6 +133,16 @@ class Settings(BaseSettings):
             k.removeprefix(ENV_PREFIX).lower(): v for k, v in environ.items() if k.startswith(ENV_PREFIX)
         }
         return cls.model_validate(values)
+
+    @model_validator(mode="after")
+    def _countdowns_below_visibility_timeout(self) -> Settings:
+        longest = max(self.webhook_retry_delays, default=0.0)
+        if longest >= self.visibility_timeout:
+            raise ValueError(
+                f"LIPSYNC_WEBHOOK_RETRY_DELAYS has a {longest:.0f} s delay, not below "
+                f"LIPSYNC_VISIBILITY_TIMEOUT ({self.visibility_timeout} s): Redis would redeliver it"
+            )
+        return self
 
     @property
     def effective_result_backend(self) -> str:

@@ -32,7 +32,7 @@ from celery import Celery, bootsteps
 from worker.context import Resources, resources
 from worker.jobstore import JobRecord
 from worker.models import Job, LipsyncFailure
-from worker.outcomes import finish, store_failure
+from worker.outcomes import finish, store_failure, store_outcome
 
 log = logging.getLogger("lipsync.sweeper")
 
@@ -96,9 +96,11 @@ def _redispatch(app: Celery, res: Resources, record: JobRecord, report: SweepRep
     assert record.outcome is not None and record.job is not None
     job = Job.model_validate(record.job)
     log.warning("job %s: outcome recorded but callbacks not confirmed; re-dispatching", record.job_id)
-    finish(
+    stored = finish(
         app, res, job_id=record.job_id, callback=job.request.callback, outcome=_outcome_model(record.outcome)
     )
+    # The chain's last task died before storing its result: resolve the caller's AsyncResult.
+    store_outcome(app, job.task_id, stored)
     report.redispatched.append(record.job_id)
 
 

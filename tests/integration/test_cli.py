@@ -23,7 +23,7 @@ CLI = [sys.executable, "-m", "worker.cli"]
 def run_cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [*CLI, *args],
         cwd=REPO,
         env={**os.environ, **(env or {})},
@@ -35,7 +35,7 @@ def run_cli(
 
 def test_simulator_command_serves_gen(tmp_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [*CLI, "simulator", "--port", str(port), "--api-key", "cli-key"],
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -116,7 +116,7 @@ def test_status_of_an_unknown_job(cluster: Cluster) -> None:
 
 def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
-    demo = subprocess.run(  # noqa: S603
+    demo = subprocess.run(
         [*CLI, "demo", "--jobs", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
