@@ -32,6 +32,7 @@ from worker.errors import LipsyncJobFailed, UnsafeURL
 from worker.jobstore import JobRecord
 from worker.models import Callback, Job, JobId, StageEvent
 from worker.outcomes import emit_event, finish
+from worker.progress import report
 from worker.steps import CURRENT_TASK_ID, Again, failure_for
 from worker.steps import fetch as fetch_step
 from worker.steps import poll as poll_step
@@ -285,8 +286,7 @@ def _report(self: AnyTask, job: Job, state: str) -> None:
         "polls": job.polls,
         "model": job.model,
     }
-    for task_id in {job.task_id, self.request.id} - {None}:
-        self.update_state(task_id=task_id, state=state, meta=meta)
+    report(self, caller_task_id=job.task_id, state=state, meta=meta)
 
 
 def _target(job: Job) -> str:

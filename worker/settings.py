@@ -90,9 +90,29 @@ class Settings(BaseSettings):
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 
+    # -- fleet-wide GEN rate limits ------------------------------------------------------------
+    #: Generate calls allowed per ``gen_rate_window`` across all workers (0 = unlimited).
+    gen_generate_rate: int = Field(default=0, ge=0)
+    #: Status (poll), stop and other GEN calls allowed per window across all workers (0 = unlimited).
+    gen_status_rate: int = Field(default=0, ge=0)
+    #: The window of both rate limits (seconds).
+    gen_rate_window: float = Field(default=60.0, gt=0)
+
+    # -- operations -------------------------------------------------------------------------------
+    #: Log one JSON object per line (with job_id and generation_id) instead of plain text.
+    log_json: bool = False
+
     # -- output ---------------------------------------------------------------------------------
-    #: Where outputs are stored (local storage backend).
+    #: ``local`` (a directory) or ``s3`` (S3-compatible object storage; the ``s3`` extra).
+    storage_backend: Literal["local", "s3"] = "local"
+    #: Where outputs are stored (local storage backend), and where downloads are staged.
     storage_dir: Path = Path("lipsync-output")
+    #: Bucket and key prefix for the s3 backend; outputs are ``<prefix><job_id>.mp4``.
+    s3_bucket: str | None = None
+    s3_prefix: str = "lipsync/"
+    #: Endpoint of an S3-compatible service (MinIO, moto, R2...); None means AWS.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
     #: Largest output accepted (bytes).
     max_output_bytes: int = Field(default=2 * 1024**3, gt=0)
     #: Overall time limit for one download (seconds); a slow trickle cannot hold a worker forever.
