@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from worker.models import (
     StoredOutput,
     Timings,
 )
+from worker.ratelimit import Budget, fleet_limiter
 
 log = logging.getLogger("lipsync.steps")
 
@@ -151,6 +153,9 @@ def submit(job: Job, res: Resources) -> Job | Again:
     if time.time() >= job.deadline_at:
         raise JobTimeout("the deadline passed before GEN accepted the generation")
     s = res.settings
+    throttled = _throttle(job, res, "generate")
+    if throttled is not None:
+        return throttled
     expect_next(job, res, within=s.gen_connect_timeout + s.gen_read_timeout, state=SUBMITTING)
     request = job.request
     try:
@@ -189,6 +194,20 @@ def _submitted(job: Job, generation_id: str, *, status: str | None, res: Resourc
     return updated
 
 
+def _throttle(job: Job, res: Resources, budget: Budget) -> Again | None:
+    """Ask the fleet-wide limiter; when over budget, come back when the window has room.
+
+    Waiting for the limiter is not an error: it does not count as a retry.
+    """
+    wait = fleet_limiter(res).acquire(budget)
+    if wait <= 0:
+        return None
+    # A little spread, so the processes that were refused do not all return at the same instant.
+    countdown = wait + random.uniform(0, min(1.0, wait))
+    expect_next(job, res, within=countdown)
+    return Again(job, countdown, f"fleet {budget} rate limit")
+
+
 def _transient_or_raise(job: Job, exc: GenAPIError | OutputError, res: Resources) -> Again:
     """Retry a retryable error with backoff, up to LIPSYNC_MAX_TRANSIENT_RETRIES; else raise it."""
     if not exc.retryable:
@@ -220,6 +239,9 @@ def poll(job: Job, res: Resources) -> Job | Again:
     settings = res.settings
     if time.time() >= job.deadline_at:
         return _deadline_passed(job, res)
+    throttled = _throttle(job, res, "status")
+    if throttled is not None:
+        return throttled
     try:
         generation = res.gen.get_generation(job.generation_id)
     except GenBadResponse as exc:
