@@ -18,6 +18,7 @@ from worker.gen_client import GenClient
 from worker.jobstore import JobStore
 from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage, Storage
+from worker.storage_s3 import S3Storage
 
 USER_AGENT = "lipsync-worker/0.1 (+python-requests)"
 
@@ -53,7 +54,17 @@ class Resources:
 
     @cached_property
     def storage(self) -> Storage:
-        return LocalStorage(self.settings.storage_dir)
+        """The output backend: a local directory, or S3-compatible object storage (``s3`` extra)."""
+        s = self.settings
+        if s.storage_backend == "s3":
+            return S3Storage(
+                bucket=s.s3_bucket,
+                prefix=s.s3_prefix,
+                staging_root=s.storage_dir,
+                endpoint_url=s.s3_endpoint_url,
+                region=s.s3_region,
+            )
+        return LocalStorage(s.storage_dir)
 
     @property
     def download_limits(self) -> DownloadLimits:

@@ -193,6 +193,13 @@ class OutputDownloadError(OutputError):
     error_code = "output_download_failed"
 
 
+class StorageError(OutputError):
+    """Publishing to the storage backend failed (unreachable, refused, upload broke off). Retryable."""
+
+    retryable = True
+    error_code = "storage_unavailable"
+
+
 class OutputTooLarge(OutputError):
     """The output is bigger than ``LIPSYNC_MAX_OUTPUT_BYTES``."""
 

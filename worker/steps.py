@@ -366,9 +366,12 @@ def fetch(job: Job, res: Resources) -> LipsyncResult | Again:
             limits=res.download_limits,
             session=res.http,
         )
+        published = res.storage.publish(
+            job.job_id, downloaded.path, content_type=downloaded.content_type, sha256=downloaded.sha256
+        )
     except OutputError as exc:
+        # Download and upload failures alike (StorageError is retryable): fetch again from GEN.
         return _transient_or_raise(job, exc, res)
-    published = res.storage.publish(job.job_id, downloaded.path, content_type=downloaded.content_type)
     finished = time.time()
     return LipsyncResult(
         job_id=job.job_id,

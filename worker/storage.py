@@ -31,8 +31,14 @@ class Storage(Protocol):
         """Directory for in-progress downloads (same filesystem as the outputs, where that matters)."""
         ...
 
-    def publish(self, job_id: str, tmp_path: Path, *, content_type: str) -> Published:
-        """Move the finished temp file to its final place under the job's name."""
+    def publish(
+        self, job_id: str, tmp_path: Path, *, content_type: str, sha256: str | None = None
+    ) -> Published:
+        """Move the finished temp file to its final place under the job's name.
+
+        ``sha256`` is the hex digest of the file, when the caller knows it; a backend that keeps
+        metadata stores it beside the object. On success the temp file is gone.
+        """
         ...
 
 
@@ -52,7 +58,9 @@ class LocalStorage:
             raise OutputInvalid(f"job id {job_id!r} would escape the storage directory")
         return path
 
-    def publish(self, job_id: str, tmp_path: Path, *, content_type: str) -> Published:
+    def publish(
+        self, job_id: str, tmp_path: Path, *, content_type: str, sha256: str | None = None
+    ) -> Published:
         final = self.final_path(job_id)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_path, final)

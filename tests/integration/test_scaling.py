@@ -41,7 +41,8 @@ def test_three_workers_share_a_few_hundred_jobs(make_cluster: Any, simulator: An
         assert set(shares) == {"w1", "w2", "w3"}, shares
         assert min(shares.values()) >= 20, shares
         print(
-            f"\n200 jobs on 3 workers x 2 processes: {elapsed:.1f} s ({200 / elapsed:.1f} jobs/s), shares {dict(shares)}"
+            f"\n200 jobs on 3 workers x 2 processes: {elapsed:.1f} s "
+            f"({200 / elapsed:.1f} jobs/s), shares {dict(shares)}"
         )
     finally:
         run.close()
