@@ -30,6 +30,7 @@ from worker.context import Resources, resources
 from worker.delivery import WebhookFailed, WebhookRejected, post_webhook
 from worker.errors import LipsyncJobFailed, UnsafeURL
 from worker.jobstore import JobRecord
+from worker.logs import bind_generation
 from worker.models import Callback, Job, JobId, StageEvent
 from worker.outcomes import emit_event, finish
 from worker.progress import report
@@ -93,6 +94,7 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     _guard(current, res, final=False)
     outcome = _run_step(self, current, res, submit_step)
     assert isinstance(outcome, Job)
+    bind_generation(outcome.generation_id)
     _report(self, outcome, STATE_SUBMITTED)
     emit_event(self.app, res, outcome, StageEvent.SUBMITTED, {"gen_status": outcome.gen_status})
     log.info("job %s: GEN generation %s accepted", outcome.job_id, outcome.generation_id)

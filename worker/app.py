@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from worker import kombu_fixes
+from worker import kombu_fixes, logs
 from worker.settings import Settings, get_settings
 from worker.sweeper import SweeperStep
 
@@ -78,6 +78,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     kombu_fixes.install()
+    logs.install(json_logs=settings.log_json)
     celery = Celery("lipsync", include=["tasks.lipsync"])
     celery.conf.update(celery_config(settings))
     # Every worker runs a sweeper thread that re-drives stalled jobs (one per round wins a lease).
