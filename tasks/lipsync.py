@@ -25,6 +25,7 @@ from celery import Celery, Task, chain
 from celery.exceptions import Ignore
 from pydantic import TypeAdapter, ValidationError
 
+from worker import metrics
 from worker.app import QUEUE_FETCH, QUEUE_JOBS, app
 from worker.context import Resources, resources
 from worker.delivery import WebhookFailed, WebhookRejected, post_webhook
@@ -161,6 +162,7 @@ def deliver_webhook(self: AnyTask, url: str, payload: dict[str, Any], msg_id: st
         )
     except WebhookFailed as exc:
         delays = settings.webhook_retry_delays
+        metrics.record_callback(res.redis, kind="webhook", outcome="failed_attempt")
         if attempt < len(delays):
             log.warning("%s; retrying in %.0f s (attempt %d)", exc, delays[attempt], attempt + 1)
             raise self.retry(countdown=delays[attempt]) from None
@@ -168,6 +170,7 @@ def deliver_webhook(self: AnyTask, url: str, payload: dict[str, Any], msg_id: st
     except (WebhookRejected, UnsafeURL) as exc:
         _dead_letter(res, url, payload, msg_id, str(exc), attempt + 1)
     else:
+        metrics.record_callback(res.redis, kind="webhook", outcome="delivered")
         log.info("webhook %s delivered (attempt %d)", msg_id, attempt + 1)
 
 
@@ -301,6 +304,7 @@ def _dead_letter(
     res: Resources, url: str, payload: dict[str, Any], msg_id: str, error: str, attempts: int
 ) -> None:
     log.error("webhook %s given up after %d attempts: %s", msg_id, attempts, error)
+    metrics.record_callback(res.redis, kind="webhook", outcome="dead_lettered")
     res.jobs.dead_letter(
         {"msg_id": msg_id, "url": url, "payload": payload, "error": error, "attempts": attempts}
     )

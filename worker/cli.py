@@ -17,7 +17,7 @@ from worker.errors import LipsyncJobFailed, RequestInvalid
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "worker":
+    if extra and args.command not in ("worker", "metrics"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = args.handler
     try:
@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="re-drive overdue jobs once (workers do this by themselves)")
     p.set_defaults(handler=_cmd_sweep)
+
+    # add_help=False: --help and every option go to worker.metrics's own parser.
+    p = sub.add_parser("metrics", help="serve Prometheus metrics (--host, --port, --redis-url...)", add_help=False)
+    p.set_defaults(handler=_cmd_metrics)
 
     p = sub.add_parser("health", help="exit 0 when the broker and the job-record Redis answer")
     p.set_defaults(handler=_cmd_health)
@@ -260,6 +264,12 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
     report = sweep_once(app, resources(), redrive_job)
     print(json.dumps(report.__dict__))
     return 0
+
+
+def _cmd_metrics(args: argparse.Namespace, extra: list[str]) -> int:
+    from worker.metrics import main as metrics_main
+
+    return metrics_main(extra)
 
 
 def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:

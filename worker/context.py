@@ -13,6 +13,7 @@ from functools import cached_property
 import redis
 import requests
 
+from worker import metrics
 from worker.download import DownloadLimits
 from worker.gen_client import GenClient
 from worker.jobstore import JobStore
@@ -29,7 +30,12 @@ class Resources:
 
     @cached_property
     def gen(self) -> GenClient:
-        return GenClient.from_settings(self.settings)
+        redis_client = self.redis
+
+        def observe(endpoint: str, status: int | None, seconds: float) -> None:
+            metrics.record_gen_call(redis_client, endpoint=endpoint, status=status, seconds=seconds)
+
+        return GenClient.from_settings(self.settings, on_call=observe)
 
     @cached_property
     def http(self) -> requests.Session:

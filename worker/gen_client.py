@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
@@ -148,6 +149,10 @@ class _Reply(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
+#: Observer of GEN calls: (endpoint name, HTTP status or None for transport errors, seconds).
+CallObserver = Callable[[str, int | None, float], None]
+
+
 class GenClient:
     """GEN's lipsync endpoints over one ``requests.Session``.
 
@@ -172,6 +177,7 @@ class GenClient:
         read_timeout: float = 30.0,
         session: requests.Session | None = None,
         user_agent: str | None = None,
+        on_call: CallObserver | None = None,
     ) -> None:
         """Raises :class:`ConfigurationError` for an unusable base URL, key, agent id or dialect."""
         base_url = str(base_url).strip()
@@ -198,6 +204,8 @@ class GenClient:
         self._dialect: Dialect = dialect
         self._prefix = _PREFIXES[dialect]
         self._timeout = (float(connect_timeout), float(read_timeout))
+        #: Told about every call (endpoint, HTTP status or None, seconds), e.g. for metrics.
+        self._on_call = on_call
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
         # Headers are added per request rather than to session.headers, so that a caller's shared
@@ -209,7 +217,7 @@ class GenClient:
         }
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> GenClient:
+    def from_settings(cls, settings: Settings, *, on_call: CallObserver | None = None) -> GenClient:
         """Build a client from :class:`Settings`.
 
         Raises :class:`ConfigurationError` (not retryable) naming ``LIPSYNC_GEN_API_KEY`` and/or
@@ -230,6 +238,7 @@ class GenClient:
             dialect=settings.gen_dialect,
             connect_timeout=settings.gen_connect_timeout,
             read_timeout=settings.gen_read_timeout,
+            on_call=on_call,
         )
 
     def __repr__(self) -> str:
@@ -445,14 +454,20 @@ class GenClient:
         except requests.RequestException as exc:
             elapsed_ms = (time.monotonic() - started) * 1000
             logger.debug("GEN %s %s -> %s in %.0f ms", method, path, type(exc).__name__, elapsed_ms)
+            self._observe(endpoint, None, elapsed_ms)
             # from None: the requests exception holds the PreparedRequest, headers and key included;
             # nothing that outlives this call should reference it.
             raise self._transport_error(exc, endpoint) from None
         elapsed_ms = (time.monotonic() - started) * 1000
         logger.debug("GEN %s %s -> %d in %.0f ms", method, path, response.status_code, elapsed_ms)
+        self._observe(endpoint, response.status_code, elapsed_ms)
         reply = _Reply(response.status_code, response.headers, body)
         self._raise_for_response(reply, endpoint)
         return reply
+
+    def _observe(self, endpoint: str, status: int | None, elapsed_ms: float) -> None:
+        if self._on_call is not None:
+            self._on_call(endpoint, status, elapsed_ms / 1000)
 
     def _transport_error(self, exc: requests.RequestException, endpoint: str) -> GenAPIError:
         detail = self._redact(_truncate(f"{type(exc).__name__}: {exc}"))

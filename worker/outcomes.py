@@ -14,6 +14,7 @@ from typing import Any
 
 from celery import Celery
 
+from worker import metrics
 from worker.context import Resources
 from worker.delivery import dispatch
 from worker.errors import LipsyncJobFailed
@@ -36,13 +37,23 @@ def finish(
     # Until the callbacks are marked dispatched, the sweeper will re-dispatch them after the grace.
     due = time.time() + res.settings.recovery_grace
     first, stored = res.jobs.finish(job_id, payload, state=payload["status"], overdue_at=due)
-    if not first:
+    if first:
+        timings = payload.get("timings") or {}
+        metrics.record_job_finished(
+            res.redis,
+            model=payload.get("model") or "unknown",
+            status=payload["status"],
+            seconds=float(timings.get("total_seconds") or 0.0),
+        )
+    else:
         log.info(
             "job %s already ended as %s; not recording %s", job_id, stored.get("status"), payload["status"]
         )
     record = res.jobs.get(job_id)
     if record is None or not record.callbacks_dispatched:
         dispatch(app, callback, stored, job_id=job_id, kind="outcome")
+        if callback is not None and callback.task:
+            metrics.record_callback(res.redis, kind="task", outcome="sent")
         failpoint("finish.after_dispatch")
         res.jobs.mark_callbacks_dispatched(job_id)
     return stored
