@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_sweep)
 
     # add_help=False: --help and every option go to worker.metrics's own parser.
-    p = sub.add_parser("metrics", help="serve Prometheus metrics (--host, --port, --redis-url...)", add_help=False)
+    p = sub.add_parser("metrics", help="serve Prometheus metrics (--host, --port...)", add_help=False)
     p.set_defaults(handler=_cmd_metrics)
 
     p = sub.add_parser("health", help="exit 0 when the broker and the job-record Redis answer")

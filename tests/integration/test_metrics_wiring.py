@@ -39,7 +39,7 @@ def test_metrics_reflect_real_jobs(cluster: Cluster, simulator: Any) -> None:
     enqueue(running, app=cluster.app())
 
     port = free_port()
-    server = subprocess.Popen(  # noqa: S603
+    server = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "metrics", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
         env={**os.environ, **cluster.env},
