@@ -17,6 +17,7 @@ from worker import metrics
 from worker.download import DownloadLimits
 from worker.gen_client import GenClient
 from worker.jobstore import JobStore
+from worker.safe_http import GuardedAdapter
 from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage, Storage
 from worker.storage_s3 import S3Storage
@@ -42,6 +43,12 @@ class Resources:
         """Session for downloads and webhooks (not GEN: that one carries the API key)."""
         session = requests.Session()
         session.headers["User-Agent"] = USER_AGENT
+        if not self.settings.allow_private_urls:
+            # Check addresses where sockets are opened too, not only before the request (DNS
+            # rebinding); output and webhook URLs come from outside.
+            guarded = GuardedAdapter()
+            session.mount("http://", guarded)
+            session.mount("https://", guarded)
         return session
 
     @cached_property

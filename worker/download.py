@@ -6,6 +6,7 @@ The caller publishes the temp file (see :mod:`worker.storage`); a crash mid-down
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -58,6 +59,7 @@ def download(url: str, *, dest_dir: Path, limits: DownloadLimits, session: reque
     """
     started = time.monotonic()
     dest_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(dest_dir, older_than=2 * limits.total_timeout)
     fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".partial", dir=dest_dir)
     tmp = Path(tmp_name)
     try:
@@ -69,6 +71,21 @@ def download(url: str, *, dest_dir: Path, limits: DownloadLimits, session: reque
         tmp.unlink(missing_ok=True)
         raise
     return Downloaded(tmp, size, digest, content_type, time.monotonic() - started)
+
+
+def remove_abandoned(dest_dir: Path, *, older_than: float) -> int:
+    """Delete temp files of downloads whose worker died (nobody writes to them any more).
+
+    A live download is never this old: it is cut off at ``total_timeout``.
+    """
+    cutoff = time.time() - older_than
+    removed = 0
+    for path in dest_dir.glob(".download-*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def _open(url: str, *, limits: DownloadLimits, session: requests.Session) -> requests.Response:

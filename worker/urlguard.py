@@ -3,7 +3,9 @@
 GEN hands us output URLs and callers hand us webhook URLs; either could aim a worker at
 ``169.254.169.254`` or an internal service. We allow only http(s) and refuse any host that resolves
 to a non-public address unless ``LIPSYNC_ALLOW_PRIVATE_URLS`` is set (tests, the demo, a simulator
-inside the cluster). Redirects are not followed automatically; callers re-check every hop.
+inside the cluster). Redirects are not followed automatically; callers re-check every hop. The
+check is repeated where the socket is opened (:mod:`worker.safe_http`), so a second DNS answer
+cannot point the connection elsewhere.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from worker.errors import UnsafeURL
 MAX_REDIRECTS = 3
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable unicast: not private, loopback, link-local (cloud metadata), reserved..."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return _is_public(address.ipv4_mapped)
+        return is_public(address.ipv4_mapped)
     return address.is_global and not address.is_multicast
 
 
@@ -46,6 +49,6 @@ def check_url(url: str, *, allow_private: bool) -> str:
         return url
     port = parts.port or (443 if parts.scheme == "https" else 80)
     for address in resolve_addresses(parts.hostname, port):
-        if not _is_public(address):
+        if not is_public(address):
             raise UnsafeURL(f"host {parts.hostname!r} resolves to non-public address {address}")
     return url
