@@ -121,36 +121,41 @@ class Cluster:
     def start_worker(
         self, name: str | None = None, *, concurrency: int = 2, queues: str | None = None, **env: str
     ) -> WorkerProcess:
+        """A real ``celery worker`` process for our app, with this cluster's settings."""
         name = name or f"w{len(self.workers) + 1}"
+        args = ["-A", "worker", "worker", "-c", str(concurrency)] + (["-Q", queues] if queues else [])
+        worker = self._spawn(name, args, {**self.env, **env})
+        if worker.process.poll() is not None:
+            raise RuntimeError(f"worker {name} exited:\n{worker.log()[-3000:]}")
+        return worker
+
+    def _spawn(self, name: str, celery_args: list[str], env: dict[str, str]) -> WorkerProcess:
+        """Start ``celery <args>`` in its own process group and wait until it says it is ready."""
         log_path = self.tmp / f"{name}.log"
         command = [
             sys.executable,
             "-m",
             "celery",
-            "-A",
-            "worker",
-            "worker",
+            *celery_args,
             "-l",
             "INFO",
-            "-c",
-            str(concurrency),
             "-n",
             f"{name}@%h",
             "--without-mingle",
         ]
-        if queues:
-            command += ["-Q", queues]
-        full_env = {**os.environ, **self.env, **env, "PYTHONUNBUFFERED": "1"}
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=REPO,
+                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
-        worker = WorkerProcess(name, process, log_path)
-        self.workers.append(worker)
-        _wait_for(lambda: "ready." in worker.log() or process.poll() is not None, timeout=60)
-        if process.poll() is not None:
-            raise RuntimeError(f"worker {name} exited:\n{worker.log()[-3000:]}")
-        return worker
+        spawned = WorkerProcess(name, process, log_path)
+        self.workers.append(spawned)
+        _wait_for(lambda: "ready." in spawned.log() or process.poll() is not None, timeout=60)
+        return spawned
 
     def app(self) -> Any:
         """A Celery app on this cluster's broker, as a producing service would have."""
@@ -165,34 +170,8 @@ class Cluster:
 
     def start_consumer(self, queue: str = "media") -> WorkerProcess:
         """The downstream pipeline's own worker, consuming callbacks from its own queue."""
-        name = f"pipeline-{queue}"
-        log_path = self.tmp / f"{name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "tests.pipeline_consumer",
-            "worker",
-            "-l",
-            "INFO",
-            "-c",
-            "1",
-            "-Q",
-            queue,
-            "-n",
-            f"{name}@%h",
-            "--without-mingle",
-        ]
-        env = {**os.environ, "PIPELINE_BROKER_URL": self.env["LIPSYNC_BROKER_URL"], "PYTHONUNBUFFERED": "1"}
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        consumer = WorkerProcess(name, process, log_path)
-        self.workers.append(consumer)
-        _wait_for(lambda: "ready." in consumer.log() or process.poll() is not None, timeout=60)
-        return consumer
+        args = ["-A", "tests.pipeline_consumer", "worker", "-c", "1", "-Q", queue]
+        return self._spawn(f"pipeline-{queue}", args, {"PIPELINE_BROKER_URL": self.env["LIPSYNC_BROKER_URL"]})
 
     def received_callbacks(self) -> list[dict[str, Any]]:
         client = redis.Redis.from_url(self.env["LIPSYNC_BROKER_URL"])

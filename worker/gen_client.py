@@ -47,7 +47,7 @@ from worker.errors import (
     GenTransportError,
     status_error_class,
 )
-from worker.models import Generation, GenId, LipsyncModel, describe_validation_error
+from worker.models import Generation, GenId, LipsyncModel, coerce_id, describe_validation_error
 from worker.retry_after import parse_retry_after
 from worker.settings import Dialect, Settings
 
@@ -90,16 +90,6 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _coerce_id(value: Any) -> Any:
-    # GEN's docs show integer ids, its OpenAPI strings: keep them all as strings. bool is an int
-    # to Python, and True is never an id.
-    if isinstance(value, bool):
-        raise ValueError("must be a string or an integer id, not a boolean")
-    if isinstance(value, int):
-        return str(value)
-    return value
-
-
 def _truncate(text: str, limit: int = _ECHO_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -117,7 +107,7 @@ class GenerationAccepted(BaseModel):
     generation_id: GenId
     status: str
 
-    _coerce = field_validator("generation_id", mode="before")(classmethod(lambda cls, v: _coerce_id(v)))
+    _coerce = field_validator("generation_id", mode="before")(classmethod(lambda cls, v: coerce_id(v)))
 
 
 class ContentResource(BaseModel):
@@ -131,7 +121,7 @@ class ContentResource(BaseModel):
     file_name: str | None = None
     content_type: str | None = None
 
-    _coerce = field_validator("id", mode="before")(classmethod(lambda cls, v: _coerce_id(v)))
+    _coerce = field_validator("id", mode="before")(classmethod(lambda cls, v: coerce_id(v)))
 
 
 _M = TypeVar("_M", bound=BaseModel)

@@ -40,7 +40,7 @@ _GEN_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 GenId = Annotated[str, StringConstraints(pattern=_GEN_ID_PATTERN)]
 
 
-def _coerce_id(value: Any) -> Any:
+def coerce_id(value: Any) -> Any:
     """Accept integer ids as GEN's docs show them; refuse booleans, which are ints to Python."""
     if isinstance(value, bool):
         raise ValueError("must be a string or an integer id, not a boolean")
@@ -104,7 +104,7 @@ class LipsyncRequest(BaseModel):
 
     _coerce_ids = field_validator(
         "sheet_id", "cell_id", "layer_id", "video_resource_id", "audio_resource_id", mode="before"
-    )(classmethod(lambda cls, v: _coerce_id(v)))
+    )(classmethod(lambda cls, v: coerce_id(v)))
 
     @classmethod
     def parse(cls, data: Any) -> LipsyncRequest:
@@ -163,7 +163,7 @@ class OutputResource(BaseModel):
     object_type: str | None = None
     type: str | None = None
 
-    _coerce = field_validator("id", mode="before")(classmethod(lambda cls, v: _coerce_id(v)))
+    _coerce = field_validator("id", mode="before")(classmethod(lambda cls, v: coerce_id(v)))
 
 
 class Generation(BaseModel):
@@ -182,7 +182,7 @@ class Generation(BaseModel):
     output_resources: list[OutputResource] = Field(default_factory=list)
     execution_cost: float | None = None
 
-    _coerce = field_validator("id", mode="before")(classmethod(lambda cls, v: _coerce_id(v)))
+    _coerce = field_validator("id", mode="before")(classmethod(lambda cls, v: coerce_id(v)))
 
     @field_validator("execution_cost", mode="before")
     @classmethod

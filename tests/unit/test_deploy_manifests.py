@@ -538,11 +538,7 @@ def cli_help() -> str:
 
 @pytest.mark.parametrize(
     "subcommand",
-    [
-        "worker",
-        pytest.param("metrics", marks=pytest.mark.xfail(strict=False, reason="lead adds the command")),
-        "health",
-    ],
+    ["worker", "metrics", "health"],
 )
 def test_cli_has_the_subcommands_the_deploy_files_run(subcommand: str) -> None:
     listed = re.search(r"\{([\w,-]+)\}", cli_help())
