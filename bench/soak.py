@@ -47,6 +47,8 @@ class SoakReport:
     completed: int = 0
     failed: dict[str, int] = field(default_factory=dict)
     lost: int = 0
+    #: job id -> the state its record was left in (or "no record").
+    lost_jobs: dict[str, str] = field(default_factory=dict)
     duplicate_generations: int = 0
     duplicate_callback_ids: int = 0
     missing_callbacks: int = 0
@@ -67,6 +69,8 @@ class SoakReport:
         print(f"completed                {self.completed}")
         print(f"failed (by error_code)   {self.failed or 0}")
         print(f"jobs lost                {self.lost}   (must be 0)")
+        if self.lost_jobs:
+            print(f"  lost, by state         {dict(list(self.lost_jobs.items())[:10])}")
         print(f"duplicate generations    {self.duplicate_generations}   (must be 0)")
         print(f"duplicate callback ids   {self.duplicate_callback_ids}   (must be 0)")
         print(f"missing callbacks        {self.missing_callbacks}   (must be 0)")
@@ -223,12 +227,14 @@ def run_soak(*, jobs: int, workers: int, kills: int, redis_restart: bool, seed: 
 
 
 def _wait_outcome(store: JobStore, job_id: str, deadline: float) -> dict[str, Any]:
-    while time.monotonic() < deadline:
+    """The job's outcome, waiting until ``deadline`` (always looking at least once)."""
+    while True:
         record = store.get(job_id)
         if record is not None and record.outcome is not None:
             return record.outcome
+        if time.monotonic() >= deadline:
+            return {}
         time.sleep(0.1)
-    return {}
 
 
 def _chaos(
@@ -279,6 +285,8 @@ def _score(
     for job_id, outcome in outcomes.items():
         if not outcome:
             report.lost += 1
+            record = store.get(job_id)
+            report.lost_jobs[job_id] = record.state if record else "no record"
             continue
         if outcome.get("status") == "completed":
             report.completed += 1

@@ -29,7 +29,7 @@ from worker import metrics
 from worker.app import QUEUE_FETCH, QUEUE_JOBS, app
 from worker.context import Resources, resources
 from worker.delivery import WebhookFailed, WebhookRejected, post_webhook
-from worker.errors import LipsyncJobFailed, UnsafeURL
+from worker.errors import LipsyncJobFailed, StillRunning, UnsafeURL
 from worker.jobstore import JobRecord
 from worker.logs import bind_generation
 from worker.models import Callback, Job, JobId, StageEvent
@@ -84,7 +84,7 @@ def run(self: AnyTask, request: Any = None) -> Any:
         return self.replace(await_job.s(job.job_id))
     log.info("job %s: starting (%s, %s)", job.job_id, job.model, _target(job))
     body = job.model_dump(mode="json")
-    return self.replace(chain(submit.s(body), poll.s(), fetch_output.s()))
+    return self.replace(chain(submit.s(body).set(argsrepr=f"(job={job.job_id})"), poll.s(), fetch_output.s()))
 
 
 @app.task(name="lipsync.submit", **_STEP_OPTIONS)
@@ -236,13 +236,29 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
     if isinstance(outcome, Again):
         if outcome.job.gen_status:
             _report(self, outcome.job, STATE_POLLING)
-        raise self.retry(args=(outcome.job.model_dump(mode="json"),), countdown=outcome.countdown)
+        # `exc` travels in the retry event, which is what Flower shows for the whole wait; the
+        # short argsrepr keeps callback URLs and metadata out of monitoring.
+        raise self.retry(  # type: ignore[call-arg]  # Celery passes **options on
+            args=(outcome.job.model_dump(mode="json"),),
+            countdown=outcome.countdown,
+            exc=StillRunning(
+                f"{_progress_line(outcome.job)}; {outcome.reason}; next try in {outcome.countdown:.1f} s"
+            ),
+            argsrepr=f"({_progress_line(outcome.job)})",
+        )
     return outcome
 
 
 def _fail(self: AnyTask, job: Job, exc: BaseException, res: Resources) -> NoReturn:
     failure = failure_for(exc, job=job, job_id=job.job_id, metadata=job.request.metadata)
     stored = finish(self.app, res, job_id=job.job_id, callback=job.request.callback, outcome=failure)
+    if job.task_id and job.task_id != self.request.id:
+        # Celery stores the failure under the caller's id, but monitors (Flower) only learn a task's
+        # state from events: tell them the caller's task failed too.
+        with self.app.events.default_dispatcher(hostname=self.request.hostname) as dispatcher:
+            dispatcher.send(
+                "task-failed", uuid=job.task_id, exception=repr(LipsyncJobFailed(stored)), traceback=""
+            )
     log.info(
         "job %s: %s (%s): %s", job.job_id, stored["status"], stored.get("error_code"), stored.get("message")
     )
@@ -292,6 +308,10 @@ def _report(self: AnyTask, job: Job, state: str) -> None:
         "model": job.model,
     }
     report(self, caller_task_id=job.task_id, state=state, meta=meta)
+
+
+def _progress_line(job: Job) -> str:
+    return f"job={job.job_id} generation={job.generation_id} gen_status={job.gen_status} polls={job.polls}"
 
 
 def _target(job: Job) -> str:

@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     logs.install(json_logs=settings.log_json)
     celery = Celery("lipsync", include=["tasks.lipsync"])
     celery.conf.update(celery_config(settings))
+    # Producers using worker.enqueue with this app find the job-record Redis through it.
+    celery.lipsync_settings = settings  # type: ignore[attr-defined]
     # Every worker runs a sweeper thread that re-drives stalled jobs (one per round wins a lease).
     celery.steps["worker"].add(SweeperStep)
     return celery

@@ -6,19 +6,24 @@ Services that do not import this package send the same message by hand::
 
 The helper adds what a raw ``send_task`` cannot: the request is validated before it is sent (a
 :class:`~worker.errors.RequestInvalid` naming the field, at enqueue time), and the Celery task id
-is the job id, so ``AsyncResult(job_id)`` and ``lipsync-worker status JOB_ID`` find it.
+is the job id, so ``AsyncResult(job_id)`` and ``lipsync-worker status JOB_ID`` find it; and the
+job record is written before the message is sent, so the job is never lost with its message.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 
 from worker.jobstore import JobRecord, JobStore
-from worker.models import LipsyncRequest
+from worker.models import Job, LipsyncRequest
+from worker.settings import Settings, get_settings
 
 RUN_TASK = "lipsync.run"
 
@@ -49,7 +54,46 @@ def enqueue(
     if link_error is not None:
         options["link_error"] = link_error
     payload = parsed.model_dump(mode="json", exclude_none=True)
-    return app.send_task(RUN_TASK, kwargs={"request": payload}, **options)
+    # Record the job before sending it: from here on the sweeper knows the job, so even a message
+    # lost before any worker started it (a broker restart at the wrong moment) is re-driven.
+    store, settings = _store_for(app)
+    now = time.time()
+    job = Job(
+        request=parsed,
+        model=parsed.model or settings.default_model,
+        task_id=parsed.job_id,
+        enqueued_at=now,
+        deadline_at=now + settings.job_timeout,
+    )
+    created, _ = store.claim(
+        parsed.job_id,
+        task_id=parsed.job_id,
+        model=job.model,
+        job=job.model_dump(mode="json"),
+        overdue_at=now + settings.queued_recovery,
+    )
+    try:
+        return app.send_task(RUN_TASK, kwargs={"request": payload}, **options)
+    except BaseException:
+        if created:
+            # The caller learns the enqueue failed: the job must not run behind its back.
+            store.forget(parsed.job_id)
+        raise
+
+
+_stores: dict[tuple[int, str], JobStore] = {}
+
+
+def _store_for(app: Celery) -> tuple[JobStore, Settings]:
+    """The job-record store of the app's settings (one Redis pool per process and URL)."""
+    settings: Settings = getattr(app, "lipsync_settings", None) or get_settings()
+    key = (os.getpid(), settings.effective_redis_url)
+    if key not in _stores:
+        client = redis.Redis.from_url(
+            settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=10
+        )
+        _stores[key] = JobStore(client, ttl=int(settings.job_timeout) + settings.result_ttl)
+    return _stores[key], settings
 
 
 def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | None:

@@ -285,3 +285,8 @@ class LipsyncJobFailed(LipsyncError):
     def __str__(self) -> str:
         f = self.failure
         return f"lipsync job {f.get('job_id')} {f.get('status')} ({f.get('error_code')}): {f.get('message')}"
+
+
+class StillRunning(LipsyncError):
+    """Not an error: the reason a step is re-queued (GEN still working, a transient error, the rate
+    limit). Celery puts it in the retry event, so monitors show the job's progress while it waits."""

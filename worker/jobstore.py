@@ -226,6 +226,13 @@ class JobStore:
         pipe.execute()
         return self.get(job_id)
 
+    def forget(self, job_id: str) -> None:
+        """Remove a job entirely (an enqueue that failed before anything was sent)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self.key(job_id))
+        pipe.zrem(ACTIVE_KEY, job_id)
+        pipe.execute()
+
     def forget_active(self, job_id: str) -> None:
         self.redis.zrem(ACTIVE_KEY, job_id)
 

@@ -438,3 +438,20 @@ def test_cancel_stops_the_generation_and_fires_the_failure_callback_once(
     # Cancelling again reports the same end and sends nothing new.
     assert json.loads(_cli(cluster, "cancel", job_id)) == cancelled
     assert run.receiver.ids() == [f"{job_id}.outcome"]
+
+
+def test_run_message_lost_before_any_worker_took_it(fault_cluster: Any, simulator: Any, run_on: Any) -> None:
+    """The helper records the job before sending it, so even a message lost in the queue is found."""
+    cluster = fault_cluster(LIPSYNC_QUEUED_RECOVERY="3")
+    run = run_on(cluster)
+    (job_id,) = run.submit()
+    record = run.record(job_id)
+    assert record is not None and record.state == "queued"
+    broker = redis.Redis.from_url(cluster.env["LIPSYNC_BROKER_URL"])
+    assert broker.delete("lipsync") == 1, "the run message was waiting in the queue"
+    cluster.start_worker()
+    outcomes = run.outcomes()
+    assert outcomes[job_id]["status"] == "completed"
+    run.check_invariants(outcomes)
+    record = run.record(job_id)
+    assert record is not None and record.redrives == 1

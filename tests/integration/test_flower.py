@@ -9,7 +9,6 @@ HTTP API the way an operator's browser or script would.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import re
 import secrets
@@ -29,7 +28,9 @@ import requests
 
 from tests.conftest import API_KEY, REPO, WEBHOOK_SECRET, Cluster, wait_for
 from tests.integration.test_chain import request
+from tests.webhook_receiver import WebhookReceiver
 from worker.enqueue import enqueue
+from worker.errors import LipsyncJobFailed
 
 pytestmark = pytest.mark.integration
 
@@ -60,9 +61,7 @@ class Flower:
     log_path: Path
 
     def get(self, path: str, *, auth: bool = True, **params: Any) -> requests.Response:
-        return requests.get(
-            self.base + path, params=params, auth=self.auth if auth else None, timeout=10
-        )
+        return requests.get(self.base + path, params=params, auth=self.auth if auth else None, timeout=10)
 
     def json(self, path: str, **params: Any) -> Any:
         response = self.get(path, **params)
@@ -135,7 +134,7 @@ def flower(cluster: Cluster) -> Iterator[Flower]:
 class History:
     """The module's jobs and what Flower showed while the long one ran."""
 
-    completed: dict[str, str]  # model -> job id
+    completed: dict[str, str]  # model -> job id; the sync_so one has a (signed) webhook callback
     failed: str
     long: str
     #: Flower's (task name, state) pairs for the long job's tasks, sampled while it ran.
@@ -144,6 +143,8 @@ class History:
     backend_states: set[str] = field(default_factory=set)
     #: /api/task/info of the long job's lipsync.poll, read as soon as it was seen POLLING.
     polling_info: dict[str, Any] | None = None
+    #: /api/task/info of the long job's lipsync.poll while it waits for its next poll (RETRY).
+    retry_info: dict[str, Any] | None = None
 
 
 @pytest.fixture(scope="module")
@@ -151,29 +152,31 @@ def history(cluster: Cluster, flower: Flower, _simulator_session: Any) -> Iterat
     sim = _simulator_session
     sim.reset()
     app = cluster.app()
+    receiver = WebhookReceiver(secret=WEBHOOK_SECRET)
     try:
-        # Long enough (~8 polls at LIPSYNC_POLL_MAX_DELAY=0.5) to be watched mid-poll.
+        # Long enough (~8 polls at LIPSYNC_POLL_MAX_DELAY=0.5 s) to be watched mid-poll; a sync_so
+        # job with a webhook and a failing one (video 5099: GEN fails the generation) run beside it.
         sim.durations = {"gen": 3.0, "sync_so": 1.2}
         long_job = enqueue(request(model="gen"), app=app)
-        completed = {model: enqueue(request(model=model), app=app) for model in ("sync_so",)}
+        sync_so = enqueue(request(model="sync_so", callback={"webhook_url": receiver.url}), app=app)
         failing = enqueue(request(video_resource_id=5099), app=app)
-        h = History(
-            completed={m: r.id for m, r in completed.items()}, failed=failing.id, long=long_job.id
-        )
+        h = History(completed={"sync_so": sync_so.id}, failed=failing.id, long=long_job.id)
         _watch(flower, h, long_job)
         assert long_job.get(timeout=RESULT_TIMEOUT)["status"] == "completed"
         sim.durations = {"gen": 0.6, "sync_so": 1.2}
-        quick = enqueue(request(model="gen"), app=app)
-        h.completed["gen"] = quick.id
-        for result in (*completed.values(), quick):
+        gen = enqueue(request(model="gen"), app=app)
+        h.completed["gen"] = gen.id
+        for result in (sync_so, gen):
             assert result.get(timeout=RESULT_TIMEOUT)["status"] == "completed"
-        with pytest.raises(Exception, match="No face detected"):
+        with pytest.raises(LipsyncJobFailed, match="No face detected"):
             failing.get(timeout=RESULT_TIMEOUT)
         # Flower hears the last events a moment after the result backend has the result.
-        wait_for(lambda: _chain_ended(flower, h), timeout=10, interval=0.2)
+        wait_for(lambda: bool(receiver.received), timeout=10)
+        wait_for(lambda: _chains_ended(flower, h), timeout=10, interval=0.2)
         yield h
     finally:
         sim.durations = {"gen": 0.6, "sync_so": 1.2}
+        receiver.close()
 
 
 def _watch(flower: Flower, h: History, result: Any) -> None:
@@ -189,16 +192,25 @@ def _watch(flower: Flower, h: History, result: Any) -> None:
             h.seen[(task["name"], task["state"])] += 1
             if task["state"] == "POLLING" and h.polling_info is None:
                 h.polling_info = flower.json(f"/api/task/info/{task_id}")
+            if (
+                task["name"] == "lipsync.poll"
+                and task["state"] == "RETRY"
+                and (task.get("retries") or 0) >= 2
+            ):
+                h.retry_info = flower.json(f"/api/task/info/{task_id}")
 
 
-def _chain_ended(flower: Flower, h: History) -> bool:
-    states = {t["name"]: t["state"] for t in flower.tasks(search=h.failed).values()}
-    ends = [flower.tasks(search=job_id) for job_id in (h.long, *h.completed.values())]
-    finished = all(
-        any(t["name"] == "lipsync.fetch_output" and t["state"] == "SUCCESS" for t in ts.values())
-        for ts in ends
-    )
-    return finished and states.get("lipsync.poll") == "FAILURE"
+def _chains_ended(flower: Flower, h: History) -> bool:
+    """Flower has seen every task of the module's jobs end."""
+    expected = {"lipsync.submit", "lipsync.poll", "lipsync.fetch_output"}
+    wanted = {job_id: expected for job_id in (h.long, h.completed["gen"])}
+    wanted[h.completed["sync_so"]] = expected | {"lipsync.deliver_webhook"}
+    wanted[h.failed] = {"lipsync.submit", "lipsync.poll"}
+    for job_id, names in wanted.items():
+        states = {t["name"]: t["state"] for t in flower.tasks(search=job_id).values()}
+        if not all(states.get(name) in ("SUCCESS", "FAILURE") for name in names):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,16 +224,18 @@ def test_api_needs_credentials_and_lists_the_worker_with_our_tasks(flower: Flowe
     workers = flower.json("/api/workers", refresh=1)
     name = flower.worker_name()
     assert name in workers
-    assert OUR_TASKS <= set(workers[name]["registered"])
+    assert set(workers[name]["registered"]) >= OUR_TASKS
     queues = {q["name"] for q in workers[name]["active_queues"]}
     assert queues == {"lipsync", "lipsync.fetch", "lipsync.callbacks"}
 
 
 def test_tasks_have_readable_names_and_final_states(flower: Flower, history: History) -> None:
-    for job_id in history.completed.values():
+    for model, job_id in history.completed.items():
+        # Flower's search box matches task ids, args, kwargs and results: the job id finds its tasks.
         tasks = flower.tasks(search=job_id)
         by_name = {t["name"]: t for t in tasks.values()}
-        assert set(by_name) == {"lipsync.submit", "lipsync.poll", "lipsync.fetch_output"}
+        webhook = {"lipsync.deliver_webhook"} if model == "sync_so" else set()
+        assert set(by_name) == {"lipsync.submit", "lipsync.poll", "lipsync.fetch_output", *webhook}
         assert {t["state"] for t in by_name.values()} == {"SUCCESS"}
         # The job id is the chain's last task: lipsync.run replaced itself, its id went to fetch_output.
         assert tasks[job_id]["name"] == "lipsync.fetch_output"
@@ -236,11 +250,17 @@ def test_tasks_have_readable_names_and_final_states(flower: Flower, history: His
     assert "generation_failed" in poll["exception"]
     assert failed["lipsync.submit"]["state"] == "SUCCESS"
     assert "lipsync.fetch_output" not in failed
-    # Nothing ran under the job id after lipsync.run replaced itself: Flower keeps its last event.
-    assert failed["lipsync.run"]["state"] == "STARTED"
+    # lipsync.run replaced itself; when the chain fails before fetch_output, the worker sends a
+    # task-failed event for the job id too, so the caller's row does not stay STARTED.
+    assert failed["lipsync.run"]["state"] == "FAILURE"
+    assert "No face detected in the source video" in failed["lipsync.run"]["exception"]
+    # ... while the result backend, which Flower's result endpoint reads, has the job's failure.
+    answer = flower.json(f"/api/task/result/{history.failed}")
+    assert answer["state"] == "FAILURE"
+    assert "No face detected in the source video" in answer["result"]
 
     # The filters operators use.
-    assert {t["name"] for t in flower.tasks(state="FAILURE").values()} == {"lipsync.poll"}
+    assert {t["name"] for t in flower.tasks(state="FAILURE").values()} == {"lipsync.poll", "lipsync.run"}
     assert {t["state"] for t in flower.tasks(taskname="lipsync.submit").values()} == {"SUCCESS"}
 
 
@@ -257,11 +277,17 @@ def test_progress_of_a_running_job(flower: Flower, history: History) -> None:
     info = history.polling_info
     assert info is not None
     assert info["name"] == "lipsync.poll"
-    assert info["retries"] >= 1
-    # Visible: the job as the poll message carries it (args), including generation id and GEN status.
-    assert f"'job_id': '{history.long}'" in info["args"]
-    assert re.search(r"'generation_id': '\d+'", info["args"])
-    assert re.search(r"'gen_status': '(pending|processing)'", info["args"])
+    assert isinstance(info["retries"], int)
+    assert history.long in info["args"]
+    # Visible for the whole wait: the retry's reason (generation id, GEN status, polls) and a short
+    # argsrepr on re-queued polls, without the callback URL or metadata.
+    waiting = history.retry_info
+    assert waiting is not None
+    assert waiting["exception"].startswith("StillRunning(")
+    assert f"job={history.long}" in waiting["exception"]
+    assert re.search(r"generation=\d+ gen_status=(pending|processing) polls=\d+", waiting["exception"])
+    assert waiting["args"].startswith(f"(job={history.long} generation=")
+    assert "webhook" not in waiting["args"]
     # Not visible: the event's own fields. Celery merges them into Flower's in-memory task, but
     # Task.as_dict() (task info, task list, task page) only serialises Task._fields.
     assert not PROGRESS_FIELDS & set(info), sorted(info)
@@ -288,7 +314,7 @@ def test_metrics_are_unauthenticated_and_name_our_tasks(flower: Flower, history:
     response = flower.get("/metrics", auth=False)
     assert response.status_code == 200
     counts: dict[tuple[str, str], float] = collections.defaultdict(float)
-    for m in re.finditer(r'^flower_events_total\{(.*)\} (\S+)$', response.text, re.M):
+    for m in re.finditer(r"^flower_events_total\{(.*)\} (\S+)$", response.text, re.M):
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         counts[(labels["task"], labels["type"])] += float(m.group(2))
     tasks = {task for task, _ in counts}
@@ -297,7 +323,9 @@ def test_metrics_are_unauthenticated_and_name_our_tasks(flower: Flower, history:
     assert counts[("lipsync.poll", "task-polling")] >= 3
     assert counts[("lipsync.fetch_output", "task-fetching")] >= 3
     assert counts[("lipsync.poll", "task-failed")] >= 1
-    assert re.search(rf'^flower_worker_online\{{worker="{flower.worker_name()}"\}} 1\.0$', response.text, re.M)
+    assert re.search(
+        rf'^flower_worker_online\{{worker="{flower.worker_name()}"\}} 1\.0$', response.text, re.M
+    )
 
 
 def test_enqueue_through_flowers_rest_api(cluster: Cluster, flower: Flower, history: History) -> None:
@@ -307,9 +335,12 @@ def test_enqueue_through_flowers_rest_api(cluster: Cluster, flower: Flower, hist
     assert response.status_code == 200, response.text
     assert response.json()["task-id"] == req["job_id"]
 
-    answer = flower.json(f"/api/task/result/{req['job_id']}", timeout=RESULT_TIMEOUT)
+    # With ?timeout= Flower waits for the result, but its "state" is the one read before waiting.
+    waited = flower.json(f"/api/task/result/{req['job_id']}", timeout=RESULT_TIMEOUT)
+    assert waited["result"]["status"] == "completed", waited
+    answer = flower.json(f"/api/task/result/{req['job_id']}")
     assert answer["state"] == "SUCCESS", answer
-    assert answer["result"]["status"] == "completed"
+    assert answer["result"] == waited["result"]
     assert answer["result"]["job_id"] == req["job_id"]
     assert cluster.app().AsyncResult(req["job_id"]).get(timeout=5) == answer["result"]
 
@@ -321,4 +352,3 @@ def test_enqueue_through_flowers_rest_api(cluster: Cluster, flower: Flower, hist
     uuid.UUID(task_id)
     result = cluster.app().AsyncResult(task_id).get(timeout=RESULT_TIMEOUT)
     assert result["job_id"] == req["job_id"]
-    assert json.dumps(result)
