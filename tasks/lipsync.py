@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import redis
 from celery import Celery, Task, chain
 from celery.exceptions import Ignore
 from pydantic import TypeAdapter, ValidationError
@@ -74,7 +75,9 @@ def run(self: AnyTask, request: Any = None) -> Any:
     res = resources()
     try:
         started = start_step(request, task_id=str(self.request.id), res=res)
-    except Exception as exc:  # noqa: BLE001 - every failure to start becomes the job's failure
+    except redis.RedisError as exc:
+        raise _retry_after_redis_error(self, exc) from None
+    except Exception as exc:  # noqa: BLE001 - every other failure to start becomes the job's failure
         _fail_unstarted(self, request, exc, res)
     job = started.job
     if started.record.outcome is not None:
@@ -229,6 +232,9 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
     token = CURRENT_TASK_ID.set(str(self.request.id))
     try:
         outcome = step(job, res)
+    except redis.RedisError as exc:
+        # Our own state store blinked: that ends nothing. Run the step again.
+        raise _retry_after_redis_error(self, exc) from None
     except Exception as exc:  # noqa: BLE001 - steps raise only what ends the job; see worker.steps
         _fail(self, job, exc, res)
     finally:
@@ -247,6 +253,13 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
             argsrepr=f"({_progress_line(outcome.job)})",
         )
     return outcome
+
+
+def _retry_after_redis_error(self: AnyTask, exc: redis.RedisError) -> Exception:
+    """Re-run this task shortly. If the broker is down too, the publish fails and Celery drops this
+    message; the job record (written before the chain moved) lets the sweeper re-drive the job."""
+    log.warning("Redis error in %s (%s); retrying the step", self.name, type(exc).__name__)
+    return self.retry(countdown=min(30.0, 2.0 * (self.request.retries + 1)), exc=exc)
 
 
 def _fail(self: AnyTask, job: Job, exc: BaseException, res: Resources) -> NoReturn:

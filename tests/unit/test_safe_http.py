@@ -63,7 +63,7 @@ def test_dns_rebinding_is_caught_at_connect(internal_server: int, monkeypatch: p
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     url = f"http://rebind.example:{internal_server}/"
     assert check_url(url, allow_private=False) == url  # the pre-check is fooled...
-    with pytest.raises(UnsafeURL, match="127.0.0.1"):  # ...the connection is not
+    with pytest.raises(UnsafeURL, match=r"127\.0\.0\.1"):  # ...the connection is not
         guarded_session().get(url, timeout=5)
 
 
