@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import API_KEY, REPO, worker_environment
+from tests.conftest import API_KEY, REPO, start_celery, worker_environment
 from worker.app import create_app
 from worker.embedded_redis import EmbeddedRedis
 from worker.enqueue import enqueue
@@ -45,26 +45,9 @@ def measure_jobs(jobs: int, latency: float, poll: float, tmp: Path) -> dict[str,
             LIPSYNC_POLL_JITTER="0",
         )
         app = create_app(Settings.from_environ(env))
-        log = (tmp / "worker.log").open("wb")
         concurrency = 2
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker",
-                "worker",
-                "-l",
-                "WARNING",
-                "-c",
-                str(concurrency),
-            ],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        args = ["-A", "worker", "worker", "-c", str(concurrency)]
+        worker = start_celery("bench", args, env, tmp / "worker.log", loglevel="WARNING")
         try:
             while not app.control.ping(timeout=0.5):
                 time.sleep(0.2)

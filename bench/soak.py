@@ -12,7 +12,6 @@ import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import API_KEY, REPO, WEBHOOK_SECRET, worker_environment
+from tests.conftest import API_KEY, WEBHOOK_SECRET, start_celery, worker_environment
 from tests.webhook_receiver import WebhookReceiver
 from worker.app import create_app
 from worker.embedded_redis import EmbeddedRedis
@@ -100,30 +99,8 @@ class Supervisor:
         self.restarts = 0
 
     def start(self, name: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "-l",
-            "INFO",
-            "-c",
-            "2",
-            "-n",
-            f"{name}@%h",
-            "--without-mingle",
-        ]
-        self.procs[name] = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        args = ["-A", "worker", "worker", "-c", "2"]
+        self.procs[name] = start_celery(name, args, self.env, self.logs / f"{name}.log")
 
     def run(self) -> None:
         for i in range(self.count):

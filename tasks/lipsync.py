@@ -17,17 +17,18 @@ cancelled), does nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import redis
-from celery import Celery, Task, chain
+from celery import Task, chain
 from celery.exceptions import Ignore
 from pydantic import TypeAdapter, ValidationError
 
 from worker import metrics
-from worker.app import QUEUE_FETCH, QUEUE_JOBS, app
+from worker.app import QUEUE_FETCH, app
 from worker.context import Resources, resources
 from worker.delivery import WebhookFailed, WebhookRejected, post_webhook
 from worker.errors import LipsyncJobFailed, StillRunning, UnsafeURL
@@ -95,8 +96,8 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Start the generation on GEN (once per job; see :func:`worker.steps.submit`)."""
     current = Job.model_validate(job)
     res = resources()
-    _guard(current, res, final=False)
-    outcome = _run_step(self, current, res, submit_step)
+    record = _guard(current, res)
+    outcome = _run_step(self, current, res, functools.partial(submit_step, record=record))
     assert isinstance(outcome, Job)
     bind_generation(outcome.generation_id)
     _report(self, outcome, STATE_SUBMITTED)
@@ -110,7 +111,7 @@ def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Check the generation once; re-queued with a countdown until GEN reports a terminal status."""
     current = Job.model_validate(job)
     res = resources()
-    _guard(current, res, final=False)
+    _guard(current, res)
     outcome = _run_step(self, current, res, poll_step)
     assert isinstance(outcome, Job) and outcome.output_resource is not None
     data = {"url": outcome.output_resource.url, "execution_cost": outcome.execution_cost}
@@ -123,9 +124,9 @@ def fetch_output(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Stream the output video into storage, then record and deliver the result."""
     current = Job.model_validate(job)
     res = resources()
-    recorded = _guard(current, res, final=True)
-    if recorded is not None:
-        return _deliver_recorded(recorded)
+    record = _guard(current, res, final=True)
+    if record is not None and record.outcome is not None:
+        return _deliver_recorded(record.outcome)
     _report(self, current, STATE_FETCHING)
     result = _run_step(self, current, res, fetch_step)
     assert not isinstance(result, Job | Again)
@@ -182,20 +183,18 @@ def deliver_webhook(self: AnyTask, url: str, payload: dict[str, Any], msg_id: st
 # --------------------------------------------------------------------------------------------
 
 
-def redrive_job(celery: Celery, job: Job, record: JobRecord) -> None:
-    """Send a fresh chain for ``job`` from the step its record says it is at.
+def redrive_job(job: Job) -> None:
+    """Send a fresh chain for ``job`` from the step it is at: submit, poll or fetch.
 
     The last task takes the caller's task id, so the caller's AsyncResult resolves when it ends.
     """
-    body = job.model_dump(mode="json")
-    final = fetch_output.signature(queue=QUEUE_FETCH, task_id=job.task_id)
-    if job.output_resource is not None:
-        sig: Any = fetch_output.signature((body,), queue=QUEUE_FETCH, task_id=job.task_id)
-    elif job.generation_id:
-        sig = chain(poll.signature((body,), queue=QUEUE_JOBS), final)
-    else:
-        sig = chain(submit.signature((body,), queue=QUEUE_JOBS), poll.s(), final)
-    sig.apply_async()
+    steps = [fetch_output.signature(queue=QUEUE_FETCH, task_id=job.task_id)]
+    if job.output_resource is None:
+        steps.insert(0, poll.s())
+        if not job.generation_id:
+            steps.insert(0, submit.s())
+    first, *rest = steps
+    chain(first.clone(args=(job.model_dump(mode="json"),)), *rest).apply_async()
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,21 +202,24 @@ def redrive_job(celery: Celery, job: Job, record: JobRecord) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _guard(job: Job, res: Resources, *, final: bool) -> dict[str, Any] | None:
-    """Stop here if the job ended or this message is stale. The final task gets the outcome back."""
+def _guard(job: Job, res: Resources, *, final: bool = False) -> JobRecord | None:
+    """Read the job record; stop here if the job ended or this message is stale.
+
+    The final task of a job that already ended gets the record back, to deliver its outcome.
+    """
     record = res.jobs.get(job.job_id)
     if record is None:
         return None
     if record.outcome is not None:
         if final:
-            return record.outcome
+            return record
         raise Ignore()
     if record.drive != job.drive:
         log.info(
             "job %s: stale message (drive %d, current %d); dropping it", job.job_id, job.drive, record.drive
         )
         raise Ignore()
-    return None
+    return record
 
 
 def _deliver_recorded(outcome: dict[str, Any]) -> dict[str, Any]:

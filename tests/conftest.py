@@ -78,6 +78,33 @@ def worker_environment(redis_url: str, sim_url: str, storage: Path, **overrides:
     return env
 
 
+def start_celery(
+    name: str, celery_args: list[str], env: dict[str, str], log_path: Path, *, loglevel: str = "INFO"
+) -> subprocess.Popen[bytes]:
+    """``python -m celery <args>`` as node ``name``, in its own process group (so a test can kill
+    the whole worker), logging to ``log_path`` (appended)."""
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        *celery_args,
+        "-l",
+        loglevel,
+        "-n",
+        f"{name}@%h",
+        "--without-mingle",
+    ]
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 @dataclass
 class WorkerProcess:
     name: str
@@ -132,26 +159,7 @@ class Cluster:
     def _spawn(self, name: str, celery_args: list[str], env: dict[str, str]) -> WorkerProcess:
         """Start ``celery <args>`` in its own process group and wait until it says it is ready."""
         log_path = self.tmp / f"{name}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            *celery_args,
-            "-l",
-            "INFO",
-            "-n",
-            f"{name}@%h",
-            "--without-mingle",
-        ]
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start_celery(name, celery_args, env, log_path)
         spawned = WorkerProcess(name, process, log_path)
         self.workers.append(spawned)
         _wait_for(lambda: "ready." in spawned.log() or process.poll() is not None, timeout=60)

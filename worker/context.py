@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import redis
 import requests
@@ -17,6 +18,7 @@ from worker import metrics
 from worker.download import DownloadLimits
 from worker.gen_client import GenClient
 from worker.jobstore import JobStore
+from worker.ratelimit import Budget, FleetRateLimiter
 from worker.safe_http import GuardedAdapter
 from worker.settings import Settings, get_settings
 from worker.storage import LocalStorage, Storage
@@ -62,6 +64,13 @@ class Resources:
         )
 
     @cached_property
+    def limiter(self) -> FleetRateLimiter:
+        """The fleet-wide GEN rate limit, shared through this process's Redis pool."""
+        s = self.settings
+        limits: dict[Budget, int] = {"generate": s.gen_generate_rate, "status": s.gen_status_rate}
+        return FleetRateLimiter(self.redis, limits=limits, window=s.gen_rate_window)
+
+    @cached_property
     def jobs(self) -> JobStore:
         return JobStore(self.redis, ttl=int(self.settings.job_timeout) + self.settings.result_ttl)
 
@@ -103,8 +112,14 @@ def resources() -> Resources:
     return _resources[1]
 
 
-def reset_resources() -> None:
-    """Forget cached resources (tests change settings between runs)."""
-    global _resources
-    _resources = None
-    get_settings.cache_clear()
+def resources_of(app: Any) -> Resources:
+    """The resources of a Celery app made by :func:`worker.app.create_app` with its own settings
+    (a producer can hold apps for several deployments), per process like :func:`resources`."""
+    settings = getattr(app, "lipsync_settings", None)
+    if settings is None:
+        return resources()
+    cached: tuple[int, Resources] | None = getattr(app, "_lipsync_resources", None)
+    if cached is None or cached[0] != os.getpid():
+        cached = (os.getpid(), Resources(settings))
+        app._lipsync_resources = cached
+    return cached[1]

@@ -12,18 +12,16 @@ job record is written before the message is sent, so the job is never lost with 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from worker.context import resources_of
 from worker.jobstore import JobRecord, JobStore
 from worker.models import Job, LipsyncRequest
-from worker.settings import Settings, get_settings
 
 RUN_TASK = "lipsync.run"
 
@@ -56,7 +54,8 @@ def enqueue(
     payload = parsed.model_dump(mode="json", exclude_none=True)
     # Record the job before sending it: from here on the sweeper knows the job, so even a message
     # lost before any worker started it (a broker restart at the wrong moment) is re-driven.
-    store, settings = _store_for(app)
+    res = resources_of(app)
+    store, settings = res.jobs, res.settings
     now = time.time()
     job = Job(
         request=parsed,
@@ -81,21 +80,6 @@ def enqueue(
         raise
 
 
-_stores: dict[tuple[int, str], JobStore] = {}
-
-
-def _store_for(app: Celery) -> tuple[JobStore, Settings]:
-    """The job-record store of the app's settings (one Redis pool per process and URL)."""
-    settings: Settings = getattr(app, "lipsync_settings", None) or get_settings()
-    key = (os.getpid(), settings.effective_redis_url)
-    if key not in _stores:
-        client = redis.Redis.from_url(
-            settings.effective_redis_url, socket_connect_timeout=5, socket_timeout=10
-        )
-        _stores[key] = JobStore(client, ttl=int(settings.job_timeout) + settings.result_ttl)
-    return _stores[key], settings
-
-
 def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | None:
     """The job's durable record (state, generation id, polls, outcome...), or None if unknown."""
     if store is None:
@@ -113,10 +97,9 @@ def cancel(
     Returns the job's outcome (``status: "cancelled"``, or how it ended before), or None if unknown.
     """
     from worker.cancel import cancel_job
-    from worker.context import resources
 
     if app is None:
         from worker.app import app as default_app
 
         app = default_app
-    return cancel_job(app, resources(), job_id, reason=reason)
+    return cancel_job(app, resources_of(app), job_id, reason=reason)

@@ -22,11 +22,8 @@ Design rules, each for a reason:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -56,8 +53,6 @@ __all__ = [
     "ContentResource",
     "GenClient",
     "GenerationAccepted",
-    "clear_client_cache",
-    "get_client",
     "idempotency_key_for",
 ]
 
@@ -592,64 +587,3 @@ def idempotency_key_for(job_id: str) -> str:
     if not job_id:
         raise ValueError("job_id must not be empty")
     return f"lipsync-{job_id}"
-
-
-_clients: dict[int, tuple[str, GenClient]] = {}
-_clients_lock = threading.Lock()
-
-
-def _settings_fingerprint(settings: Settings) -> str:
-    # Hashed, so the cache holds no second plain copy of the key.
-    key = settings.gen_api_key.get_secret_value() if settings.gen_api_key is not None else ""
-    parts = (
-        settings.gen_base,
-        key,
-        settings.gen_agent_id or "",
-        settings.gen_dialect,
-        repr(settings.gen_connect_timeout),
-        repr(settings.gen_read_timeout),
-    )
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
-
-
-def get_client(settings: Settings) -> GenClient:
-    """This process's client (one ``requests.Session``, one connection pool).
-
-    Cached per ``os.getpid()``: a prefork child inherits the parent's memory, but sharing a pooled
-    socket across processes interleaves their HTTP traffic, so a child always builds its own. A
-    change of the GEN settings (tests) replaces the client. Raises :class:`ConfigurationError`.
-    """
-    pid = os.getpid()
-    fingerprint = _settings_fingerprint(settings)
-    with _clients_lock:
-        entry = _clients.get(pid)
-        if entry is not None and entry[0] == fingerprint:
-            return entry[1]
-        client = GenClient.from_settings(settings)
-        # Entries of other pids were inherited through fork. They are dropped, not closed: their
-        # sockets belong to the parent too, and closing is the parent's business.
-        for other in [p for p in _clients if p != pid]:
-            del _clients[other]
-        if entry is not None:
-            entry[1].close()
-        _clients[pid] = (fingerprint, client)
-        return client
-
-
-def clear_client_cache() -> None:
-    """Close and forget this process's cached client (tests, and worker shutdown)."""
-    with _clients_lock:
-        entry = _clients.pop(os.getpid(), None)
-        _clients.clear()
-    if entry is not None:
-        entry[1].close()
-
-
-def _reinit_lock_after_fork() -> None:
-    # A fork while another thread held the lock would leave the child's copy locked forever.
-    global _clients_lock
-    _clients_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reinit_lock_after_fork)

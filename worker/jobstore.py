@@ -97,6 +97,9 @@ class JobStore:
         fields["cancel_requested"] = fields.get("cancel_requested") == "1"
         return JobRecord.model_validate(fields)
 
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.key(job_id), "cancel_requested") == b"1"
+
     def overdue(self, now: float, limit: int = 100) -> list[str]:
         """Ids of jobs whose ``overdue_at`` has passed."""
         raw = self.redis.zrangebyscore(ACTIVE_KEY, "-inf", now, start=0, num=limit)

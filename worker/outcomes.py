@@ -49,14 +49,19 @@ def finish(
         log.info(
             "job %s already ended as %s; not recording %s", job_id, stored.get("status"), payload["status"]
         )
-    record = res.jobs.get(job_id)
-    if record is None or not record.callbacks_dispatched:
+    # Whoever recorded the outcome dispatches; a later writer only if that dispatch is unconfirmed.
+    if first or not _dispatched(res, job_id):
         dispatch(app, callback, stored, job_id=job_id, kind="outcome")
         if callback is not None and callback.task:
             metrics.record_callback(res.redis, kind="task", outcome="sent")
         failpoint("finish.after_dispatch")
         res.jobs.mark_callbacks_dispatched(job_id)
     return stored
+
+
+def _dispatched(res: Resources, job_id: str) -> bool:
+    record = res.jobs.get(job_id)
+    return record is not None and record.callbacks_dispatched
 
 
 def emit_event(app: Celery, res: Resources, job: Job, event: StageEvent, data: dict[str, Any]) -> None:

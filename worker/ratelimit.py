@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import redis
-
-if TYPE_CHECKING:
-    from worker.context import Resources
 
 Budget = Literal["generate", "status"]
 
@@ -60,17 +57,3 @@ class FleetRateLimiter:
         member = f"{self._me}-{self._seq}"
         wait_ms = int(self._script(keys=[KEY_PREFIX + budget], args=[self._window_ms, limit, member]))
         return wait_ms / 1000.0
-
-
-_limiter: tuple[int, FleetRateLimiter] | None = None
-
-
-def fleet_limiter(res: Resources) -> FleetRateLimiter:
-    """This process's limiter (rebuilt in a forked child), configured from the settings."""
-    global _limiter
-    pid = os.getpid()
-    if _limiter is None or _limiter[0] != pid:
-        s = res.settings
-        limits: dict[Budget, int] = {"generate": s.gen_generate_rate, "status": s.gen_status_rate}
-        _limiter = (pid, FleetRateLimiter(res.redis, limits=limits, window=s.gen_rate_window))
-    return _limiter[1]

@@ -48,7 +48,7 @@ from worker.models import (
     StoredOutput,
     Timings,
 )
-from worker.ratelimit import Budget, fleet_limiter
+from worker.ratelimit import Budget
 
 log = logging.getLogger("lipsync.steps")
 
@@ -139,15 +139,14 @@ def expect_next(job: Job, res: Resources, *, within: float, **fields: Any) -> No
 # --------------------------------------------------------------------------------------------
 
 
-def submit(job: Job, res: Resources) -> Job | Again:
+def submit(job: Job, res: Resources, *, record: JobRecord | None) -> Job | Again:
     """Start the generation on GEN, once per job.
 
-    The job record is consulted first: if a generation id is recorded (a redelivered or duplicate
-    submit), nothing is sent. Otherwise generate is called with an Idempotency-Key derived from the
-    job id, so even a retry after an ambiguous failure (timeout after GEN accepted) returns the
-    same generation instead of paying for a second one.
+    ``record`` is the job record as the task just read it. If it holds a generation id (a
+    redelivered or duplicate submit), nothing is sent. Otherwise generate is called with an
+    Idempotency-Key derived from the job id, so even a retry after an ambiguous failure (timeout
+    after GEN accepted) returns the same generation instead of paying for a second one.
     """
-    record = res.jobs.get(job.job_id)
     if record is not None and record.generation_id:
         return _submitted(job, record.generation_id, status=record.gen_status, res=res)
     if time.time() >= job.deadline_at:
@@ -172,8 +171,7 @@ def submit(job: Job, res: Resources) -> Job | Again:
         return _transient_or_raise(job, exc, res)
     failpoint("submit.after_generate")
     generation_id = res.jobs.set_generation(job.job_id, accepted.generation_id)
-    record = res.jobs.get(job.job_id)
-    if record is not None and record.cancel_requested:
+    if res.jobs.cancel_requested(job.job_id):
         # Cancelled while GEN was accepting: do not leave a paid generation running.
         with contextlib.suppress(GenAPIError):
             res.gen.stop_generation(generation_id)
@@ -199,7 +197,7 @@ def _throttle(job: Job, res: Resources, budget: Budget) -> Again | None:
 
     Waiting for the limiter is not an error: it does not count as a retry.
     """
-    wait = fleet_limiter(res).acquire(budget)
+    wait = res.limiter.acquire(budget)
     if wait <= 0:
         return None
     # A little spread, so the processes that were refused do not all return at the same instant.

@@ -38,8 +38,8 @@ log = logging.getLogger("lipsync.sweeper")
 
 LEASE_KEY = "lipsync:sweeper:lease"
 
-#: Sends a fresh chain for a job: (app, job, record) -> None. Provided by tasks.lipsync.
-Redriver = Callable[[Celery, Job, JobRecord], None]
+#: Sends a fresh chain for a job from the step it is at. Provided by tasks.lipsync.
+Redriver = Callable[[Job], None]
 
 
 @dataclass
@@ -84,7 +84,7 @@ def sweep_once(app: Celery, res: Resources, redrive: Redriver, *, now: float | N
             record.state,
             taken.drive,
         )
-        redrive(app, job, taken)
+        redrive(job)
         report.redriven.append(job_id)
     return report
 

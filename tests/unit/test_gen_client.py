@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import time
 from collections.abc import Iterator
@@ -40,7 +39,6 @@ from worker.gen_client import (
     ContentResource,
     GenClient,
     GenerationAccepted,
-    get_client,
     idempotency_key_for,
 )
 from worker.models import Generation
@@ -816,42 +814,9 @@ def test_is_retryable(exc: BaseException, retryable: bool) -> None:
     assert is_retryable(exc) is retryable
 
 
-@pytest.fixture
-def clean_cache() -> Iterator[None]:
-    gc.clear_client_cache()
-    yield
-    gc.clear_client_cache()
-
-
-@pytest.mark.usefixtures("clean_cache")
-def test_get_client_is_cached_per_pid(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings_ = _settings()
-    first = get_client(settings_)
-    assert get_client(settings_) is first
-    assert get_client(_settings()) is first  # equal settings, same client
-
-    real_pid = os.getpid()
-    monkeypatch.setattr(os, "getpid", lambda: real_pid + 100_000)
-    child = get_client(settings_)
-    assert child is not first
-    assert child._session is not first._session
-    assert get_client(settings_) is child
-    assert list(gc._clients) == [real_pid + 100_000]  # the "parent's" entry was dropped
-
-
-@pytest.mark.usefixtures("clean_cache")
-def test_get_client_rebuilds_on_settings_change() -> None:
-    first = get_client(_settings())
-    second = get_client(_settings(gen_dialect="vidsheet"))
-    assert second is not first
-    assert second.dialect == "vidsheet"
-    assert get_client(_settings(gen_dialect="vidsheet")) is second
-
-
-@pytest.mark.usefixtures("clean_cache")
-def test_get_client_missing_config() -> None:
+def test_from_settings_names_the_missing_setting() -> None:
     with pytest.raises(ConfigurationError, match="LIPSYNC_GEN_API_KEY"):
-        get_client(_settings(gen_api_key=None))
+        GenClient.from_settings(_settings(gen_api_key=None))
 
 
 # --------------------------------------------------------------------------------------------
