@@ -150,15 +150,20 @@ def test_sigkill_after_callback_before_ack(fault_cluster: Any, simulator: Any, r
 
 
 def test_sigterm_warm_shutdown_mid_job(fault_cluster: Any, simulator: Any, run_on: Any) -> None:
-    simulator.durations = {"gen": 3.0}
-    cluster = fault_cluster()
+    simulator.durations = {"gen": 6.0}
+    # Polls 2 s apart, so the SIGTERM lands while every job's next poll is a countdown message held
+    # by the worker (not while a retry is being published).
+    cluster = fault_cluster(
+        LIPSYNC_POLL_INITIAL_DELAY="2", LIPSYNC_POLL_MAX_DELAY="2", LIPSYNC_POLL_JITTER="0"
+    )
     cluster.start_worker()
     run = run_on(cluster)
     job_ids = run.submit(4)
     for job_id in job_ids:
         run.wait_state(job_id, "polling", min_polls=1)
+    time.sleep(0.5)
     assert cluster.workers[0].stop(signal.SIGTERM, timeout=60) == 0
-    assert "Restoring" in cluster.workers[0].log() or "restor" in cluster.workers[0].log().lower()
+    assert "Restoring 4 unacknowledged message(s)" in cluster.workers[0].log()
     cluster.start_worker()
     outcomes = run.outcomes()
     assert {o["status"] for o in outcomes.values()} == {"completed"}
