@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from worker.app import create_app
 from worker.embedded_redis import EmbeddedRedis
 from worker.enqueue import enqueue
 from worker.jobstore import JobStore
+from worker.outbox import Outbox
 from worker.settings import Settings
 from worker.simulator import Fault, GenSimulator
 
@@ -51,6 +53,10 @@ class SoakReport:
     duplicate_generations: int = 0
     duplicate_callback_ids: int = 0
     missing_callbacks: int = 0
+    #: Outcome webhooks received more than once with the same id (at least once, after a crash).
+    repeated_deliveries: int = 0
+    #: job id -> what its record says about the missing callback.
+    missing_callback_jobs: dict[str, str] = field(default_factory=dict)
     redriven_jobs: int = 0
     kills: list[float] = field(default_factory=list)
     recovery_after_kill: list[float] = field(default_factory=list)
@@ -73,6 +79,9 @@ class SoakReport:
         print(f"duplicate generations    {self.duplicate_generations}   (must be 0)")
         print(f"duplicate callback ids   {self.duplicate_callback_ids}   (must be 0)")
         print(f"missing callbacks        {self.missing_callbacks}   (must be 0)")
+        if self.missing_callback_jobs:
+            print(f"  missing, by record     {dict(list(self.missing_callback_jobs.items())[:10])}")
+        print(f"webhooks repeated        {self.repeated_deliveries}   (same id; receivers dedupe)")
         print(f"jobs re-driven           {self.redriven_jobs}")
         print(f"worker SIGKILLs          {len(self.kills)}")
         if self.recovery_after_kill:
@@ -197,6 +206,9 @@ def run_soak(*, jobs: int, workers: int, kills: int, redis_restart: bool, seed: 
         for job_id in results:
             outcomes[job_id] = _wait_outcome(store, job_id, deadline)
         report.elapsed = time.monotonic() - started
+        # A job's webhook is delivered after its outcome is recorded: stop the workers only once
+        # every callback arrived (or the deadline passed), or the last ones would be cut off.
+        _wait_callbacks(receiver, results, deadline)
         supervisor.stop()
         _score(report, outcomes, store, sim, receiver)
         receiver.close()
@@ -211,6 +223,12 @@ def _wait_outcome(store: JobStore, job_id: str, deadline: float) -> dict[str, An
             return record.outcome
         if time.monotonic() >= deadline:
             return {}
+        time.sleep(0.1)
+
+
+def _wait_callbacks(receiver: WebhookReceiver, job_ids: Iterable[str], deadline: float) -> None:
+    wanted = {f"{job_id}.outcome" for job_id in job_ids}
+    while not wanted <= set(receiver.ids()) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
@@ -286,14 +304,27 @@ def _score(
         baseline = statistics.median(untouched)
         report.recovery_after_kill = [max(0.0, t - baseline) for t in touched]
     report.duplicate_generations = sum(len(g) - 1 for g in stats["generations_by_key"].values() if len(g) > 1)
-    time.sleep(3)
+    time.sleep(2)  # let late duplicates (a re-send after a crash) arrive, to be counted
     ids: dict[str, set[str]] = defaultdict(set)
+    outcome_deliveries = 0
     for received in receiver.received:
         ids[received.payload.get("job_id", "?")].add(received.msg_id)
+        outcome_deliveries += received.msg_id.endswith(".outcome")
     report.duplicate_callback_ids = sum(
         1 for job_id in outcomes if len({i for i in ids[job_id] if i.endswith(".outcome")}) > 1
     )
-    report.missing_callbacks = sum(1 for job_id in outcomes if f"{job_id}.outcome" not in ids[job_id])
+    for job_id in outcomes:
+        if f"{job_id}.outcome" not in ids[job_id]:
+            record = store.get(job_id)
+            pending = store.redis.exists(Outbox.key(f"{job_id}.outcome"))
+            report.missing_callback_jobs[job_id] = (
+                f"{record.state}, callbacks dispatched: {record.callbacks_dispatched}, "
+                f"in the outbox: {bool(pending)}"
+                if record
+                else "no record"
+            )
+    report.missing_callbacks = len(report.missing_callback_jobs)
+    report.repeated_deliveries = outcome_deliveries - (len(outcomes) - report.missing_callbacks)
 
 
 def main(argv: list[str] | None = None) -> int:
