@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -35,6 +36,7 @@ from worker.errors import LipsyncJobFailed, StillRunning, UnsafeURL
 from worker.jobstore import JobRecord
 from worker.logs import bind_generation
 from worker.models import Callback, Job, JobId, StageEvent
+from worker.outbox import Attempt
 from worker.outcomes import emit_event, finish
 from worker.progress import report
 from worker.steps import CURRENT_TASK_ID, Again, failure_for
@@ -148,17 +150,31 @@ def await_job(self: AnyTask, job_id: str) -> dict[str, Any]:
 
 
 @app.task(name="lipsync.deliver_webhook", bind=True, max_retries=None, acks_late=True, ignore_result=True)
-def deliver_webhook(self: AnyTask, url: str, payload: dict[str, Any], msg_id: str) -> None:
-    """POST one signed webhook; retried on LIPSYNC_WEBHOOK_RETRY_DELAYS with the same webhook id."""
-    res = resources()
+def deliver_webhook(self: AnyTask, msg_id: str, drive: int) -> None:
+    """POST one signed webhook from the outbox; retried on LIPSYNC_WEBHOOK_RETRY_DELAYS with the
+    same webhook id, then dead-lettered."""
+    try:
+        _deliver(self, resources(), msg_id, drive)
+    except redis.RedisError as exc:
+        # The outbox blinked; the entry stays owed (and the sweeper re-sends it if this retry is lost).
+        raise _retry_after_redis_error(self, exc) from None
+
+
+def _deliver(self: AnyTask, res: Resources, msg_id: str, drive: int) -> None:
     settings = res.settings
+    # If this worker dies during the attempt, the sweeper sends the webhook again after this.
+    attempt = res.outbox.claim(
+        msg_id, drive, due_at=time.time() + settings.webhook_timeout + settings.recovery_grace
+    )
+    if attempt is None:
+        log.info("webhook %s: already delivered, dead-lettered or re-sent; dropping this copy", msg_id)
+        return
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-    attempt = self.request.retries
     try:
         post_webhook(
             res.http,
-            url,
-            payload,
+            attempt.url,
+            attempt.payload,
             msg_id=msg_id,
             secret=secret,
             timeout=settings.webhook_timeout,
@@ -167,15 +183,18 @@ def deliver_webhook(self: AnyTask, url: str, payload: dict[str, Any], msg_id: st
     except WebhookFailed as exc:
         delays = settings.webhook_retry_delays
         metrics.record_callback(res.redis, kind="webhook", outcome="failed_attempt")
-        if attempt < len(delays):
-            log.warning("%s; retrying in %.0f s (attempt %d)", exc, delays[attempt], attempt + 1)
-            raise self.retry(countdown=delays[attempt]) from None
-        _dead_letter(res, url, payload, msg_id, str(exc), attempt + 1)
+        if attempt.number <= len(delays):
+            delay = delays[attempt.number - 1]
+            log.warning("%s; retrying in %.0f s (attempt %d)", exc, delay, attempt.number)
+            res.outbox.reschedule(msg_id, drive, due_at=time.time() + delay + settings.recovery_grace)
+            raise self.retry(countdown=delay) from None
+        _dead_letter(res, attempt, str(exc))
     except (WebhookRejected, UnsafeURL) as exc:
-        _dead_letter(res, url, payload, msg_id, str(exc), attempt + 1)
+        _dead_letter(res, attempt, str(exc))
     else:
+        res.outbox.delivered(msg_id)
         metrics.record_callback(res.redis, kind="webhook", outcome="delivered")
-        log.info("webhook %s delivered (attempt %d)", msg_id, attempt + 1)
+        log.info("webhook %s delivered (attempt %d)", msg_id, attempt.number)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,11 +354,7 @@ def _target(job: Job) -> str:
     return f"sheet {r.sheet_id} cell {r.cell_id}{layer}"
 
 
-def _dead_letter(
-    res: Resources, url: str, payload: dict[str, Any], msg_id: str, error: str, attempts: int
-) -> None:
-    log.error("webhook %s given up after %d attempts: %s", msg_id, attempts, error)
+def _dead_letter(res: Resources, attempt: Attempt, error: str) -> None:
+    log.error("webhook %s given up after %d attempts: %s", attempt.msg_id, attempt.number, error)
+    res.outbox.give_up(attempt, error=error)
     metrics.record_callback(res.redis, kind="webhook", outcome="dead_lettered")
-    res.jobs.dead_letter(
-        {"msg_id": msg_id, "url": url, "payload": payload, "error": error, "attempts": attempts}
-    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,6 +26,9 @@ class WebhookReceiver:
     #: Answer this status to the next N requests (e.g. 503 to simulate an endpoint that is down).
     fail_next: int = 0
     fail_status: int = 503
+    #: Hold the next N requests this long before handling them (a slow receiver, a POST in flight).
+    hold_next: int = 0
+    hold_seconds: float = 0.0
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
 
@@ -40,6 +44,11 @@ class WebhookReceiver:
                     failing = receiver.fail_next > 0
                     if failing:
                         receiver.fail_next -= 1
+                    holding = receiver.hold_next > 0
+                    if holding:
+                        receiver.hold_next -= 1
+                if holding:
+                    time.sleep(receiver.hold_seconds)
                 if failing:
                     self.send_response(receiver.fail_status)
                     self.end_headers()

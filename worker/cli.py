@@ -240,16 +240,17 @@ def _cmd_callbacks(args: argparse.Namespace, _: list[str]) -> int:
     from worker.context import resources
     from worker.delivery import replay_dead_letters
 
-    store = resources().jobs
+    res = resources()
     if args.action == "list":
-        for entry in store.dead_letters():
+        for entry in res.outbox.dead_letters():
             summary = {k: entry[k] for k in ("msg_id", "url", "error", "attempts")}
             print(json.dumps(summary))
         return 0
     if not args.msg_ids and not args.all:
         print("error: name webhook ids to replay, or pass --all", file=sys.stderr)
         return 2
-    replayed = replay_dead_letters(app, store, None if args.all else set(args.msg_ids))
+    wanted = None if args.all else set(args.msg_ids)
+    replayed = replay_dead_letters(app, res.outbox, wanted, queued_recovery=res.settings.queued_recovery)
     for msg_id in replayed:
         print(f"replaying {msg_id}")
     return 0 if replayed else 1

@@ -18,6 +18,7 @@ from worker import metrics
 from worker.download import DownloadLimits
 from worker.gen_client import GenClient
 from worker.jobstore import JobStore
+from worker.outbox import Outbox
 from worker.ratelimit import Budget, FleetRateLimiter
 from worker.safe_http import GuardedAdapter
 from worker.settings import Settings, get_settings
@@ -73,6 +74,13 @@ class Resources:
     @cached_property
     def jobs(self) -> JobStore:
         return JobStore(self.redis, ttl=int(self.settings.job_timeout) + self.settings.result_ttl)
+
+    @cached_property
+    def outbox(self) -> Outbox:
+        """Undelivered webhooks. An entry outlives the longest wait between two attempts."""
+        s = self.settings
+        longest_wait = max(s.webhook_retry_delays, default=0.0) + s.webhook_timeout + s.queued_recovery
+        return Outbox(self.redis, ttl=int(s.job_timeout) + s.result_ttl + int(longest_wait))
 
     @cached_property
     def storage(self) -> Storage:

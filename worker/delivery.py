@@ -3,20 +3,21 @@
 Every message has an id derived from the job id and the message kind (``<job_id>.outcome``,
 ``<job_id>.event.submitted``...). It is the Celery task id of a signature callback and the
 ``webhook-id`` of a webhook, so a re-send after a crash carries the same id and receivers can
-dedupe on it.
+dedupe on it. Webhooks are kept in the outbox (:mod:`worker.outbox`) until delivered.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import requests
 from celery import Celery
 
-from worker.jobstore import JobStore
 from worker.models import Callback
+from worker.outbox import Outbox
 from worker.urlguard import check_url
 from worker.webhooks import signed_headers
 
@@ -38,9 +39,20 @@ def message_id(job_id: str, kind: str) -> str:
 
 
 def dispatch(
-    app: Celery, callback: Callback | None, payload: dict[str, Any], *, job_id: str, kind: str
+    app: Celery,
+    outbox: Outbox,
+    callback: Callback | None,
+    payload: dict[str, Any],
+    *,
+    job_id: str,
+    kind: str,
+    queued_recovery: float,
 ) -> None:
-    """Send ``payload`` to the callback's targets. Raises if the broker refuses the message."""
+    """Send ``payload`` to the callback's targets. Raises if Redis or the broker refuses.
+
+    A webhook goes into the outbox first, then its message; the outbox expects the message to start
+    within ``queued_recovery`` (a queue may have a backlog) before the sweeper sends it again.
+    """
     if callback is None:
         return
     msg_id = message_id(job_id, kind)
@@ -51,11 +63,16 @@ def dispatch(
         app.send_task(callback.task, args=[payload], **options)
         log.info("callback task %s sent for job %s (%s)", callback.task, job_id, kind)
     if callback.webhook_url:
-        app.send_task(
-            WEBHOOK_TASK,
-            kwargs={"url": str(callback.webhook_url), "payload": payload, "msg_id": msg_id},
-            task_id=f"{msg_id}.webhook",
-        )
+        url = str(callback.webhook_url)
+        drive = outbox.put(msg_id, url, payload, due_at=time.time() + queued_recovery)
+        send_delivery(app, msg_id, drive)
+
+
+def send_delivery(app: Celery, msg_id: str, drive: int) -> None:
+    """Send the message that makes one worker deliver an outbox entry (only its id travels)."""
+    app.send_task(
+        WEBHOOK_TASK, kwargs={"msg_id": msg_id, "drive": drive}, task_id=f"{msg_id}.webhook.{drive}"
+    )
 
 
 def post_webhook(
@@ -93,16 +110,18 @@ def post_webhook(
         raise WebhookFailed(f"webhook {msg_id}: receiver answered HTTP {response.status_code}")
 
 
-def replay_dead_letters(app: Celery, store: JobStore, msg_ids: set[str] | None) -> list[str]:
-    """Send dead-lettered webhooks again (all of them, or those named), each with its original id."""
+def replay_dead_letters(
+    app: Celery, outbox: Outbox, msg_ids: set[str] | None, *, queued_recovery: float
+) -> list[str]:
+    """Owe dead-lettered webhooks again (all of them, or those named), each with its original id."""
     replayed = []
-    for entry in store.dead_letters():
+    for entry in outbox.dead_letters():
         if msg_ids is not None and entry["msg_id"] not in msg_ids:
             continue
-        app.send_task(
-            WEBHOOK_TASK,
-            kwargs={"url": entry["url"], "payload": entry["payload"], "msg_id": entry["msg_id"]},
+        drive = outbox.put(
+            entry["msg_id"], entry["url"], entry["payload"], due_at=time.time() + queued_recovery
         )
-        store.remove_dead_letter(entry)
+        send_delivery(app, entry["msg_id"], drive)
+        outbox.remove_dead_letter(entry)
         replayed.append(entry["msg_id"])
     return replayed

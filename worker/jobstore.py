@@ -30,7 +30,6 @@ KEY_PREFIX = "lipsync:job:"
 #: Sorted set of unfinished jobs (and finished ones whose callbacks are not yet dispatched),
 #: scored by ``overdue_at``.
 ACTIVE_KEY = "lipsync:jobs:active"
-DEAD_LETTER_KEY = "lipsync:callbacks:dead"
 
 #: Job states, in the order a successful job passes through them.
 QUEUED = "queued"
@@ -238,15 +237,3 @@ class JobStore:
 
     def forget_active(self, job_id: str) -> None:
         self.redis.zrem(ACTIVE_KEY, job_id)
-
-    # -- dead letters --------------------------------------------------------------------------
-
-    def dead_letter(self, entry: dict[str, Any]) -> None:
-        self.redis.rpush(DEAD_LETTER_KEY, json.dumps(entry))
-
-    def dead_letters(self) -> list[dict[str, Any]]:
-        raw: list[bytes] = self.redis.lrange(DEAD_LETTER_KEY, 0, -1)  # type: ignore[assignment]
-        return [json.loads(item) for item in raw]
-
-    def remove_dead_letter(self, entry: dict[str, Any]) -> bool:
-        return bool(self.redis.lrem(DEAD_LETTER_KEY, 1, json.dumps(entry)))

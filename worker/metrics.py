@@ -61,7 +61,8 @@ from prometheus_client.metrics_core import (
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker.jobstore import ACTIVE_KEY, DEAD_LETTER_KEY, FETCHING, KEY_PREFIX, POLLING, QUEUED, SUBMITTING
+from worker.jobstore import ACTIVE_KEY, FETCHING, KEY_PREFIX, POLLING, QUEUED, SUBMITTING
+from worker.outbox import DEAD_LETTER_KEY, PENDING_KEY
 
 __all__ = [
     "CALLBACKS_KEY",
@@ -219,6 +220,7 @@ class _Snapshot:
     active: int = 0
     overdue: int = 0
     dead_letters: int = 0
+    webhooks_pending: int = 0
     queue_depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUEUES, 0))
     #: Metric hash key -> its raw fields and values.
     hashes: dict[str, Mapping[Any, Any]] = field(default_factory=dict)
@@ -262,9 +264,17 @@ class MetricsCollector:
         # The sweeper's own test for "overdue" (JobStore.overdue): score at or before now.
         pipe.zcount(ACTIVE_KEY, "-inf", time.time())
         pipe.llen(DEAD_LETTER_KEY)
+        pipe.zcard(PENDING_KEY)
         for key in METRICS_KEYS:
             pipe.hgetall(key)
-        job_ids, snapshot.active, snapshot.overdue, snapshot.dead_letters, *hashes = pipe.execute()
+        (
+            job_ids,
+            snapshot.active,
+            snapshot.overdue,
+            snapshot.dead_letters,
+            snapshot.webhooks_pending,
+            *hashes,
+        ) = pipe.execute()
         snapshot.hashes = dict(zip(METRICS_KEYS, hashes, strict=True))
         snapshot.in_flight = self._in_flight([_text(job_id) for job_id in job_ids])
         snapshot.queue_depth = self._queue_depths()
@@ -348,6 +358,11 @@ def _gauges(s: _Snapshot) -> Iterator[Metric]:
         "lipsync_callbacks_dead_letters",
         "Callbacks given up on, waiting in the dead-letter list.",
         value=s.dead_letters,
+    )
+    yield GaugeMetricFamily(
+        "lipsync_webhooks_pending",
+        "Webhooks not yet delivered (in an attempt, or waiting for the next one).",
+        value=s.webhooks_pending,
     )
 
 

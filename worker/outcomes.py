@@ -51,7 +51,15 @@ def finish(
         )
     # Whoever recorded the outcome dispatches; a later writer only if that dispatch is unconfirmed.
     if first or not _dispatched(res, job_id):
-        dispatch(app, callback, stored, job_id=job_id, kind="outcome")
+        dispatch(
+            app,
+            res.outbox,
+            callback,
+            stored,
+            job_id=job_id,
+            kind="outcome",
+            queued_recovery=res.settings.queued_recovery,
+        )
         if callback is not None and callback.task:
             metrics.record_callback(res.redis, kind="task", outcome="sent")
         failpoint("finish.after_dispatch")
@@ -79,7 +87,15 @@ def emit_event(app: Celery, res: Resources, job: Job, event: StageEvent, data: d
         data=data,
         metadata=job.request.metadata,
     ).model_dump(mode="json")
-    dispatch(app, callback, payload, job_id=job.job_id, kind=f"event.{event.value}")
+    dispatch(
+        app,
+        res.outbox,
+        callback,
+        payload,
+        job_id=job.job_id,
+        kind=f"event.{event.value}",
+        queued_recovery=res.settings.queued_recovery,
+    )
 
 
 def store_failure(app: Celery, task_id: str | None, failure: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ show a sign of life (``overdue_at``); every worker runs a sweeper thread, and on
   last task carries the caller's task id so the caller's AsyncResult still resolves.
 
 Finished jobs whose callbacks were not marked dispatched (a crash in between) get them re-sent,
-with the same message ids. A job re-driven ``LIPSYNC_MAX_REDRIVES`` times fails (``redrive_limit``)
+with the same message ids. Webhooks in the outbox (:mod:`worker.outbox`) that are past due (their
+message was lost with a worker, or a broker restart) are sent again the same way: a new token, the
+same webhook id. A job re-driven ``LIPSYNC_MAX_REDRIVES`` times fails (``redrive_limit``)
 rather than crash-loop the fleet. Recovery time is bounded by ``LIPSYNC_RECOVERY_GRACE`` plus
 ``LIPSYNC_SWEEP_INTERVAL``, not by Redis's visibility timeout.
 """
@@ -30,6 +32,7 @@ from typing import Any
 from celery import Celery, bootsteps
 
 from worker.context import Resources, resources
+from worker.delivery import send_delivery
 from worker.jobstore import JobRecord
 from worker.models import Job, LipsyncFailure
 from worker.outcomes import finish, store_failure, store_outcome
@@ -47,7 +50,12 @@ class SweepReport:
     redriven: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    resent_webhooks: list[str] = field(default_factory=list)
     skipped: int = 0
+
+    def __bool__(self) -> bool:
+        """Whether the sweep did anything worth a log line."""
+        return bool(self.redriven or self.redispatched or self.failed or self.resent_webhooks)
 
 
 def sweep_once(app: Celery, res: Resources, redrive: Redriver, *, now: float | None = None) -> SweepReport:
@@ -86,7 +94,19 @@ def sweep_once(app: Celery, res: Resources, redrive: Redriver, *, now: float | N
         )
         redrive(job)
         report.redriven.append(job_id)
+    _resend_overdue_webhooks(app, res, now, report)
     return report
+
+
+def _resend_overdue_webhooks(app: Celery, res: Resources, now: float, report: SweepReport) -> None:
+    for msg_id in res.outbox.overdue(now):
+        drive = res.outbox.take_over(msg_id, now=now, due_at=now + res.settings.queued_recovery)
+        if drive is None:
+            report.skipped += 1
+            continue
+        log.warning("webhook %s: no sign of its delivery since it was due; sending it again", msg_id)
+        send_delivery(app, msg_id, drive)
+        report.resent_webhooks.append(msg_id)
 
 
 def _redispatch(app: Celery, res: Resources, record: JobRecord, report: SweepReport) -> None:
@@ -157,7 +177,7 @@ class SweeperThread(threading.Thread):
             try:
                 if try_lease(res, self.holder, interval * 0.9):
                     report = sweep_once(self.app, res, self.redrive)
-                    if report.redriven or report.redispatched or report.failed:
+                    if report:
                         log.warning("sweep: %s", report)
             except Exception:
                 log.exception("sweep failed; will retry in %.0f s", interval)

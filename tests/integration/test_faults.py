@@ -394,6 +394,43 @@ def test_callback_dead_letter_then_replay(fault_cluster: Any, simulator: Any, ru
     assert listed() == []
 
 
+def test_sigkill_while_a_webhook_waits_for_its_retry(fault_cluster: Any, simulator: Any, run_on: Any) -> None:
+    # The retry is a countdown message held, unacknowledged, by the worker that gets killed: Redis
+    # would hand it back only after the two-hour visibility timeout. The outbox entry's due time
+    # (the countdown + the recovery grace) lets the sweeper send it again within seconds.
+    cluster = fault_cluster(LIPSYNC_WEBHOOK_RETRY_DELAYS="4,0.3")
+    cluster.start_worker()
+    run = run_on(cluster)
+    run.receiver.fail_next = 1
+    (job_id,) = run.submit()
+    outcomes = run.outcomes()
+    wait_for(lambda: run.receiver.attempts == 1, timeout=20)
+    time.sleep(0.5)  # the retry message is published and held by the worker on its countdown
+    kill_worker(cluster)
+    cluster.start_worker()
+    run.check_invariants(outcomes)  # waits up to 30 s for the callback
+    assert run.receiver.ids() == [f"{job_id}.outcome"]
+    assert cluster.redis().zcard("lipsync:webhooks:pending") == 0
+
+
+def test_sigkill_during_a_webhook_post(fault_cluster: Any, simulator: Any, run_on: Any) -> None:
+    # The worker dies with the POST in flight, before it recorded the delivery: the webhook is sent
+    # again with the same id (at least once; receivers dedupe on webhook-id).
+    cluster = fault_cluster(LIPSYNC_WEBHOOK_TIMEOUT="10")
+    cluster.start_worker()
+    run = run_on(cluster)
+    run.receiver.hold_next, run.receiver.hold_seconds = 1, 3.0
+    (job_id,) = run.submit()
+    outcomes = run.outcomes()
+    wait_for(lambda: run.receiver.attempts == 1, timeout=20)
+    kill_worker(cluster)
+    cluster.start_worker()
+    run.check_invariants(outcomes)
+    wait_for(lambda: len(run.receiver.received) >= 2, timeout=30)
+    assert set(run.receiver.ids()) == {f"{job_id}.outcome"}
+    assert cluster.redis().zcard("lipsync:webhooks:pending") == 0
+
+
 def _cli(cluster: Cluster, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],

@@ -18,8 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, wait_for
 from worker.embedded_redis import EmbeddedRedis, free_port
-from worker.jobstore import ACTIVE_KEY, DEAD_LETTER_KEY, KEY_PREFIX
+from worker.jobstore import ACTIVE_KEY, KEY_PREFIX
 from worker.metrics import record_callback, record_gen_call, record_job_finished
+from worker.outbox import DEAD_LETTER_KEY
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from redis.retry import Retry
 
 from worker import metrics
 from worker.embedded_redis import EmbeddedRedis, free_port
-from worker.jobstore import ACTIVE_KEY, DEAD_LETTER_KEY, KEY_PREFIX
+from worker.jobstore import ACTIVE_KEY, KEY_PREFIX
 from worker.metrics import (
     METRICS_PREFIX,
     MetricsCollector,
@@ -23,6 +23,7 @@ from worker.metrics import (
     record_gen_call,
     record_job_finished,
 )
+from worker.outbox import DEAD_LETTER_KEY, PENDING_KEY
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,12 @@ def test_everything_is_exported_as_zero_when_empty(registry: CollectorRegistry) 
         assert value(registry, "lipsync_jobs_in_flight", stage=stage) == 0
     for queue in ("lipsync", "lipsync.fetch", "lipsync.callbacks"):
         assert value(registry, "lipsync_queue_depth", queue=queue) == 0
-    for name in ("lipsync_jobs_overdue", "lipsync_jobs_active", "lipsync_callbacks_dead_letters"):
+    for name in (
+        "lipsync_jobs_overdue",
+        "lipsync_jobs_active",
+        "lipsync_callbacks_dead_letters",
+        "lipsync_webhooks_pending",
+    ):
         assert value(registry, name) == 0
     assert value(registry, "lipsync_metrics_scrape_error") == 0
     text = generate_latest(registry).decode()
@@ -236,6 +242,11 @@ def test_queue_depth_counts_priority_sub_lists_on_the_broker(r: redis.Redis, ser
 def test_dead_letters(r: redis.Redis, registry: CollectorRegistry) -> None:
     r.rpush(DEAD_LETTER_KEY, '{"job_id":"j1"}', '{"job_id":"j2"}')
     assert value(registry, "lipsync_callbacks_dead_letters") == 2
+
+
+def test_webhooks_pending(r: redis.Redis, registry: CollectorRegistry) -> None:
+    r.zadd(PENDING_KEY, {"j1.outcome": time.time(), "j2.outcome": time.time()})
+    assert value(registry, "lipsync_webhooks_pending") == 2
 
 
 def test_decoding_clients_work_too(server: EmbeddedRedis) -> None:
