@@ -207,16 +207,24 @@ def _progress_line(result: Any) -> str:
 
 def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
     from worker.app import app
+    from worker.context import resources
+    from worker.delivery import message_id
     from worker.enqueue import job_status
+    from worker.models import StageEvent
 
     record = job_status(args.job_id)
     celery = app.AsyncResult(args.job_id)
     info = celery.info if isinstance(celery.info, dict) else None
+    outbox = resources().outbox
+    kinds = ["outcome", *(f"event.{event.value}" for event in StageEvent)]
+    owed = [outbox.pending(message_id(args.job_id, kind)) for kind in kinds]
     print(
         json.dumps(
             {
                 "job": record.model_dump(mode="json") if record else None,
                 "celery": {"state": celery.state, "info": info},
+                # Webhooks not delivered yet (in an attempt, or waiting for the next one).
+                "webhooks_pending": [entry for entry in owed if entry is not None],
             },
             indent=2,
         )

@@ -169,6 +169,14 @@ class Outbox:
         )
         return int(drive) if drive else None
 
+    def pending(self, msg_id: str) -> dict[str, Any] | None:
+        """What an operator may see of an owed webhook (no URL: it can hold a receiver's token)."""
+        raw = cast("list[bytes | None]", self.redis.hmget(self.key(msg_id), ["attempts", "due_at"]))
+        attempts, due_at = raw
+        if due_at is None:
+            return None
+        return {"msg_id": msg_id, "attempts": int(attempts or 0), "due_at": float(due_at)}
+
     def pending_count(self) -> int:
         return int(self.redis.zcard(PENDING_KEY))
 

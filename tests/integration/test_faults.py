@@ -407,6 +407,9 @@ def test_sigkill_while_a_webhook_waits_for_its_retry(fault_cluster: Any, simulat
     wait_for(lambda: run.receiver.attempts == 1, timeout=20)
     time.sleep(0.5)  # the retry message is published and held by the worker on its countdown
     kill_worker(cluster)
+    status = json.loads(_cli(cluster, "status", job_id))
+    (owed,) = status["webhooks_pending"]
+    assert owed["msg_id"] == f"{job_id}.outcome" and owed["attempts"] == 1
     cluster.start_worker()
     run.check_invariants(outcomes)  # waits up to 30 s for the callback
     assert run.receiver.ids() == [f"{job_id}.outcome"]

@@ -111,6 +111,15 @@ def test_give_up_moves_the_webhook_to_the_dead_letters(outbox: Outbox) -> None:
     assert outbox.dead_letters() == []
 
 
+def test_pending_shows_attempts_and_due_time_but_not_the_url(outbox: Outbox) -> None:
+    now = time.time()
+    drive = outbox.put("j1.outcome", URL, PAYLOAD, due_at=now + 60)
+    outbox.claim("j1.outcome", drive, due_at=now + 30)
+    assert outbox.pending("j1.outcome") == {"msg_id": "j1.outcome", "attempts": 1, "due_at": now + 30}
+    outbox.delivered("j1.outcome")
+    assert outbox.pending("j1.outcome") is None
+
+
 def test_entries_expire(outbox: Outbox) -> None:
     outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time() + 60)
     assert 0 < outbox.redis.ttl(Outbox.key("j1.outcome")) <= 600
