@@ -66,7 +66,10 @@ class SoakReport:
 
     def print(self) -> None:
         lat = sorted(self.latencies)
-        p = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else (lambda q: float("nan"))
+
+        def p(q: float) -> float:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+
         print(
             f"jobs                     {self.jobs} in {self.elapsed:.1f} s "
             f"({self.jobs / self.elapsed:.1f} jobs/s)"
@@ -160,7 +163,8 @@ def run_soak(*, jobs: int, workers: int, kills: int, redis_restart: bool, seed: 
         app = create_app(Settings.from_environ(env))
         # This producer reads outcomes from the job records, not the result backend: skip Celery's
         # per-task result subscription, which gives up (noisily) across a Redis restart.
-        app.conf.result_backend = "disabled://"
+        # (Item assignment: what Celery's attribute assignment does, but its stubs type this read-only.)
+        app.conf["result_backend"] = "disabled://"
         store = JobStore(__import__("redis").Redis.from_url(env["LIPSYNC_REDIS_URL"]), ttl=3600)
         supervisor = Supervisor(env, tmp, workers)
         threading.Thread(target=supervisor.run, daemon=True).start()
@@ -179,7 +183,7 @@ def run_soak(*, jobs: int, workers: int, kills: int, redis_restart: bool, seed: 
         next_fault = time.monotonic() + 1
         for i in range(jobs):
             cell = 3000 + i % 100
-            request = {
+            request: dict[str, Any] = {
                 "job_id": f"soak-{seed}-{i}",
                 "sheet_id": 101,
                 "cell_id": cell,
@@ -294,7 +298,8 @@ def _score(
             report.redriven_jobs += 1
     stats = sim.stats()
     # Time a failure cost a job: its latency above the median latency of jobs nothing happened to.
-    untouched, touched = [], []
+    untouched: list[float] = []
+    touched: list[float] = []
     for job_id, outcome in outcomes.items():
         if outcome.get("status") != "completed":
             continue

@@ -332,8 +332,10 @@ def test_progress_states_and_job_record(cluster: Cluster, simulator: Any) -> Non
     record = job_status(req["job_id"], store=store)
     assert record is not None
     assert record.state == "completed"
-    assert record.generation_id == async_result.result["generation_id"]
-    assert record.outcome == async_result.result
+    outcome = async_result.result  # typed Any | BaseException: a SUCCESS result is the result dict
+    assert isinstance(outcome, dict), outcome
+    assert record.generation_id == outcome["generation_id"]
+    assert record.outcome == outcome
     assert record.callbacks_dispatched
 
 
@@ -360,6 +362,12 @@ def test_no_secret_reaches_logs_results_or_the_broker(cluster: Cluster, simulato
         assert secret.encode() not in stored
 
 
+def as_bytes(reply: object) -> bytes:
+    """A reply item of a client without ``decode_responses``: redis-py types it ``bytes | str``."""
+    assert isinstance(reply, bytes), reply
+    return reply
+
+
 def redis_contents(client: redis.Redis) -> bytes:
     """Every key and value in a Redis database, as bytes (DUMP would compress them)."""
     parts: list[bytes] = []
@@ -367,14 +375,14 @@ def redis_contents(client: redis.Redis) -> bytes:
         kind = client.type(key)
         parts.append(key)
         if kind == b"string":
-            parts.append(client.get(key) or b"")
+            parts.append(as_bytes(client.get(key) or b""))
         elif kind == b"hash":
-            parts.extend(b"%s=%s" % item for item in client.hgetall(key).items())
+            parts.extend(b"%s=%s" % (as_bytes(k), as_bytes(v)) for k, v in client.hgetall(key).items())
         elif kind == b"list":
-            parts.extend(client.lrange(key, 0, -1))
+            parts.extend(map(as_bytes, client.lrange(key, 0, -1)))
         elif kind == b"set":
-            parts.extend(client.smembers(key))
+            parts.extend(map(as_bytes, client.smembers(key)))
         elif kind == b"zset":
-            parts.extend(client.zrange(key, 0, -1))
+            parts.extend(map(as_bytes, client.zrange(key, 0, -1)))
     client.close()
     return b"\n".join(parts)

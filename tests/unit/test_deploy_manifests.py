@@ -92,7 +92,7 @@ def command_line(container: Doc) -> str:
 
 def worker_queues(deployment: Doc) -> list[str]:
     """The queues a Deployment's ``lipsync-worker worker -Q …`` consumes (none for other Deployments)."""
-    queues = []
+    queues: list[str] = []
     for container in containers(deployment):
         match = WORKER_COMMAND.match(command_line(container))
         if match:
@@ -121,13 +121,14 @@ def exec_command(probe: Doc) -> str:
     return shlex.join(probe["exec"]["command"])
 
 
-WORKLOADS = [
-    pytest.param(doc, id=f"{doc['kind']}/{doc['metadata']['name']}")
-    for doc in all_docs()
-    if doc.get("kind") in ("Deployment", "StatefulSet")
-]
-DEPLOYMENTS = [param for param in WORKLOADS if param.values[0]["kind"] == "Deployment"]
-WORKER_DEPLOYMENTS = [param for param in DEPLOYMENTS if worker_queues(param.values[0])]
+def workload_id(workload: Doc) -> str:
+    """The test id of a parameter from WORKLOADS: ``Kind/name``."""
+    return f"{workload['kind']}/{workload['metadata']['name']}"
+
+
+WORKLOADS = [doc for doc in all_docs() if doc.get("kind") in ("Deployment", "StatefulSet")]
+DEPLOYMENTS = [doc for doc in WORKLOADS if doc["kind"] == "Deployment"]
+WORKER_DEPLOYMENTS = [doc for doc in DEPLOYMENTS if worker_queues(doc)]
 
 
 # -- every document ---------------------------------------------------------------------------------
@@ -160,8 +161,8 @@ def test_kustomization_lists_existing_files_except_the_examples() -> None:
         assert documents(filename), filename
     assert set(listed) == set(manifest_files()) - NOT_APPLIED
     images = {image["name"] for image in kustomization().get("images", [])}
-    for param in WORKLOADS:
-        for container in containers(param.values[0]):
+    for workload in WORKLOADS:
+        for container in containers(workload):
             if not container["image"].startswith("redis:"):
                 assert container["image"] in images, "an image kustomization.yaml does not set"
 
@@ -169,19 +170,19 @@ def test_kustomization_lists_existing_files_except_the_examples() -> None:
 # -- workloads ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=workload_id)
 def test_workload_selector_matches_its_pod_labels(workload: Doc) -> None:
     selector = workload["spec"]["selector"]["matchLabels"]
     assert selector
     assert labels_select(selector, workload["spec"]["template"]["metadata"]["labels"])
     # No other workload's pods may fall under this selector (a Deployment would adopt them).
     for other in WORKLOADS:
-        if other.values[0] is not workload:
-            other_labels = other.values[0]["spec"]["template"]["metadata"]["labels"]
+        if other is not workload:
+            other_labels = other["spec"]["template"]["metadata"]["labels"]
             assert not labels_select(selector, other_labels)
 
 
-@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=workload_id)
 def test_workload_containers_have_image_probes_and_resources(workload: Doc) -> None:
     for container in containers(workload):
         assert container.get("image")
@@ -191,7 +192,7 @@ def test_workload_containers_have_image_probes_and_resources(workload: Doc) -> N
             assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{kind} incomplete"
 
 
-@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=workload_id)
 def test_workload_is_restricted_and_has_writable_tmp_only_where_mounted(workload: Doc) -> None:
     spec = pod_spec(workload)
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -217,7 +218,7 @@ def test_workload_is_restricted_and_has_writable_tmp_only_where_mounted(workload
             assert volume["persistentVolumeClaim"]["claimName"] in pvcs
 
 
-@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("workload", WORKLOADS, ids=workload_id)
 def test_workload_env_refers_to_the_configmap_and_secret_that_exist(workload: Doc) -> None:
     configmaps = {doc["metadata"]["name"] for doc in of_kind("ConfigMap")}
     secret_keys = {secret()["metadata"]["name"]: set(secret()["stringData"])}
@@ -238,15 +239,15 @@ def test_workload_env_refers_to_the_configmap_and_secret_that_exist(workload: Do
 
 def test_each_queue_is_consumed_by_exactly_one_deployment() -> None:
     consumers: dict[str, list[str]] = {}
-    for param in WORKER_DEPLOYMENTS:
-        for queue in worker_queues(param.values[0]):
-            consumers.setdefault(queue, []).append(param.values[0]["metadata"]["name"])
+    for deployment in WORKER_DEPLOYMENTS:
+        for queue in worker_queues(deployment):
+            consumers.setdefault(queue, []).append(deployment["metadata"]["name"])
     assert set(consumers) == set(ALL_QUEUES)
     for queue, names in consumers.items():
         assert len(names) == 1, f"{queue} is consumed by {names}"
 
 
-@pytest.mark.parametrize("deployment", WORKER_DEPLOYMENTS)
+@pytest.mark.parametrize("deployment", WORKER_DEPLOYMENTS, ids=workload_id)
 def test_worker_loads_settings_and_secrets(deployment: Doc) -> None:
     (container,) = containers(deployment)
     refs = container["envFrom"]
@@ -254,7 +255,7 @@ def test_worker_loads_settings_and_secrets(deployment: Doc) -> None:
     assert {"secretRef": {"name": secret()["metadata"]["name"]}} in refs
 
 
-@pytest.mark.parametrize("deployment", WORKER_DEPLOYMENTS)
+@pytest.mark.parametrize("deployment", WORKER_DEPLOYMENTS, ids=workload_id)
 def test_worker_probes_ping_the_node_and_check_redis(deployment: Doc) -> None:
     (container,) = containers(deployment)
     liveness = container["livenessProbe"]
@@ -300,8 +301,8 @@ def test_pdbs_cover_every_worker_deployment_once() -> None:
         ]
         assert covered, f"PodDisruptionBudget {pdb['metadata']['name']} selects no Deployment"
         assert "maxUnavailable" in pdb["spec"] or "minAvailable" in pdb["spec"]
-    for param in WORKER_DEPLOYMENTS:
-        labels = param.values[0]["spec"]["template"]["metadata"]["labels"]
+    for deployment in WORKER_DEPLOYMENTS:
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert sum(labels_select(p["spec"]["selector"]["matchLabels"], labels) for p in pdbs) == 1
 
 
@@ -387,9 +388,9 @@ def test_flower_requires_basic_auth_from_the_secret_and_stays_internal() -> None
 def test_services_select_a_workload_and_its_ports(service: Doc) -> None:
     selector = service["spec"]["selector"]
     matched = [
-        p.values[0]
-        for p in WORKLOADS
-        if labels_select(selector, p.values[0]["spec"]["template"]["metadata"]["labels"])
+        workload
+        for workload in WORKLOADS
+        if labels_select(selector, workload["spec"]["template"]["metadata"]["labels"])
     ]
     assert len(matched) == 1
     ports = [port for c in containers(matched[0]) for port in c.get("ports", [])]

@@ -25,7 +25,7 @@ VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"lipsync-bytes" * 100
 
 def staged(storage: Any, data: bytes = VIDEO) -> Path:
     """A finished download, as worker.download leaves it in the staging directory."""
-    staging = storage.staging_dir()
+    staging: Path = storage.staging_dir()  # every backend's staging_dir() returns a Path
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / f".download-{uuid.uuid4().hex}.partial"
     path.write_bytes(data)
