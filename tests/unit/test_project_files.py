@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import yaml
+from pydantic import AnyUrl
 
 from worker.schemas import PUBLISHED, schema_of
 from worker.settings import Settings
@@ -31,6 +32,26 @@ def test_ci_runs_the_readmes_test_command() -> None:
 def test_every_setting_is_documented() -> None:
     for name in Settings.model_fields:
         assert f"`LIPSYNC_{name.upper()}`" in README, f"LIPSYNC_{name.upper()} is not in the README"
+
+
+def test_the_documented_defaults_are_the_real_ones() -> None:
+    rows = re.findall(r"^\| `LIPSYNC_(\w+)` \| `([^`]*)` \|", README, re.M)
+    assert len(rows) > 30, "the settings table moved or changed shape"
+    for name, documented in rows:
+        actual = Settings.model_fields[name.lower()].get_default(call_default_factory=True)
+        assert _same_setting(documented, actual), f"LIPSYNC_{name}: README {documented!r}, code {actual!r}"
+
+
+def _same_setting(documented: str, actual: object) -> bool:
+    if isinstance(actual, bool):
+        return documented == str(actual).lower()
+    if isinstance(actual, int | float):
+        return float(documented) == actual
+    if isinstance(actual, list):
+        return [float(part) for part in documented.split(",")] == actual
+    if isinstance(actual, AnyUrl):
+        return AnyUrl(documented) == actual  # pydantic adds the trailing slash
+    return documented == str(actual)
 
 
 def test_committed_schemas_match_the_models() -> None:
