@@ -25,13 +25,13 @@ from typing import Any, NoReturn
 
 import redis
 from celery import Task, chain
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from pydantic import TypeAdapter, ValidationError
 
 from worker import metrics
 from worker.app import QUEUE_FETCH, app
 from worker.context import Resources, resources
-from worker.delivery import WebhookFailed, WebhookRejected, post_webhook
+from worker.delivery import WebhookFailed, WebhookRejected, attempt_time_limits, post_webhook
 from worker.errors import LipsyncJobFailed, StillRunning, UnsafeURL
 from worker.jobstore import JobRecord
 from worker.logs import bind_generation
@@ -150,11 +150,28 @@ def await_job(self: AnyTask, job_id: str) -> dict[str, Any]:
 
 
 @app.task(name="lipsync.deliver_webhook", bind=True, max_retries=None, acks_late=True, ignore_result=True)
-def deliver_webhook(self: AnyTask, msg_id: str, drive: int) -> None:
+def deliver_webhook(
+    self: AnyTask,
+    msg_id: str,
+    drive: int | None = None,
+    url: str | None = None,
+    payload: dict[str, Any] | None = None,
+) -> None:
     """POST one signed webhook from the outbox; retried on LIPSYNC_WEBHOOK_RETRY_DELAYS with the
-    same webhook id, then dead-lettered."""
+    same webhook id, then dead-lettered.
+
+    ``url`` and ``payload`` come only in messages sent by releases before the outbox (which may still
+    sit in queues, or come back after the visibility timeout, during an upgrade): they are put into
+    the outbox and delivered from there.
+    """
     try:
-        _deliver(self, resources(), msg_id, drive)
+        res = resources()
+        if drive is None:
+            if url is None or payload is None:
+                log.error("webhook %s: message carries neither an outbox token nor a webhook", msg_id)
+                return
+            drive = res.outbox.put(msg_id, url, payload, due_at=time.time() + res.settings.queued_recovery)
+        _deliver(self, res, msg_id, drive)
     except redis.RedisError as exc:
         # The outbox blinked; the entry stays owed (and the sweeper re-sends it if this retry is lost).
         raise _retry_after_redis_error(self, exc) from None
@@ -162,12 +179,16 @@ def deliver_webhook(self: AnyTask, msg_id: str, drive: int) -> None:
 
 def _deliver(self: AnyTask, res: Resources, msg_id: str, drive: int) -> None:
     settings = res.settings
+    delays = settings.webhook_retry_delays
+    _, hard_limit = attempt_time_limits(settings.webhook_timeout)
     # If this worker dies during the attempt, the sweeper sends the webhook again after this.
-    attempt = res.outbox.claim(
-        msg_id, drive, due_at=time.time() + settings.webhook_timeout + settings.recovery_grace
-    )
+    attempt = res.outbox.claim(msg_id, drive, due_at=time.time() + hard_limit + settings.recovery_grace)
     if attempt is None:
         log.info("webhook %s: already delivered, dead-lettered or re-sent; dropping this copy", msg_id)
+        return
+    if attempt.number > len(delays) + 1:
+        # Attempts that never reported back (their workers died) count too: do not loop forever.
+        _dead_letter(res, attempt, f"webhook {msg_id}: {attempt.number - 1} attempts did not succeed")
         return
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     try:
@@ -180,15 +201,18 @@ def _deliver(self: AnyTask, res: Resources, msg_id: str, drive: int) -> None:
             timeout=settings.webhook_timeout,
             allow_private=settings.allow_private_urls,
         )
-    except WebhookFailed as exc:
-        delays = settings.webhook_retry_delays
+    except (WebhookFailed, SoftTimeLimitExceeded) as exc:
+        reason = str(exc) if isinstance(exc, WebhookFailed) else f"webhook {msg_id}: no answer in time"
         metrics.record_callback(res.redis, kind="webhook", outcome="failed_attempt")
-        if attempt.number <= len(delays):
-            delay = delays[attempt.number - 1]
-            log.warning("%s; retrying in %.0f s (attempt %d)", exc, delay, attempt.number)
-            res.outbox.reschedule(msg_id, drive, due_at=time.time() + delay + settings.recovery_grace)
-            raise self.retry(countdown=delay) from None
-        _dead_letter(res, attempt, str(exc))
+        if attempt.number > len(delays):
+            _dead_letter(res, attempt, reason)
+            return
+        delay = delays[attempt.number - 1]
+        if not res.outbox.reschedule(msg_id, drive, due_at=time.time() + delay + settings.recovery_grace):
+            log.info("webhook %s: taken over by a newer message; not retrying this copy", msg_id)
+            return
+        log.warning("%s; retrying in %.0f s (attempt %d)", reason, delay, attempt.number)
+        raise self.retry(countdown=delay) from None
     except (WebhookRejected, UnsafeURL) as exc:
         _dead_letter(res, attempt, str(exc))
     else:
@@ -355,6 +379,8 @@ def _target(job: Job) -> str:
 
 
 def _dead_letter(res: Resources, attempt: Attempt, error: str) -> None:
+    if not res.outbox.give_up(attempt, error=error):
+        log.info("webhook %s: taken over by a newer message; leaving it to that one", attempt.msg_id)
+        return
     log.error("webhook %s given up after %d attempts: %s", attempt.msg_id, attempt.number, error)
-    res.outbox.give_up(attempt, error=error)
     metrics.record_callback(res.redis, kind="webhook", outcome="dead_lettered")

@@ -29,6 +29,11 @@ class WebhookReceiver:
     #: Hold the next N requests this long before handling them (a slow receiver, a POST in flight).
     hold_next: int = 0
     hold_seconds: float = 0.0
+    #: Answer the next N requests one byte per ``drip_interval`` (never taking the webhook): each
+    #: read is quick, the whole answer is not.
+    drip_next: int = 0
+    drip_interval: float = 1.0
+    drips_completed: int = 0
     received: list[Received] = field(default_factory=list)
     attempts: int = 0
 
@@ -47,8 +52,14 @@ class WebhookReceiver:
                     holding = receiver.hold_next > 0
                     if holding:
                         receiver.hold_next -= 1
+                    dripping = receiver.drip_next > 0
+                    if dripping:
+                        receiver.drip_next -= 1
                 if holding:
                     time.sleep(receiver.hold_seconds)
+                if dripping:
+                    self._drip(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                    return
                 if failing:
                     self.send_response(receiver.fail_status)
                     self.end_headers()
@@ -62,6 +73,18 @@ class WebhookReceiver:
                     receiver.received.append(Received(msg_id, json.loads(body), verified, headers))
                 self.send_response(204 if verified else 401)
                 self.end_headers()
+
+            def _drip(self, answer: bytes) -> None:
+                try:
+                    for byte in answer:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(receiver.drip_interval)
+                except OSError:
+                    return  # the sender gave up
+                with receiver._lock:
+                    receiver.drips_completed += 1
+                self.close_connection = True
 
             def log_message(self, *args: Any) -> None:
                 pass

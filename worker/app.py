@@ -11,6 +11,7 @@ from celery import Celery
 from kombu import Queue
 
 from worker import kombu_fixes, logs
+from worker.delivery import WEBHOOK_TASK, attempt_time_limits
 from worker.settings import Settings, get_settings
 from worker.sweeper import SweeperStep
 
@@ -24,6 +25,7 @@ ALL_QUEUES = (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS)
 
 def celery_config(settings: Settings) -> dict[str, object]:
     vt = settings.visibility_timeout
+    webhook_soft_limit, webhook_hard_limit = attempt_time_limits(settings.webhook_timeout)
     transport = {
         # Redis redelivers an unacknowledged message after this long. Poll countdowns are capped
         # at 15 min (worker.backoff.MAX_COUNTDOWN) and downloads at LIPSYNC_DOWNLOAD_TIMEOUT, both
@@ -70,7 +72,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_queues": tuple(Queue(name) for name in ALL_QUEUES),
         "task_routes": {
             "lipsync.fetch_output": {"queue": QUEUE_FETCH},
-            "lipsync.deliver_webhook": {"queue": QUEUE_CALLBACKS},
+            WEBHOOK_TASK: {"queue": QUEUE_CALLBACKS},
+        },
+        # A webhook attempt is cut off after LIPSYNC_WEBHOOK_TIMEOUT (+1 s) in total, not per read
+        # (prefork pool; see worker.delivery.attempt_time_limits).
+        "task_annotations": {
+            WEBHOOK_TASK: {"soft_time_limit": webhook_soft_limit, "time_limit": webhook_hard_limit}
         },
     }
 

@@ -15,6 +15,7 @@ import redis
 import requests
 
 from worker import metrics
+from worker.delivery import attempt_time_limits
 from worker.download import DownloadLimits
 from worker.gen_client import GenClient
 from worker.jobstore import JobStore
@@ -77,10 +78,17 @@ class Resources:
 
     @cached_property
     def outbox(self) -> Outbox:
-        """Undelivered webhooks. An entry outlives the longest wait between two attempts."""
+        """Undelivered webhooks. While the fleet runs, an entry is written at least once per
+        longest gap (a queued message, a retry countdown, an attempt; then the sweeper); with the
+        fleet down, an owed webhook survives LIPSYNC_RESULT_TTL."""
         s = self.settings
-        longest_wait = max(s.webhook_retry_delays, default=0.0) + s.webhook_timeout + s.queued_recovery
-        return Outbox(self.redis, ttl=int(s.job_timeout) + s.result_ttl + int(longest_wait))
+        _, attempt_limit = attempt_time_limits(s.webhook_timeout)
+        longest_gap = max(
+            s.queued_recovery,
+            max(s.webhook_retry_delays, default=0.0) + s.recovery_grace,
+            attempt_limit + s.recovery_grace,
+        )
+        return Outbox(self.redis, ttl=s.result_ttl + int(longest_gap + s.sweep_interval))
 
     @cached_property
     def storage(self) -> Storage:

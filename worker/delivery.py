@@ -34,6 +34,16 @@ class WebhookFailed(Exception):
     """This attempt failed (connection, timeout, non-2xx); a later attempt may succeed."""
 
 
+def attempt_time_limits(webhook_timeout: float) -> tuple[float, float]:
+    """Soft and hard time limits (seconds) of one delivery task.
+
+    requests' timeout bounds each socket read, not the whole request: a receiver answering one byte
+    at a time would hold a worker slot for as long as it likes. The soft limit ends the attempt as a
+    failed one; the hard limit (the pool kills the process) is the backstop.
+    """
+    return webhook_timeout + 1.0, webhook_timeout + 10.0
+
+
 def message_id(job_id: str, kind: str) -> str:
     return f"{job_id}.{kind}"
 

@@ -8,10 +8,14 @@ lives in an outbox entry, written before its message is sent:
 * the entry (one hash per message id) holds the URL, the payload, the attempts made and a ``drive``
   token; the message carries only the id and the token, so URLs (which may hold a receiver's token)
   and payloads stay out of Flower and the broker;
+* tokens come from one fleet-wide counter, so a token is never handed out twice, even to an entry
+  created again after it was delivered (a dead-letter replay) — an old message cannot come back
+  to life;
 * ``due_at`` (also the score in :data:`PENDING_KEY`) is when the entry should next show a sign of
-  life: the end of the current attempt, or of the countdown to the next one;
-* the entry is removed when the receiver answers 2xx, or when the webhook is dead-lettered (both in
-  one transaction with what they record);
+  life: the end of the current attempt (which has a hard time limit), or of the countdown to the
+  next one, or (for a message waiting in a queue) ``LIPSYNC_QUEUED_RECOVERY``;
+* the entry is removed when the receiver answers 2xx, or when the webhook is dead-lettered (in one
+  step with the dead letter, and only by the current token);
 * the sweeper re-sends entries past ``due_at`` with a bumped token, so an older copy of the message
   that resurfaces later finds itself stale and does nothing.
 
@@ -31,6 +35,8 @@ import redis
 KEY_PREFIX = "lipsync:webhook:"
 #: Sorted set of message ids of undelivered webhooks, scored by ``due_at``.
 PENDING_KEY = "lipsync:webhooks:pending"
+#: The fleet-wide token counter.
+DRIVE_KEY = "lipsync:webhooks:drive"
 #: List of webhooks given up on (JSON), for ``lipsync-worker callbacks list|replay``.
 DEAD_LETTER_KEY = "lipsync:callbacks:dead"
 
@@ -54,20 +60,34 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# Become the entry's only sender if it is (still) overdue: bump the token and due_at.
+# Become the entry's only sender if it is (still) overdue: a new token, a new due_at.
+# Returns the token, 0 if not overdue (someone moved it meanwhile), -1 if the entry expired.
 _TAKE_OVER = """
 local due = redis.call('HGET', KEYS[1], 'due_at')
 if not due then
   redis.call('ZREM', KEYS[2], ARGV[3])
-  return false
+  return -1
 end
-if tonumber(due) > tonumber(ARGV[1]) then return false end
-local drive = redis.call('HINCRBY', KEYS[1], 'drive', 1)
-redis.call('HSET', KEYS[1], 'due_at', ARGV[2])
+if tonumber(due) > tonumber(ARGV[1]) then return 0 end
+local drive = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'drive', drive, 'due_at', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return drive
 """
+
+# Dead-letter the webhook, if the attempt's token is still the entry's (a newer message owns it
+# otherwise, and will deliver or dead-letter it itself).
+_GIVE_UP = """
+if redis.call('HGET', KEYS[1], 'drive') ~= ARGV[1] then return 0 end
+redis.call('RPUSH', KEYS[3], ARGV[3])
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+#: :meth:`Outbox.take_over` found the entry gone: it expired while still owed.
+EXPIRED = -1
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class Attempt:
     """A delivery attempt the outbox agreed to: the webhook, and which attempt this is (from 1)."""
 
     msg_id: str
+    drive: int
     url: str
     payload: dict[str, Any]
     number: int
@@ -88,6 +109,7 @@ class Outbox:
         self._claim = client.register_script(_CLAIM)
         self._reschedule = client.register_script(_RESCHEDULE)
         self._take_over = client.register_script(_TAKE_OVER)
+        self._give_up = client.register_script(_GIVE_UP)
 
     @staticmethod
     def key(msg_id: str) -> str:
@@ -99,11 +121,12 @@ class Outbox:
         Returns the token the message to send must carry; any earlier message becomes stale.
         """
         key = self.key(msg_id)
+        drive = int(self.redis.incr(DRIVE_KEY))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(key, "drive", 1)
         pipe.hset(
             key,
             mapping={
+                "drive": drive,
                 "url": url,
                 "payload": json.dumps(payload, separators=(",", ":")),
                 "attempts": 0,
@@ -113,8 +136,8 @@ class Outbox:
         )
         pipe.zadd(PENDING_KEY, {msg_id: due_at})
         pipe.expire(key, self.ttl)
-        drive, *_ = pipe.execute()
-        return int(drive)
+        pipe.execute()
+        return drive
 
     def claim(self, msg_id: str, drive: int, *, due_at: float) -> Attempt | None:
         """Start an attempt; None if the webhook was delivered or dead-lettered, or the message is stale."""
@@ -124,7 +147,9 @@ class Outbox:
         if not found:
             return None
         url, payload, number = cast("list[Any]", found)
-        return Attempt(msg_id=msg_id, url=_text(url), payload=json.loads(payload), number=int(number))
+        return Attempt(
+            msg_id=msg_id, drive=drive, url=_text(url), payload=json.loads(payload), number=int(number)
+        )
 
     def reschedule(self, msg_id: str, drive: int, *, due_at: float) -> bool:
         """Expect the next sign of life at ``due_at`` (the next attempt, after a countdown)."""
@@ -140,8 +165,11 @@ class Outbox:
         pipe.zrem(PENDING_KEY, msg_id)
         pipe.execute()
 
-    def give_up(self, attempt: Attempt, *, error: str) -> None:
-        """Move the webhook to the dead-letter list, in one step with removing it from the outbox."""
+    def give_up(self, attempt: Attempt, *, error: str) -> bool:
+        """Move the webhook to the dead-letter list, in one step with removing it from the outbox.
+
+        False (and nothing done) if a newer message took the webhook over meanwhile.
+        """
         entry = {
             "msg_id": attempt.msg_id,
             "url": attempt.url,
@@ -149,25 +177,21 @@ class Outbox:
             "error": error,
             "attempts": attempt.number,
         }
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.rpush(DEAD_LETTER_KEY, json.dumps(entry))
-        pipe.delete(self.key(attempt.msg_id))
-        pipe.zrem(PENDING_KEY, attempt.msg_id)
-        pipe.execute()
+        keys = [self.key(attempt.msg_id), PENDING_KEY, DEAD_LETTER_KEY]
+        return bool(self._give_up(keys=keys, args=[attempt.drive, attempt.msg_id, json.dumps(entry)]))
 
     def overdue(self, now: float, limit: int = 100) -> list[str]:
         raw = self.redis.zrangebyscore(PENDING_KEY, "-inf", now, start=0, num=limit)
         return [_text(item) for item in cast("list[bytes]", raw)]
 
-    def take_over(self, msg_id: str, *, now: float, due_at: float) -> int | None:
-        """The token for a re-sent message if the webhook is overdue at ``now``, else None.
+    def take_over(self, msg_id: str, *, now: float, due_at: float) -> int:
+        """The token for a re-sent message if the webhook is overdue at ``now``; 0 if it is not
+        (any more), :data:`EXPIRED` if its entry expired while owed (it is dropped from the set).
 
         Atomic, so two sweepers never both re-send one webhook.
         """
-        drive = self._take_over(
-            keys=[self.key(msg_id), PENDING_KEY], args=[repr(now), repr(due_at), msg_id, self.ttl]
-        )
-        return int(drive) if drive else None
+        keys = [self.key(msg_id), PENDING_KEY, DRIVE_KEY]
+        return int(self._take_over(keys=keys, args=[repr(now), repr(due_at), msg_id, self.ttl]))
 
     def pending(self, msg_id: str) -> dict[str, Any] | None:
         """What an operator may see of an owed webhook (no URL: it can hold a receiver's token)."""

@@ -35,6 +35,7 @@ from worker.context import Resources, resources
 from worker.delivery import send_delivery
 from worker.jobstore import JobRecord
 from worker.models import Job, LipsyncFailure
+from worker.outbox import EXPIRED
 from worker.outcomes import finish, store_failure, store_outcome
 
 log = logging.getLogger("lipsync.sweeper")
@@ -51,11 +52,14 @@ class SweepReport:
     redispatched: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     resent_webhooks: list[str] = field(default_factory=list)
+    expired_webhooks: list[str] = field(default_factory=list)
     skipped: int = 0
 
     def __bool__(self) -> bool:
         """Whether the sweep did anything worth a log line."""
-        return bool(self.redriven or self.redispatched or self.failed or self.resent_webhooks)
+        return bool(
+            self.redriven or self.redispatched or self.failed or self.resent_webhooks or self.expired_webhooks
+        )
 
 
 def sweep_once(app: Celery, res: Resources, redrive: Redriver, *, now: float | None = None) -> SweepReport:
@@ -101,11 +105,20 @@ def sweep_once(app: Celery, res: Resources, redrive: Redriver, *, now: float | N
 def _resend_overdue_webhooks(app: Celery, res: Resources, now: float, report: SweepReport) -> None:
     for msg_id in res.outbox.overdue(now):
         drive = res.outbox.take_over(msg_id, now=now, due_at=now + res.settings.queued_recovery)
-        if drive is None:
+        if drive == EXPIRED:
+            log.error("webhook %s expired from the outbox before it was delivered", msg_id)
+            report.expired_webhooks.append(msg_id)
+            continue
+        if not drive:
             report.skipped += 1
             continue
         log.warning("webhook %s: no sign of its delivery since it was due; sending it again", msg_id)
-        send_delivery(app, msg_id, drive)
+        try:
+            send_delivery(app, msg_id, drive)
+        except Exception:  # the broker refused: due again now, for the next round
+            log.exception("webhook %s: could not send it again; will retry next sweep", msg_id)
+            res.outbox.reschedule(msg_id, drive, due_at=now)
+            continue
         report.resent_webhooks.append(msg_id)
 
 

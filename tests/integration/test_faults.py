@@ -398,7 +398,11 @@ def test_sigkill_while_a_webhook_waits_for_its_retry(fault_cluster: Any, simulat
     # The retry is a countdown message held, unacknowledged, by the worker that gets killed: Redis
     # would hand it back only after the two-hour visibility timeout. The outbox entry's due time
     # (the countdown + the recovery grace) lets the sweeper send it again within seconds.
-    cluster = fault_cluster(LIPSYNC_WEBHOOK_RETRY_DELAYS="4,0.3")
+    # Only the retry's due time (4 + 2 s) may bring it back within the 30 s the check waits: the
+    # attempt's (60 + 10 + 2 s) and a queued message's (300 s) would be too late.
+    cluster = fault_cluster(
+        LIPSYNC_WEBHOOK_RETRY_DELAYS="4,0.3", LIPSYNC_WEBHOOK_TIMEOUT="60", LIPSYNC_QUEUED_RECOVERY="300"
+    )
     cluster.start_worker()
     run = run_on(cluster)
     run.receiver.fail_next = 1
@@ -419,7 +423,8 @@ def test_sigkill_while_a_webhook_waits_for_its_retry(fault_cluster: Any, simulat
 def test_sigkill_during_a_webhook_post(fault_cluster: Any, simulator: Any, run_on: Any) -> None:
     # The worker dies with the POST in flight, before it recorded the delivery: the webhook is sent
     # again with the same id (at least once; receivers dedupe on webhook-id).
-    cluster = fault_cluster(LIPSYNC_WEBHOOK_TIMEOUT="10")
+    # Due again when the attempt's hard time limit (5 + 10 s) and the grace (2 s) are over.
+    cluster = fault_cluster(LIPSYNC_WEBHOOK_TIMEOUT="5", LIPSYNC_QUEUED_RECOVERY="300")
     cluster.start_worker()
     run = run_on(cluster)
     run.receiver.hold_next, run.receiver.hold_seconds = 1, 3.0
@@ -432,6 +437,45 @@ def test_sigkill_during_a_webhook_post(fault_cluster: Any, simulator: Any, run_o
     wait_for(lambda: len(run.receiver.received) >= 2, timeout=30)
     assert set(run.receiver.ids()) == {f"{job_id}.outcome"}
     assert cluster.redis().zcard("lipsync:webhooks:pending") == 0
+
+
+def test_a_receiver_answering_byte_by_byte_cannot_hold_a_worker(
+    fault_cluster: Any, simulator: Any, run_on: Any
+) -> None:
+    # Each read is quicker than the 2 s webhook timeout, the whole answer takes 45 s: the attempt
+    # must be cut off by its total time limit (3 s) and retried, not wait for the last byte. One
+    # process slot, so nothing but that limit can free it (a re-send would queue behind it).
+    cluster = fault_cluster(
+        LIPSYNC_WEBHOOK_TIMEOUT="2", LIPSYNC_WEBHOOK_RETRY_DELAYS="0.3,0.3", LIPSYNC_QUEUED_RECOVERY="300"
+    )
+    cluster.start_worker(concurrency=1)
+    run = run_on(cluster)
+    run.receiver.drip_next, run.receiver.drip_interval = 1, 1.0
+    (job_id,) = run.submit()
+    outcomes = run.outcomes()
+    run.check_invariants(outcomes)  # delivered by the second attempt, within 30 s
+    assert run.receiver.drips_completed == 0, "the first attempt waited for the whole drip"
+    assert run.receiver.attempts == 2
+    assert run.receiver.ids() == [f"{job_id}.outcome"]
+
+
+def test_a_webhook_message_from_before_the_outbox_is_still_delivered(
+    fault_cluster: Any, simulator: Any, run_on: Any
+) -> None:
+    # Releases before the outbox sent url and payload in the message; during an upgrade such
+    # messages may still be queued (or come back after the visibility timeout).
+    cluster = fault_cluster()
+    cluster.start_worker()
+    run = run_on(cluster)
+    payload = {"job_id": "old-release-job", "status": "completed"}
+    cluster.app().send_task(
+        "lipsync.deliver_webhook",
+        kwargs={"url": run.receiver.url, "payload": payload, "msg_id": "old-release-job.outcome"},
+    )
+    wait_for(lambda: bool(run.receiver.received), timeout=20)
+    (received,) = run.receiver.received
+    assert received.verified and received.msg_id == "old-release-job.outcome" and received.payload == payload
+    wait_for(lambda: cluster.redis().zcard("lipsync:webhooks:pending") == 0, timeout=10)
 
 
 def _cli(cluster: Cluster, *args: str) -> str:

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from worker.embedded_redis import EmbeddedRedis
-from worker.outbox import PENDING_KEY, Outbox
+from worker.outbox import EXPIRED, PENDING_KEY, Outbox
 
 PAYLOAD = {"job_id": "j1", "status": "completed"}
 URL = "https://hooks.example.com/lipsync?token=abc"
@@ -55,7 +55,7 @@ def test_a_second_put_makes_the_first_message_stale_and_starts_over(outbox: Outb
     first = outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time() + 60)
     assert outbox.claim("j1.outcome", first, due_at=time.time() + 30) is not None
     second = outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time() + 60)
-    assert second == first + 1
+    assert second > first
     assert outbox.claim("j1.outcome", first, due_at=time.time() + 30) is None
     attempt = outbox.claim("j1.outcome", second, due_at=time.time() + 30)
     assert attempt is not None and attempt.number == 1
@@ -77,10 +77,10 @@ def test_the_due_time_follows_claims_and_reschedules(outbox: Outbox) -> None:
 def test_take_over_only_when_overdue_and_only_once(outbox: Outbox) -> None:
     now = time.time()
     drive = outbox.put("j1.outcome", URL, PAYLOAD, due_at=now + 10)
-    assert outbox.take_over("j1.outcome", now=now, due_at=now + 60) is None, "not due yet"
+    assert outbox.take_over("j1.outcome", now=now, due_at=now + 60) == 0, "not due yet"
     new = outbox.take_over("j1.outcome", now=now + 11, due_at=now + 60)
-    assert new == drive + 1
-    assert outbox.take_over("j1.outcome", now=now + 11, due_at=now + 60) is None, "a second sweeper"
+    assert new > drive
+    assert outbox.take_over("j1.outcome", now=now + 11, due_at=now + 60) == 0, "a second sweeper"
     assert outbox.claim("j1.outcome", drive, due_at=now + 30) is None, "the lost message is stale"
     attempt = outbox.claim("j1.outcome", new, due_at=now + 30)
     assert attempt is not None and attempt.number == 1
@@ -89,7 +89,7 @@ def test_take_over_only_when_overdue_and_only_once(outbox: Outbox) -> None:
 def test_take_over_of_an_expired_entry_forgets_it(outbox: Outbox) -> None:
     outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time())
     outbox.redis.delete(Outbox.key("j1.outcome"))  # as if its TTL ran out
-    assert outbox.take_over("j1.outcome", now=time.time() + 1, due_at=time.time() + 60) is None
+    assert outbox.take_over("j1.outcome", now=time.time() + 1, due_at=time.time() + 60) == EXPIRED
     assert outbox.pending_count() == 0
 
 
@@ -97,7 +97,7 @@ def test_give_up_moves_the_webhook_to_the_dead_letters(outbox: Outbox) -> None:
     drive = outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time() + 60)
     attempt = outbox.claim("j1.outcome", drive, due_at=time.time() + 30)
     assert attempt is not None
-    outbox.give_up(attempt, error="receiver answered 410 Gone")
+    assert outbox.give_up(attempt, error="receiver answered 410 Gone")
     assert outbox.pending_count() == 0
     (entry,) = outbox.dead_letters()
     assert entry == {
@@ -109,6 +109,30 @@ def test_give_up_moves_the_webhook_to_the_dead_letters(outbox: Outbox) -> None:
     }
     assert outbox.remove_dead_letter(entry)
     assert outbox.dead_letters() == []
+
+
+def test_tokens_are_never_reused_even_for_a_webhook_owed_again(outbox: Outbox) -> None:
+    # Delivered (or dead-lettered), then owed again (a replay): a message from the first life
+    # (say, handed back by Redis after the visibility timeout) must stay stale.
+    first = outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time() + 60)
+    outbox.delivered("j1.outcome")
+    again = outbox.put("j1.outcome", URL, PAYLOAD, due_at=time.time() + 60)
+    assert again != first
+    assert outbox.claim("j1.outcome", first, due_at=time.time() + 30) is None
+
+
+def test_a_taken_over_attempt_cannot_dead_letter_the_webhook(outbox: Outbox) -> None:
+    now = time.time()
+    drive = outbox.put("j1.outcome", URL, PAYLOAD, due_at=now)
+    old = outbox.claim("j1.outcome", drive, due_at=now)
+    assert old is not None
+    new = outbox.take_over("j1.outcome", now=now + 1, due_at=now + 60)
+    assert new > drive
+    assert not outbox.give_up(old, error="slow receiver")
+    assert outbox.dead_letters() == [] and outbox.pending_count() == 1
+    current = outbox.claim("j1.outcome", new, due_at=now + 30)
+    assert current is not None and outbox.give_up(current, error="slow receiver")
+    assert len(outbox.dead_letters()) == 1 and outbox.pending_count() == 0
 
 
 def test_pending_shows_attempts_and_due_time_but_not_the_url(outbox: Outbox) -> None:
