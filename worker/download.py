@@ -126,7 +126,10 @@ def _stream(
         size = 0
         head = b""
         try:
-            for chunk in response.raw.stream(CHUNK_SIZE, decode_content=False):
+            # read1: whatever one socket read returns, up to CHUNK_SIZE. read()/stream() would wait
+            # for a full chunk, so a body trickling in below the per-read timeout would hold the
+            # worker until 256 KiB arrived before the total time limit below was looked at.
+            while chunk := response.raw.read1(CHUNK_SIZE, decode_content=False):
                 size += len(chunk)
                 if size > limits.max_bytes:
                     raise OutputTooLarge(f"output exceeds the limit of {limits.max_bytes} bytes")
