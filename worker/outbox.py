@@ -7,7 +7,7 @@ lives in an outbox entry, written before its message is sent:
 
 * the entry (one hash per message id) holds the URL, the payload, the attempts made and a ``drive``
   token; the message carries only the id and the token, so URLs (which may hold a receiver's token)
-  and payloads stay out of Flower and the broker;
+  and payloads stay out of task messages and Flower;
 * tokens come from one fleet-wide counter, so a token is never handed out twice, even to an entry
   created again after it was delivered (a dead-letter replay) — an old message cannot come back
   to life;
