@@ -42,7 +42,7 @@ DEAD_LETTER_KEY = "lipsync:callbacks:dead"
 
 # Start an attempt if the message's token is the entry's: count it, push due_at to the attempt's end.
 _CLAIM = """
-local h = redis.call('HMGET', KEYS[1], 'drive', 'url', 'payload', 'attempts')
+local h = redis.call('HMGET', KEYS[1], 'drive', 'url', 'payload')
 if not h[1] or h[1] ~= ARGV[1] then return false end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'due_at', ARGV[2])
