@@ -915,3 +915,21 @@ def test_jpeg_segments() -> None:
         (length,) = struct.unpack_from(">H", data, pos + 2)
         pos += 2 + length
     assert markers == [0xE0, 0xDB, 0xC0, 0xC4, 0xC4]
+
+
+def test_every_route_kind_is_a_fault_target_and_counted() -> None:
+    from worker.simulator.endpoints import ENDPOINT_KINDS
+    from worker.simulator.faults import FAULT_ENDPOINTS
+    from worker.simulator.server import ROUTES
+    from worker.simulator.stats import KNOWN_KINDS
+
+    routed = {kind for _, _, kind in ROUTES}
+    assert routed == set(ENDPOINT_KINDS)
+    assert routed <= FAULT_ENDPOINTS and routed <= set(KNOWN_KINDS)
+
+
+def test_a_fault_on_patch_cell(sim: GenSimulator) -> None:
+    sim.add_fault(Fault(endpoint="patch_cell", status=503, times=1))
+    first = call(sim, "PATCH", CELL, json={"additional_attributes": {"autoGenerate": True}})
+    again = call(sim, "PATCH", CELL, json={"additional_attributes": {"autoGenerate": True}})
+    assert (first.status_code, again.status_code) == (503, 200)

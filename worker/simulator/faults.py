@@ -14,20 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from worker.simulator.endpoints import ENDPOINT_KINDS
+
 #: Endpoint kinds a fault can target. "any" matches every kind except the /_sim admin API.
-FAULT_ENDPOINTS = frozenset(
-    {
-        "generate",
-        "get_generation",
-        "stop",
-        "continue",
-        "get_cell",
-        "get_layer",
-        "content_resource",
-        "cdn",
-        "any",
-    }
-)
+FAULT_ENDPOINTS = frozenset({*ENDPOINT_KINDS, "any"})
 
 #: Actions that shape a streamed CDN body; they make sense only where a file is served.
 _STREAM_KINDS = frozenset({"cdn"})

@@ -13,19 +13,10 @@ import time
 from collections import deque
 from typing import Any
 
+from worker.simulator.endpoints import ENDPOINT_KINDS
+
 #: Endpoint kinds that are always present in ``counts`` (zero until seen), so tests can index them.
-KNOWN_KINDS = (
-    "generate",
-    "get_generation",
-    "stop",
-    "continue",
-    "get_cell",
-    "get_layer",
-    "patch_cell",
-    "content_resource",
-    "cdn",
-    "unknown",
-)
+KNOWN_KINDS = (*ENDPOINT_KINDS, "unknown")
 
 #: The request log keeps the most recent entries only, so a long benchmark cannot exhaust memory.
 MAX_LOGGED_REQUESTS = 100_000

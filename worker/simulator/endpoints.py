@@ -1,0 +1,16 @@
+"""The simulator's endpoint kinds: what routes name, faults target and stats count."""
+
+from __future__ import annotations
+
+#: One name per kind of request the simulator serves (see ``server.ROUTES``).
+ENDPOINT_KINDS = (
+    "generate",
+    "get_generation",
+    "stop",
+    "continue",
+    "get_cell",
+    "get_layer",
+    "patch_cell",
+    "content_resource",
+    "cdn",
+)
