@@ -60,8 +60,8 @@ def dispatch(
 ) -> None:
     """Send ``payload`` to the callback's targets. Raises if Redis or the broker refuses.
 
-    A webhook goes into the outbox first, then its message; the outbox expects the message to start
-    within ``queued_recovery`` (a queue may have a backlog) before the sweeper sends it again.
+    A webhook is owed (:func:`owe_webhook`); its message is expected to start within
+    ``queued_recovery`` (a queue may have a backlog) before the sweeper sends it again.
     """
     if callback is None:
         return
@@ -73,9 +73,16 @@ def dispatch(
         app.send_task(callback.task, args=[payload], **options)
         log.info("callback task %s sent for job %s (%s)", callback.task, job_id, kind)
     if callback.webhook_url:
-        url = str(callback.webhook_url)
-        drive = outbox.put(msg_id, url, payload, due_at=time.time() + queued_recovery)
-        send_delivery(app, msg_id, drive)
+        owe_webhook(app, outbox, msg_id, str(callback.webhook_url), payload, queued_recovery=queued_recovery)
+
+
+def owe_webhook(
+    app: Celery, outbox: Outbox, msg_id: str, url: str, payload: dict[str, Any], *, queued_recovery: float
+) -> None:
+    """Put the webhook in the outbox, then send the message that delivers it: never the other way
+    round, so a failed send or a lost message still leaves it owed."""
+    drive = outbox.put(msg_id, url, payload, due_at=time.time() + queued_recovery)
+    send_delivery(app, msg_id, drive)
 
 
 def send_delivery(app: Celery, msg_id: str, drive: int) -> None:
@@ -128,10 +135,9 @@ def replay_dead_letters(
     for entry in outbox.dead_letters():
         if msg_ids is not None and entry["msg_id"] not in msg_ids:
             continue
-        drive = outbox.put(
-            entry["msg_id"], entry["url"], entry["payload"], due_at=time.time() + queued_recovery
+        owe_webhook(
+            app, outbox, entry["msg_id"], entry["url"], entry["payload"], queued_recovery=queued_recovery
         )
-        send_delivery(app, entry["msg_id"], drive)
         outbox.remove_dead_letter(entry)
         replayed.append(entry["msg_id"])
     return replayed
