@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gensim import GenSimulator
 from tests.conftest import API_KEY, REPO, start_celery, worker_environment
 from worker.app import create_app
-from worker.embedded_redis import EmbeddedRedis
+from worker.dev.embedded_redis import EmbeddedRedis
 from worker.enqueue import enqueue
 from worker.settings import Settings
-from worker.simulator import GenSimulator
 
 
 def measure_jobs(jobs: int, latency: float, poll: float, tmp: Path) -> dict[str, Any]:
@@ -127,7 +127,7 @@ def measure_download(size_mb: int, tmp: Path) -> dict[str, float]:
         code = (
             "import resource,sys,time,requests\n"
             "from pathlib import Path\n"
-            "from worker.download import download, DownloadLimits\n"
+            "from worker.output.download import download, DownloadLimits\n"
             "before=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "t=time.monotonic()\n"
             "limits=DownloadLimits(max_bytes=10**12, total_timeout=600, allow_private=True)\n"

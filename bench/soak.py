@@ -21,15 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gensim import Fault, GenSimulator
 from tests.conftest import API_KEY, WEBHOOK_SECRET, start_celery, worker_environment
 from tests.webhook_receiver import WebhookReceiver
 from worker.app import create_app
-from worker.embedded_redis import EmbeddedRedis
+from worker.callbacks.outbox import Outbox
+from worker.dev.embedded_redis import EmbeddedRedis
 from worker.enqueue import enqueue
-from worker.jobstore import JobStore
-from worker.outbox import Outbox
+from worker.jobs.records import JobStore
 from worker.settings import Settings
-from worker.simulator import Fault, GenSimulator
 
 FAULTS = [
     lambda: Fault(endpoint="get_generation", status=503, times=3),

@@ -1,1 +1,3 @@
-"""Celery tasks of the lipsync job chain. The app (worker.app) includes them explicitly."""
+"""Celery tasks, thin translations of the Celery-free steps in :mod:`worker`. The app
+(:mod:`worker.app`) includes them explicitly: :mod:`tasks.lipsync` (the job chain) and
+:mod:`tasks.callbacks` (webhook delivery)."""

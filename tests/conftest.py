@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from worker.embedded_redis import EmbeddedRedis
+from worker.dev.embedded_redis import EmbeddedRedis
 
 API_KEY = "sk-test-SECRET-4f9a2c"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-webhook-secret-0123456789ab").decode()
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def _simulator_session() -> Iterator[Any]:
-    from worker.simulator import GenSimulator
+    from gensim import GenSimulator
 
     sim = GenSimulator(api_key=API_KEY, agent_ids=(AGENT_ID,), durations={"gen": 0.6, "sync_so": 1.2})
     sim.start()

@@ -18,7 +18,7 @@ from tests.conftest import WEBHOOK_SECRET, Cluster
 from tests.webhook_receiver import WebhookReceiver
 from worker.enqueue import enqueue
 from worker.errors import LipsyncJobFailed
-from worker.jobstore import JobRecord, JobStore
+from worker.jobs.records import JobRecord, JobStore
 
 
 def make_request(receiver: WebhookReceiver | None = None, **overrides: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from worker.webhooks import WebhookVerificationError, verify
+from worker.callbacks.signing import WebhookVerificationError, verify
 
 
 @dataclass

@@ -7,20 +7,21 @@ why it differs from Celery's default.
 
 from __future__ import annotations
 
-from celery import Celery
+import socket
+from typing import Any
+
+from celery import Celery, bootsteps
 from kombu import Queue
 
-from worker import kombu_fixes, logs
-from worker.delivery import WEBHOOK_TASK, attempt_time_limits
+from worker.callbacks.webhooks import attempt_time_limits
+from worker.celery_queue import CeleryQueue
+from worker.jobs.sweeper import SweeperThread
+from worker.names import ALL_QUEUES, QUEUE_JOBS, ROUTES, TASK_DELIVER_WEBHOOK
+from worker.ops import kombu_fixes, logs
 from worker.settings import Settings, get_settings
-from worker.sweeper import SweeperStep
 
-#: Queues, one per kind of work, so operators can give downloads their own workers. A worker started
-#: without ``-Q`` consumes all three (Celery consumes every queue in ``task_queues``).
-QUEUE_JOBS = "lipsync"
-QUEUE_FETCH = "lipsync.fetch"
-QUEUE_CALLBACKS = "lipsync.callbacks"
-ALL_QUEUES = (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS)
+#: The modules that define the tasks (named explicitly: no auto-discovery).
+TASK_MODULES = ["tasks.lipsync", "tasks.callbacks"]
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -28,7 +29,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     webhook_soft_limit, webhook_hard_limit = attempt_time_limits(settings.webhook_timeout)
     transport = {
         # Redis redelivers an unacknowledged message after this long. Poll countdowns are capped
-        # at 15 min (worker.backoff.MAX_COUNTDOWN) and downloads at LIPSYNC_DOWNLOAD_TIMEOUT, both
+        # at 15 min (worker.jobs.backoff.MAX_COUNTDOWN) and downloads at LIPSYNC_DOWNLOAD_TIMEOUT, both
         # far below it, so nothing is redelivered while still legitimately held (kombu#337).
         "visibility_timeout": vt,
     }
@@ -68,29 +69,46 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "result_extended": True,
         # Celery keeps results a day by default; pipelines may come back for them later.
         "result_expires": settings.result_ttl,
+        # One queue per kind of work (worker.names), so operators can give downloads their own workers.
         "task_default_queue": QUEUE_JOBS,
         "task_queues": tuple(Queue(name) for name in ALL_QUEUES),
-        "task_routes": {
-            "lipsync.fetch_output": {"queue": QUEUE_FETCH},
-            WEBHOOK_TASK: {"queue": QUEUE_CALLBACKS},
-        },
+        "task_routes": {task: {"queue": queue} for task, queue in ROUTES.items()},
         # A webhook attempt is cut off after LIPSYNC_WEBHOOK_TIMEOUT (+1 s) in total, not per read
-        # (prefork pool; see worker.delivery.attempt_time_limits).
+        # (prefork pool; see worker.callbacks.webhooks.attempt_time_limits).
         "task_annotations": {
-            WEBHOOK_TASK: {"soft_time_limit": webhook_soft_limit, "time_limit": webhook_hard_limit}
+            TASK_DELIVER_WEBHOOK: {"soft_time_limit": webhook_soft_limit, "time_limit": webhook_hard_limit}
         },
     }
+
+
+class SweeperStep(bootsteps.StartStopStep):
+    """Celery worker bootstep: every worker runs a sweeper thread (worker.jobs.sweeper) next to its
+    consumer; one per round across the fleet wins a Redis lease and re-drives stalled jobs."""
+
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.thread: SweeperThread | None = None
+
+    def start(self, worker: Any) -> None:
+        holder = f"{getattr(worker, 'hostname', None) or socket.gethostname()}"
+        self.thread = SweeperThread(CeleryQueue(worker.app), holder)
+        self.thread.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.thread is not None:
+            self.thread.stopping.set()
 
 
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     kombu_fixes.install()
     logs.install(json_logs=settings.log_json)
-    celery = Celery("lipsync", include=["tasks.lipsync"])
+    celery = Celery("lipsync", include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
     # Producers using worker.enqueue with this app find the job-record Redis through it.
     celery.lipsync_settings = settings  # type: ignore[attr-defined]
-    # Every worker runs a sweeper thread that re-drives stalled jobs (one per round wins a lease).
     celery.steps["worker"].add(SweeperStep)
     return celery
 

@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="re-drive overdue jobs once (workers do this by themselves)")
     p.set_defaults(handler=_cmd_sweep)
 
-    # add_help=False: --help and every option go to worker.metrics's own parser.
+    # add_help=False: --help and every option go to worker.ops.metrics's own parser.
     p = sub.add_parser("metrics", help="serve Prometheus metrics (--host, --port...)", add_help=False)
     p.set_defaults(handler=_cmd_metrics)
 
@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
-    from worker.app import ALL_QUEUES, app
+    from worker.app import app
+    from worker.names import ALL_QUEUES
 
     argv = ["worker", "-l", args.loglevel, "-Q", args.queues or ",".join(ALL_QUEUES)]
     if args.concurrency:
@@ -119,7 +120,7 @@ def _cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _cmd_simulator(args: argparse.Namespace, _: list[str]) -> int:
-    from worker.simulator import serve
+    from gensim import serve
 
     api_key = args.api_key or os.environ.get("LIPSYNC_GEN_API_KEY") or "sim-key"
     agent = args.agent_id or os.environ.get("LIPSYNC_GEN_AGENT_ID") or "42"
@@ -207,17 +208,15 @@ def _progress_line(result: Any) -> str:
 
 def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
     from worker.app import app
-    from worker.context import resources
-    from worker.delivery import message_id
+    from worker.callbacks.delivery import MESSAGE_KINDS, message_id
     from worker.enqueue import job_status
-    from worker.models import StageEvent
+    from worker.jobs.resources import resources
 
     record = job_status(args.job_id)
     celery = app.AsyncResult(args.job_id)
     info = celery.info if isinstance(celery.info, dict) else None
     outbox = resources().outbox
-    kinds = ["outcome", *(f"event.{event.value}" for event in StageEvent)]
-    owed = [outbox.pending(message_id(args.job_id, kind)) for kind in kinds]
+    owed = [outbox.pending(message_id(args.job_id, kind)) for kind in MESSAGE_KINDS]
     print(
         json.dumps(
             {
@@ -245,8 +244,9 @@ def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
 
 def _cmd_callbacks(args: argparse.Namespace, _: list[str]) -> int:
     from worker.app import app
-    from worker.context import resources
-    from worker.delivery import replay_dead_letters
+    from worker.callbacks.delivery import replay_dead_letters
+    from worker.celery_queue import CeleryQueue
+    from worker.jobs.resources import resources
 
     res = resources()
     if args.action == "list":
@@ -258,25 +258,27 @@ def _cmd_callbacks(args: argparse.Namespace, _: list[str]) -> int:
         print("error: name webhook ids to replay, or pass --all", file=sys.stderr)
         return 2
     wanted = None if args.all else set(args.msg_ids)
-    replayed = replay_dead_letters(app, res.outbox, wanted, queued_recovery=res.settings.queued_recovery)
+    replayed = replay_dead_letters(
+        CeleryQueue(app), res.outbox, wanted, queued_recovery=res.settings.queued_recovery
+    )
     for msg_id in replayed:
         print(f"replaying {msg_id}")
     return 0 if replayed else 1
 
 
 def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
-    from tasks.lipsync import redrive_job
     from worker.app import app
-    from worker.context import resources
-    from worker.sweeper import sweep_once
+    from worker.celery_queue import CeleryQueue
+    from worker.jobs.resources import resources
+    from worker.jobs.sweeper import sweep_once
 
-    report = sweep_once(app, resources(), redrive_job)
+    report = sweep_once(CeleryQueue(app), resources())
     print(json.dumps(report.__dict__))
     return 0
 
 
 def _cmd_metrics(args: argparse.Namespace, extra: list[str]) -> int:
-    from worker.metrics import main as metrics_main
+    from worker.ops.metrics import main as metrics_main
 
     return metrics_main(extra)
 
@@ -298,7 +300,7 @@ def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace, _: list[str]) -> int:
-    from worker.schemas import write_schemas
+    from worker.jobs.schemas import write_schemas
 
     for path in write_schemas(args.out):
         print(path)
@@ -306,7 +308,7 @@ def _cmd_schema(args: argparse.Namespace, _: list[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace, _: list[str]) -> int:
-    from worker.demo import run_demo
+    from worker.dev.demo import run_demo
 
     return run_demo(jobs=args.jobs, out=args.out)
 

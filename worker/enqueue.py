@@ -1,4 +1,4 @@
-"""The Python helper other services use to enqueue a job and read its state.
+"""The Python helper other services use to enqueue a job, read its state and cancel it.
 
 Services that do not import this package send the same message by hand::
 
@@ -7,23 +7,26 @@ Services that do not import this package send the same message by hand::
 The helper adds what a raw ``send_task`` cannot: the request is validated before it is sent (a
 :class:`~worker.errors.RequestInvalid` naming the field, at enqueue time), and the Celery task id
 is the job id, so ``AsyncResult(job_id)`` and ``lipsync-worker status JOB_ID`` find it; and the
-job record is written before the message is sent, so the job is never lost with its message.
+job record is written before the message is sent (:func:`worker.jobs.steps.create`, the same
+function ``lipsync.run`` uses), so the job is never lost with its message.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
 
-from worker.context import resources_of
-from worker.jobstore import JobRecord, JobStore
-from worker.models import Job, LipsyncRequest
-
-RUN_TASK = "lipsync.run"
+from worker.celery_queue import CeleryQueue
+from worker.jobs import steps
+from worker.jobs.cancel import cancel_job
+from worker.jobs.models import LipsyncRequest
+from worker.jobs.records import JobRecord, JobStore
+from worker.jobs.resources import Resources, resources
+from worker.names import TASK_RUN
 
 
 def enqueue(
@@ -39,10 +42,7 @@ def enqueue(
     Raises:
         RequestInvalid: the request is not valid (nothing was sent).
     """
-    if app is None:
-        from worker.app import app as default_app
-
-        app = default_app
+    app = app or _default_app()
     parsed = request if isinstance(request, LipsyncRequest) else LipsyncRequest.parse(dict(request))
     options: dict[str, Any] = {"task_id": parsed.job_id}
     if queue:
@@ -55,38 +55,19 @@ def enqueue(
     # Record the job before sending it: from here on the sweeper knows the job, so even a message
     # lost before any worker started it (a broker restart at the wrong moment) is re-driven.
     res = resources_of(app)
-    store, settings = res.jobs, res.settings
-    now = time.time()
-    job = Job(
-        request=parsed,
-        model=parsed.model or settings.default_model,
-        task_id=parsed.job_id,
-        enqueued_at=now,
-        deadline_at=now + settings.job_timeout,
-    )
-    created, _ = store.claim(
-        parsed.job_id,
-        task_id=parsed.job_id,
-        model=job.model,
-        job=job.model_dump(mode="json"),
-        overdue_at=now + settings.queued_recovery,
-    )
+    created = steps.create(parsed, task_id=parsed.job_id, res=res).created
     try:
-        return app.send_task(RUN_TASK, kwargs={"request": payload}, **options)
+        return app.send_task(TASK_RUN, kwargs={"request": payload}, **options)
     except BaseException:
         if created:
             # The caller learns the enqueue failed: the job must not run behind its back.
-            store.forget(parsed.job_id)
+            res.jobs.forget(parsed.job_id)
         raise
 
 
 def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | None:
     """The job's durable record (state, generation id, polls, outcome...), or None if unknown."""
-    if store is None:
-        from worker.context import resources
-
-        store = resources().jobs
-    return store.get(job_id)
+    return (store or resources().jobs).get(job_id)
 
 
 def cancel(
@@ -96,10 +77,27 @@ def cancel(
 
     Returns the job's outcome (``status: "cancelled"``, or how it ended before), or None if unknown.
     """
-    from worker.cancel import cancel_job
+    app = app or _default_app()
+    return cancel_job(CeleryQueue(app), resources_of(app), job_id, reason=reason)
 
-    if app is None:
-        from worker.app import app as default_app
 
-        app = default_app
-    return cancel_job(app, resources_of(app), job_id, reason=reason)
+def resources_of(app: Celery) -> Resources:
+    """The resources of a Celery app made by :func:`worker.app.create_app` with its own settings
+    (a producer can hold apps for several deployments), per process like
+    :func:`worker.jobs.resources.resources`."""
+    settings = getattr(app, "lipsync_settings", None)
+    if settings is None:
+        return resources()
+    cached: tuple[int, Resources] | None = getattr(app, "_lipsync_resources", None)
+    if cached is None or cached[0] != os.getpid():
+        cached = (os.getpid(), Resources(settings))
+        app._lipsync_resources = cached  # type: ignore[attr-defined]
+    return cached[1]
+
+
+def _default_app() -> Celery:
+    # Imported here, not at the top: building the default app reads the environment, which a
+    # producer passing its own app must not depend on.
+    from worker.app import app
+
+    return app

@@ -15,11 +15,9 @@ from typing import Annotated, Literal
 from pydantic import AnyUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from worker.models import LipsyncModel
+from worker.names import Dialect, LipsyncModel
 
 ENV_PREFIX = "LIPSYNC_"
-
-Dialect = Literal["autocontentengine", "vidsheet"]
 
 
 class Settings(BaseSettings):
@@ -53,9 +51,7 @@ class Settings(BaseSettings):
     gen_api_key: SecretStr | None = None
     #: GEN agent whose sheets the jobs run on (``agent_id`` query parameter).
     gen_agent_id: str | None = None
-    #: ``autocontentengine``: ``/v1/autocontentengine`` with ``model``/``video_resource_id``/
-    #: ``audio_resource_id`` (GEN's older documented body). ``vidsheet``: ``/v1/vidsheet`` with
-    #: ``talking_avatar_video_data`` URLs and ``lip_sync_model`` (GEN's newer body).
+    #: Which of GEN's two documented request bodies to send (see worker.names.Dialect).
     gen_dialect: Dialect = "autocontentengine"
     gen_connect_timeout: float = Field(default=5.0, gt=0)
     gen_read_timeout: float = Field(default=30.0, gt=0)

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import redis
 
+from gensim import Fault
 from tests.conftest import API_KEY, WEBHOOK_SECRET, Cluster, wait_for
 from tests.webhook_receiver import WebhookReceiver
 from worker.enqueue import enqueue, job_status
 from worker.errors import LipsyncJobFailed, RequestInvalid
-from worker.jobstore import JobStore
-from worker.simulator import Fault
+from worker.jobs.records import JobStore
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import API_KEY, REPO, Cluster, wait_for
-from worker.embedded_redis import free_port
+from worker.dev.embedded_redis import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ import pytest
 import redis
 import requests
 
+from gensim import Fault
 from tests.conftest import REPO, Cluster, wait_for
 from tests.harness import Run
-from worker.simulator import Fault
 
 pytestmark = pytest.mark.integration
 

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gensim import Fault
 from tests.conftest import WEBHOOK_SECRET, Cluster, wait_for
 from tests.harness import make_request
 from tests.webhook_receiver import WebhookReceiver
 from worker.errors import LipsyncJobFailed
-from worker.models import LipsyncRequest
-from worker.simulator import Fault
+from worker.jobs.models import LipsyncRequest
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The metrics server as deployed: ``python -m worker.metrics`` in its own process, scraped over HTTP."""
+"""The metrics server as deployed: ``python -m worker.ops.metrics`` in its own process, scraped over HTTP."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, wait_for
-from worker.embedded_redis import EmbeddedRedis, free_port
-from worker.jobstore import ACTIVE_KEY, KEY_PREFIX
-from worker.metrics import record_callback, record_gen_call, record_job_finished
-from worker.outbox import DEAD_LETTER_KEY
+from worker.dev.embedded_redis import EmbeddedRedis, free_port
+from worker.names import ACTIVE_JOBS_KEY, DEAD_LETTERS_KEY, JOB_KEY_PREFIX
+from worker.ops.metrics import record_callback, record_gen_call, record_job_finished
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +60,7 @@ def metrics_server(tmp_path: Path) -> Iterator[MetricsServer]:
     base_url = redis_server.url.rsplit("/", 1)[0]
     log_path = tmp_path / "metrics.log"
     # Records and broker in different databases, as the test cluster (and some deployments) run them.
-    command = [sys.executable, "-m", "worker.metrics", "--redis-url", f"{base_url}/2"]
+    command = [sys.executable, "-m", "worker.ops.metrics", "--redis-url", f"{base_url}/2"]
     command += ["--broker-url", f"{base_url}/0", "--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     with log_path.open("wb") as log:
@@ -92,9 +91,9 @@ def test_scrape_shows_what_the_fleet_recorded(metrics_server: MetricsServer) -> 
     record_gen_call(records, endpoint="status", status=None, seconds=5.0)
     record_job_finished(records, model="gen", status="completed", seconds=42.0)
     record_callback(records, kind="webhook", outcome="delivered")
-    records.hset(KEY_PREFIX + "j1", mapping={"created_at": "1.0", "state": "polling"})
-    records.zadd(ACTIVE_KEY, {"j1": time.time() - 5})
-    records.rpush(DEAD_LETTER_KEY, "{}")
+    records.hset(JOB_KEY_PREFIX + "j1", mapping={"created_at": "1.0", "state": "polling"})
+    records.zadd(ACTIVE_JOBS_KEY, {"j1": time.time() - 5})
+    records.rpush(DEAD_LETTERS_KEY, "{}")
     broker.lpush("lipsync.fetch", "m1")
     broker.lpush("lipsync.fetch\x06\x166", "m2")
 

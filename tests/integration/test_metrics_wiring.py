@@ -11,12 +11,12 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from gensim import Fault
 from tests.conftest import API_KEY, REPO, Cluster, wait_for
 from tests.harness import make_request
-from worker.embedded_redis import free_port
+from worker.dev.embedded_redis import free_port
 from worker.enqueue import enqueue
 from worker.errors import LipsyncJobFailed
-from worker.simulator import Fault
 
 pytestmark = pytest.mark.integration
 

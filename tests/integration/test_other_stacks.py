@@ -85,7 +85,7 @@ def test_raw_redis_example_enqueues_a_job_that_completes(
 
 
 def test_example_request_file_is_a_valid_request() -> None:
-    from worker.models import LipsyncRequest
+    from worker.jobs.models import LipsyncRequest
 
     LipsyncRequest.parse(json.loads((EXAMPLES / "request.json").read_text()))
 

@@ -64,7 +64,7 @@ def test_output_is_uploaded_to_the_bucket(
     assert body == served
     assert hashlib.sha256(body).hexdigest() == output["sha256"]
     assert obj["ContentType"] == output["content_type"] == "video/mp4"
-    if "sha256" in obj["Metadata"]:  # once worker.steps.fetch passes sha256= to publish
+    if "sha256" in obj["Metadata"]:  # once worker.jobs.steps.fetch passes sha256= to publish
         assert obj["Metadata"]["sha256"] == output["sha256"]
     staging = s3_cluster.storage / ".partial"
     assert not list(staging.glob("*")), "no temp file left in the staging dir"

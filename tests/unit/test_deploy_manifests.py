@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from worker.app import ALL_QUEUES, QUEUE_FETCH, QUEUE_JOBS
+from worker.names import ALL_QUEUES, QUEUE_FETCH, QUEUE_JOBS
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from pydantic import AnyUrl
 
-from worker.schemas import PUBLISHED, schema_of
+from worker.jobs.schemas import PUBLISHED, schema_of
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

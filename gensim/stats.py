@@ -1,0 +1,99 @@
+"""What the simulator saw and did, kept exact so tests can assert on it.
+
+Two kinds of facts: the request log (every request except the /_sim admin API, faulted or not,
+recorded just before its response goes out so that a client which got an answer also finds it
+here), and the generation bookkeeping that :mod:`gensim.state` reports (creations,
+charges, stop requests). Thread-safe; :meth:`Stats.snapshot` returns plain JSON-able data.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from gensim.endpoints import ENDPOINT_KINDS
+
+#: Endpoint kinds that are always present in ``counts`` (zero until seen), so tests can index them.
+KNOWN_KINDS = (*ENDPOINT_KINDS, "unknown")
+
+#: The request log keeps the most recent entries only, so a long benchmark cannot exhaust memory.
+MAX_LOGGED_REQUESTS = 100_000
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
+        self._counts: dict[str, int] = dict.fromkeys(KNOWN_KINDS, 0)
+        self._unauthorized = 0
+        self._generations_created = 0
+        self._charges = 0
+        self._replays = 0
+        self._by_key: dict[str, list[int]] = {}
+        self._stops: list[int] = []
+
+    def reset(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def log_request(
+        self,
+        *,
+        method: str,
+        path: str,
+        endpoint: str,
+        status: int | None,
+        idempotency_key: str | None,
+        faulted: bool,
+    ) -> None:
+        entry = {
+            "t": time.time(),
+            "method": method,
+            "path": path,
+            "endpoint": endpoint,
+            "status": status,
+            "idempotency_key": idempotency_key,
+            "faulted": faulted,
+        }
+        with self._lock:
+            self._requests.append(entry)
+            self._counts[endpoint] = self._counts.get(endpoint, 0) + 1
+            if status == 401:
+                self._unauthorized += 1
+
+    def generation_created(self, generation_id: int, idempotency_key: str | None) -> None:
+        with self._lock:
+            self._generations_created += 1
+            self._charges += 1
+            if idempotency_key is not None:
+                self._by_key.setdefault(idempotency_key, []).append(generation_id)
+
+    def replayed(self) -> None:
+        with self._lock:
+            self._replays += 1
+
+    def charged(self) -> None:
+        with self._lock:
+            self._charges += 1
+
+    def stop_received(self, generation_id: int) -> None:
+        with self._lock:
+            self._stops.append(generation_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": [dict(r) for r in self._requests],
+                "counts": dict(self._counts),
+                "generations_created": self._generations_created,
+                "charges": self._charges,
+                "replays": self._replays,
+                "generations_by_key": {k: list(v) for k, v in self._by_key.items()},
+                "stops": list(self._stops),
+                "unauthorized": self._unauthorized,
+            }

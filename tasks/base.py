@@ -1,0 +1,43 @@
+"""What every lipsync task shares: its options, and what it does when our own Redis blinks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import Task
+
+from worker.errors import LipsyncJobFailed
+from worker.retry import Retry, RetryPolicy, decide
+
+log = logging.getLogger("lipsync.tasks")
+
+AnyTask = Task[Any, Any]
+
+STEP_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    # Our own bounds (deadline, retry policies) decide when to give up, not Celery's count.
+    "max_retries": None,
+    "acks_late": True,
+    # A failed job is an expected outcome: log it without a traceback.
+    "throws": (LipsyncJobFailed,),
+}
+
+#: Our own state store (job records, outbox) blinked: that ends nothing. Run the step again, a
+#: little later each time, for as long as it takes.
+REDIS_BLINK = RetryPolicy(limit=None, delays=tuple(2.0 * n for n in range(1, 16)))
+
+
+def retry_after_redis_error(task: AnyTask, exc: BaseException) -> None:
+    """If ``exc`` is a Redis error, re-run this task shortly (raises Celery's Retry); else return.
+
+    If the broker is down too, the publish fails and Celery drops this message; the job record
+    (written before the chain moved) lets the sweeper re-drive the job.
+    """
+    if not isinstance(exc, redis.RedisError):
+        return
+    verdict = decide(exc, retries=task.request.retries, policy=REDIS_BLINK)
+    assert isinstance(verdict, Retry)  # an unlimited policy never gives up
+    log.warning("Redis error in %s (%s); retrying the step", task.name, type(exc).__name__)
+    raise task.retry(countdown=verdict.delay, exc=exc) from None

@@ -1,0 +1,61 @@
+"""The task queue as Celery does it: :class:`worker.taskqueue.TaskQueue` over a Celery app."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Celery, chain
+from celery.canvas import Signature
+
+from worker.errors import LipsyncJobFailed
+from worker.names import queue_of
+
+
+class CeleryQueue:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send(
+        self,
+        task: str,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        queue: str | None = None,
+    ) -> None:
+        options: dict[str, Any] = {}
+        if task_id is not None:
+            options["task_id"] = task_id
+        if queue is not None:
+            options["queue"] = queue
+        self.app.send_task(task, args=list(args), kwargs=dict(kwargs or {}), **options)
+
+    def chain_of(
+        self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None
+    ) -> Signature[Any]:
+        """The chain as a Celery signature: ``lipsync.run`` replaces itself with it, the sweeper
+        sends it. Each step names its queue, so routing does not depend on the sending app's
+        ``task_routes``."""
+        steps = [self.app.signature(name, queue=queue_of(name)) for name in tasks]
+        if last_task_id is not None:
+            steps[-1].set(task_id=last_task_id)
+        first, *rest = steps
+        job_id = job.get("request", {}).get("job_id")
+        # A short argsrepr keeps callback URLs and metadata out of monitoring.
+        first = first.clone(args=(job,))
+        first.options["argsrepr"] = f"(job={job_id})"
+        return chain(first, *rest)
+
+    def send_chain(self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None) -> None:
+        self.chain_of(tasks, job, last_task_id=last_task_id).apply_async()
+
+    def resolve(self, task_id: str, outcome: dict[str, Any]) -> None:
+        if outcome.get("status") == "completed":
+            self.app.backend.store_result(task_id, outcome, "SUCCESS")
+        else:
+            self.app.backend.store_result(task_id, LipsyncJobFailed(outcome), "FAILURE")
+
+    def revoke(self, task_ids: Sequence[str]) -> None:
+        self.app.control.revoke(list(task_ids))

@@ -1,0 +1,205 @@
+"""The JSON contract of a job: what callers send, what travels between tasks, what callers get back.
+
+Every model here is pydantic, serialised to plain JSON on the broker, and published as JSON Schema
+(``lipsync-worker schema``), so producers and consumers in any language can use it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from worker.callbacks.models import Callback, StageEvent
+from worker.errors import RequestInvalid, describe_validation_error
+from worker.gen.models import GenId, OutputResource, coerce_id
+from worker.jobs.errors import FailureStatus
+from worker.names import LipsyncModel
+
+#: Version of the result/failure/event payloads; bumped on any incompatible change.
+SCHEMA_VERSION = 1
+
+#: A caller's job id. It becomes part of GEN's Idempotency-Key, a Redis key and a file name, so it
+#: is restricted to characters that are safe in all three (the same set sync.so allows for keys).
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
+
+
+class LipsyncRequest(BaseModel):
+    """One lipsync job, as another service hands it to us (``lipsync.run``'s ``request``)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    #: The caller's id for this job; generated when absent. Enqueuing the same id twice joins the job.
+    job_id: JobId = Field(default_factory=lambda: uuid.uuid4().hex)
+    sheet_id: GenId
+    cell_id: GenId
+    #: Present: the layer endpoint. Absent: the cell endpoint.
+    layer_id: GenId | None = None
+    video_resource_id: GenId
+    audio_resource_id: GenId
+    #: ``sync_so`` (higher quality, slower) or ``gen`` (faster). Absent: LIPSYNC_DEFAULT_MODEL.
+    model: LipsyncModel | None = None
+    callback: Callback | None = None
+    #: Passed through untouched into the result, the failure and every event.
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    _coerce_ids = field_validator(
+        "sheet_id", "cell_id", "layer_id", "video_resource_id", "audio_resource_id", mode="before"
+    )(classmethod(lambda cls, v: coerce_id(v)))
+
+    @classmethod
+    def parse(cls, data: Any) -> LipsyncRequest:
+        """Validate raw JSON, turning pydantic's error into a :class:`RequestInvalid` naming fields."""
+        if not isinstance(data, dict):
+            raise RequestInvalid([{"field": "request", "message": "must be a JSON object"}])
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RequestInvalid(describe_validation_error(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# What travels between the tasks of one job
+# --------------------------------------------------------------------------------------------
+
+
+class Job(BaseModel):
+    """The state of one job, handed from task to task along the chain as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: LipsyncRequest
+    #: The model actually used (the request's, or the configured default).
+    model: LipsyncModel
+    #: Celery id of the caller's ``lipsync.run`` task; progress states are reported under it.
+    task_id: str | None = None
+    #: Drive token: messages carrying an older token than the job record are stale and do nothing.
+    drive: int = 1
+    enqueued_at: float = Field(default_factory=time.time)
+    #: Wall-clock deadline (epoch seconds); past it the poll stops the generation and fails.
+    deadline_at: float
+    generation_id: str | None = None
+    submitted_at: float | None = None
+    gen_status: str | None = None
+    polls: int = 0
+    #: Unreadable GEN answers seen so far; capped so schema drift cannot poll forever.
+    bad_responses: int = 0
+    #: Transient errors retried in the current step (reset when a step succeeds).
+    step_retries: int = 0
+    generation_completed_at: float | None = None
+    output_resource: OutputResource | None = None
+    execution_cost: float | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.request.job_id
+
+
+# --------------------------------------------------------------------------------------------
+# What callers get back
+# --------------------------------------------------------------------------------------------
+
+
+class StoredOutput(BaseModel):
+    """Where the lip-synced video is now, and what GEN said about it."""
+
+    #: Local path, for the local storage backend.
+    path: str | None = None
+    #: Where the video is, as a URI (``file://...`` or ``s3://bucket/key``).
+    uri: str
+    size_bytes: int
+    sha256: str
+    content_type: str
+    #: GEN's CDN URL of the output.
+    url: str
+    thumbnail_url: str | None = None
+    #: GEN's content resource id of the output.
+    id: str | None = None
+
+
+class Timings(BaseModel):
+    """Epoch-second timestamps of each stage, and the durations that matter."""
+
+    enqueued_at: float
+    submitted_at: float | None = None
+    generation_completed_at: float | None = None
+    finished_at: float
+    #: From enqueue to the end (result or failure).
+    total_seconds: float
+    #: From GEN accepting the generation to GEN reporting completion.
+    generation_seconds: float | None = None
+    #: Downloading and storing the output.
+    fetch_seconds: float | None = None
+
+    @classmethod
+    def of(cls, job: Job | None, finished: float, *, fetch_seconds: float | None = None) -> Timings:
+        """The timings of ``job`` (None: a request that never became a job) ending at ``finished``."""
+        enqueued = job.enqueued_at if job else finished
+        generation_seconds = None
+        if job and job.submitted_at and job.generation_completed_at:
+            generation_seconds = job.generation_completed_at - job.submitted_at
+        return cls(
+            enqueued_at=enqueued,
+            submitted_at=job.submitted_at if job else None,
+            generation_completed_at=job.generation_completed_at if job else None,
+            finished_at=finished,
+            total_seconds=max(0.0, finished - enqueued),
+            generation_seconds=generation_seconds,
+            fetch_seconds=fetch_seconds,
+        )
+
+
+class LipsyncResult(BaseModel):
+    """The outcome of a completed job: ``lipsync.run``'s result and the success callback's payload."""
+
+    schema_version: int = SCHEMA_VERSION
+    type: Literal["lipsync.result"] = "lipsync.result"
+    job_id: str
+    generation_id: str
+    status: Literal["completed"] = "completed"
+    model: LipsyncModel
+    output: StoredOutput
+    execution_cost: float | None = None
+    polls: int
+    timings: Timings
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class LipsyncFailure(BaseModel):
+    """The outcome of a job that ended without a video: the failure callback's payload."""
+
+    schema_version: int = SCHEMA_VERSION
+    type: Literal["lipsync.failure"] = "lipsync.failure"
+    job_id: str
+    generation_id: str | None = None
+    #: ``failed`` (GEN failed it, or an error), ``stopped`` (stopped on GEN), ``timeout`` (deadline),
+    #: ``rejected`` (bad request, or GEN refused it), ``cancelled`` (cancelled through us).
+    status: FailureStatus
+    #: Machine-readable reason, e.g. ``generation_failed``, ``validation_error``, ``gen_not_found``.
+    error_code: str
+    #: Human-readable reason; for a failed generation this is GEN's ``failed_reason``.
+    message: str
+    #: Per-field problems, for ``validation_error``.
+    errors: list[dict[str, str]] | None = None
+    model: LipsyncModel | None = None
+    timings: Timings | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageEventPayload(BaseModel):
+    """A stage event sent to subscribers (``callback.events``)."""
+
+    schema_version: int = SCHEMA_VERSION
+    type: Literal["lipsync.event"] = "lipsync.event"
+    event: StageEvent
+    job_id: str
+    generation_id: str | None = None
+    at: float
+    #: Event-specific details: GEN's status and output URL, or the stored output.
+    data: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+Outcome = LipsyncResult | LipsyncFailure

@@ -1,0 +1,96 @@
+"""Ending a job exactly once, and telling the caller.
+
+The outcome is written to the job record with HSETNX: the first writer decides, later writers (a
+redelivered step, a second chain joined to the same job) read it back. Callbacks are dispatched
+until the record says they were; a crash between dispatch and that mark re-dispatches with the
+same message ids, which receivers dedupe on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from worker.callbacks.delivery import dispatch
+from worker.callbacks.models import Callback, StageEvent
+from worker.jobs.models import Job, LipsyncFailure, LipsyncResult, StageEventPayload
+from worker.jobs.resources import Resources
+from worker.ops import metrics
+from worker.ops.failpoints import failpoint
+from worker.taskqueue import TaskQueue
+
+log = logging.getLogger("lipsync.outcomes")
+
+
+def finish(
+    queue: TaskQueue,
+    res: Resources,
+    *,
+    job_id: str,
+    callback: Callback | None,
+    outcome: LipsyncResult | LipsyncFailure,
+) -> dict[str, Any]:
+    """Record the outcome (unless one is recorded) and deliver it. Returns the recorded outcome."""
+    payload = outcome.model_dump(mode="json")
+    # Until the callbacks are marked dispatched, the sweeper will re-dispatch them after the grace.
+    due = res.clock() + res.settings.recovery_grace
+    first, stored = res.jobs.finish(job_id, payload, state=payload["status"], overdue_at=due)
+    if first:
+        timings = payload.get("timings") or {}
+        metrics.record_job_finished(
+            res.redis,
+            model=payload.get("model") or "unknown",
+            status=payload["status"],
+            seconds=float(timings.get("total_seconds") or 0.0),
+        )
+    else:
+        log.info(
+            "job %s already ended as %s; not recording %s", job_id, stored.get("status"), payload["status"]
+        )
+    # Whoever recorded the outcome dispatches; a later writer only if that dispatch is unconfirmed.
+    if first or not _dispatched(res, job_id):
+        dispatch(
+            queue,
+            res.outbox,
+            callback,
+            stored,
+            job_id=job_id,
+            kind="outcome",
+            queued_recovery=res.settings.queued_recovery,
+        )
+        if callback is not None and callback.task:
+            metrics.record_callback(res.redis, kind="task", outcome="sent")
+        failpoint("finish.after_dispatch")
+        res.jobs.mark_callbacks_dispatched(job_id)
+    return stored
+
+
+def _dispatched(res: Resources, job_id: str) -> bool:
+    record = res.jobs.get(job_id)
+    return record is not None and record.callbacks_dispatched
+
+
+def emit_event(queue: TaskQueue, res: Resources, job: Job, event: StageEvent, data: dict[str, Any]) -> None:
+    """Send a stage event to subscribers, once per job and event."""
+    callback = job.request.callback
+    if callback is None or event not in callback.events:
+        return
+    if not res.jobs.mark_once(job.job_id, f"event:{event.value}"):
+        return
+    payload = StageEventPayload(
+        event=event,
+        job_id=job.job_id,
+        generation_id=job.generation_id,
+        at=res.clock(),
+        data=data,
+        metadata=job.request.metadata,
+    ).model_dump(mode="json")
+    dispatch(
+        queue,
+        res.outbox,
+        callback,
+        payload,
+        job_id=job.job_id,
+        kind=f"event.{event.value}",
+        queued_recovery=res.settings.queued_recovery,
+    )

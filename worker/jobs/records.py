@@ -1,0 +1,229 @@
+"""The durable job record: one Redis hash per job id, the source of truth about a job.
+
+Celery messages come and go (retries are new messages; a killed worker or a broker restart can lose
+some); the record says what has already happened to a job, so that no step is done twice against
+the paid API and no job is forgotten:
+
+* ``generation_id`` is written (HSETNX) the moment GEN accepts the job, before the chain moves on.
+  A re-run submit reads it and does not POST again.
+* ``outcome`` is written (HSETNX) once. Whoever writes it first decides the job's end; everyone
+  else reads it back.
+* ``drive`` is a token carried by every message of the job's chain. The sweeper bumps it when it
+  re-drives a job whose messages are overdue; a message carrying an older token is stale and does
+  nothing. So at most one chain drives a job at a time, however many messages resurface later.
+* ``overdue_at`` (also the score in the ``lipsync:jobs:active`` sorted set) is when the job should
+  have shown its next sign of life. The sweeper re-drives jobs past it (see :mod:`worker.jobs.sweeper`).
+
+Records live ``job_timeout + result_ttl`` seconds after their last update.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+
+from worker.names import ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, Stage
+
+
+class JobRecord(BaseModel):
+    """A job as the record knows it (``lipsync-worker status JOB_ID`` prints this)."""
+
+    job_id: str
+    state: str
+    task_id: str | None = None
+    model: str | None = None
+    generation_id: str | None = None
+    gen_status: str | None = None
+    polls: int = 0
+    drive: int = 1
+    redrives: int = 0
+    next_poll_at: float | None = None
+    overdue_at: float | None = None
+    created_at: float
+    updated_at: float
+    last_error: str | None = None
+    cancel_requested: bool = False
+    #: Celery id of the message that carries the job now (revoked on cancel).
+    step_task_id: str | None = None
+    #: The latest job state as carried by the chain (what the sweeper re-drives from).
+    job: dict[str, Any] | None = None
+    outcome: dict[str, Any] | None = None
+    callbacks_dispatched: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.outcome is not None
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, *, ttl: int) -> None:
+        self.redis = client
+        self.ttl = ttl
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return JOB_KEY_PREFIX + job_id
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw: dict[bytes, bytes] = self.redis.hgetall(self.key(job_id))  # type: ignore[assignment]
+        if not raw or b"created_at" not in raw:
+            return None
+        # Empty strings mean "cleared" (a hash cannot hold None).
+        fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items() if v != b""}
+        for name in ("outcome", "job"):
+            if name in fields:
+                fields[name] = json.loads(fields[name])
+        fields.setdefault("job_id", job_id)
+        fields.setdefault("state", Stage.QUEUED.value)
+        fields.setdefault("updated_at", fields["created_at"])
+        fields["callbacks_dispatched"] = fields.get("callbacks_dispatched") == "1"
+        fields["cancel_requested"] = fields.get("cancel_requested") == "1"
+        return JobRecord.model_validate(fields)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.redis.hget(self.key(job_id), "cancel_requested") == b"1"
+
+    def overdue(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of jobs whose ``overdue_at`` has passed."""
+        raw = self.redis.zrangebyscore(ACTIVE_JOBS_KEY, "-inf", now, start=0, num=limit)
+        return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
+
+    def active_count(self) -> int:
+        return int(self.redis.zcard(ACTIVE_JOBS_KEY))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def claim(
+        self, job_id: str, *, task_id: str, model: str, job: dict[str, Any] | None, overdue_at: float
+    ) -> tuple[bool, JobRecord]:
+        """Create the record unless it exists. Returns (created, record)."""
+        key = self.key(job_id)
+        created = bool(self.redis.hsetnx(key, "created_at", repr(time.time())))
+        if created:
+            self.update(
+                job_id,
+                state=Stage.QUEUED,
+                task_id=task_id,
+                model=model,
+                job_id=job_id,
+                drive=1,
+                job=job,
+                overdue_at=overdue_at,
+            )
+        record = self.get(job_id)
+        assert record is not None
+        return created, record
+
+    def update(
+        self,
+        job_id: str,
+        /,
+        *,
+        job: dict[str, Any] | None = None,
+        overdue_at: float | None = None,
+        **fields: Any,
+    ) -> None:
+        """Write fields; ``job`` stores the chain's state, ``overdue_at`` reschedules the sweeper."""
+        key = self.key(job_id)
+        mapping: dict[Any, Any] = {
+            name: "" if value is None else str(value) for name, value in fields.items()
+        }
+        if job is not None:
+            mapping["job"] = json.dumps(job)
+        if overdue_at is not None:
+            mapping["overdue_at"] = repr(overdue_at)
+        mapping["updated_at"] = repr(time.time())
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, self.ttl)
+        if overdue_at is not None:
+            pipe.zadd(ACTIVE_JOBS_KEY, {key.removeprefix(JOB_KEY_PREFIX): overdue_at})
+        pipe.execute()
+
+    def set_generation(self, job_id: str, generation_id: str) -> str:
+        """Record GEN's generation id; if one is already recorded, that one wins and is returned."""
+        key = self.key(job_id)
+        if not self.redis.hsetnx(key, "generation_id", generation_id):
+            existing = self.redis.hget(key, "generation_id")
+            assert existing is not None
+            return existing.decode() if isinstance(existing, bytes) else str(existing)
+        return generation_id
+
+    def finish(
+        self, job_id: str, outcome: dict[str, Any], *, state: str, overdue_at: float
+    ) -> tuple[bool, dict[str, Any]]:
+        """Record the job's outcome once. Returns (this call decided it, the recorded outcome).
+
+        The job stays in the active set, due at ``overdue_at``, until its callbacks are marked
+        dispatched: a crash between the two leaves it for the sweeper to re-dispatch.
+        """
+        key = self.key(job_id)
+        first = bool(self.redis.hsetnx(key, "outcome", json.dumps(outcome)))
+        if first:
+            self.update(job_id, state=state, next_poll_at=None, overdue_at=overdue_at)
+            return True, outcome
+        stored = self.redis.hget(key, "outcome")
+        assert stored is not None
+        return False, json.loads(stored)
+
+    def mark_callbacks_dispatched(self, job_id: str) -> None:
+        self.update(job_id, callbacks_dispatched="1")
+        self.redis.zrem(ACTIVE_JOBS_KEY, job_id)
+
+    def mark_once(self, job_id: str, flag: str) -> bool:
+        """Set a one-time flag on the job (e.g. an event sent); True for the caller that set it."""
+        return bool(self.redis.hsetnx(self.key(job_id), f"flag:{flag}", "1"))
+
+    def take_over(
+        self, job_id: str, *, now: float, overdue_at: float, force: bool = False
+    ) -> JobRecord | None:
+        """Atomically become the job's driver: bump ``drive`` if the job is (still) overdue.
+
+        Returns the updated record, or None when someone else got there first, the job finished
+        meanwhile, or (unless ``force``) it is no longer overdue. Two sweepers racing for one job
+        cannot both win: the check and the bump happen under WATCH.
+        """
+        key = self.key(job_id)
+        with self.redis.pipeline() as pipe:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                raw = pipe.hmget(key, ["overdue_at", "outcome", "created_at"])
+                overdue_raw, outcome, created = raw
+                if created is None or outcome is not None:
+                    return None
+                if not force and (overdue_raw is None or float(overdue_raw) > now):
+                    return None
+                pipe.multi()
+                pipe.hincrby(key, "drive", 1)
+                pipe.hincrby(key, "redrives", 1)
+                pipe.hset(key, mapping={"overdue_at": repr(overdue_at), "updated_at": repr(now)})
+                pipe.zadd(ACTIVE_JOBS_KEY, {job_id: overdue_at})
+                pipe.execute()
+            except redis.WatchError:
+                return None
+        return self.get(job_id)
+
+    def request_cancel(self, job_id: str) -> JobRecord | None:
+        """Flag the job cancelled and invalidate every message of its current chain."""
+        key = self.key(job_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={"cancel_requested": "1", "updated_at": repr(time.time())})
+        pipe.hincrby(key, "drive", 1)
+        pipe.execute()
+        return self.get(job_id)
+
+    def forget(self, job_id: str) -> None:
+        """Remove a job entirely (an enqueue that failed before anything was sent)."""
+        pipe = self.redis.pipeline()
+        pipe.delete(self.key(job_id))
+        pipe.zrem(ACTIVE_JOBS_KEY, job_id)
+        pipe.execute()
+
+    def forget_active(self, job_id: str) -> None:
+        self.redis.zrem(ACTIVE_JOBS_KEY, job_id)

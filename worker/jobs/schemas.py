@@ -1,0 +1,44 @@
+"""JSON Schemas of the public payloads, for producers and consumers in any language.
+
+``lipsync-worker schema --out docs/schemas`` writes them; a test checks the committed copies match.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from worker.jobs.models import LipsyncFailure, LipsyncRequest, LipsyncResult, StageEventPayload
+
+PUBLISHED: dict[str, type[BaseModel]] = {
+    "lipsync-request": LipsyncRequest,
+    "lipsync-result": LipsyncResult,
+    "lipsync-failure": LipsyncFailure,
+    "lipsync-event": StageEventPayload,
+}
+
+
+def schema_of(name: str) -> dict[str, Any]:
+    model = PUBLISHED[name]
+    # The request is what callers write ("validation" mode: defaults are optional); the others are
+    # what we write ("serialization" mode: every field is present).
+    mode: Literal["validation", "serialization"] = (
+        "validation" if model is LipsyncRequest else "serialization"
+    )
+    schema = model.model_json_schema(mode=mode)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://lipsync-worker.dev/schemas/{name}.json"
+    return schema
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in PUBLISHED:
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(schema_of(name), indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written

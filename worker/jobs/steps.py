@@ -1,0 +1,441 @@
+"""What each step of a job does, without Celery: create, submit, poll and fetch.
+
+The tasks in :mod:`tasks.lipsync` only translate the answers into Celery terms. A step either
+returns the updated :class:`Job` (move on), returns :class:`Again` (run me again in ``countdown``
+seconds with this job), or raises. What it raises decides the job's failure
+(:func:`worker.jobs.failures.failure_for`). Whether an error is worth another attempt, and when, is
+:func:`worker.retry.decide`'s call, never a step's own.
+
+Every step reads the time from ``res.clock`` and records in the job record when its next sign of
+life is due (:func:`expect_next`), which is what the sweeper re-drives by.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from worker.errors import LipsyncError
+from worker.gen.client import idempotency_key_for
+from worker.gen.errors import GenAPIError, GenBadResponse, GenNotStoppable
+from worker.gen.models import Generation, GenerationStatus
+from worker.jobs.backoff import clamp_to_deadline, poll_delay
+from worker.jobs.errors import (
+    BadUpstream,
+    GenerationFailed,
+    GenerationStopped,
+    JobError,
+    JobTimeout,
+    UnknownGenerationStatus,
+    UpstreamUnavailable,
+)
+from worker.jobs.models import Job, LipsyncRequest, LipsyncResult, StoredOutput, Timings
+from worker.jobs.ratelimit import Budget
+from worker.jobs.records import JobRecord
+from worker.jobs.resources import Resources
+from worker.names import TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
+from worker.ops.failpoints import failpoint
+from worker.output.download import download
+from worker.output.errors import OutputError, OutputInvalid
+from worker.retry import GiveUp, RetryPolicy, decide
+from worker.settings import Settings
+
+log = logging.getLogger("lipsync.steps")
+
+
+@dataclass(frozen=True)
+class Again:
+    """Run the same step again after ``countdown`` seconds, with ``job`` as its argument."""
+
+    job: Job
+    countdown: float
+    reason: str
+
+
+class NothingToDo(LipsyncError):
+    """This message has nothing left to do: its job ended, or a newer message drives it (the sweeper
+    re-drove the job, or it was cancelled). The task drops the message quietly."""
+
+
+# --------------------------------------------------------------------------------------------
+# retry policies (the decision itself is worker.retry.decide)
+# --------------------------------------------------------------------------------------------
+
+
+def transient_policy(s: Settings) -> RetryPolicy:
+    """Submit and fetch: a bounded number of retries, then ``gen_unavailable``."""
+    return RetryPolicy(limit=s.max_transient_retries, cap=s.retry_max_delay)
+
+
+def poll_policy(s: Settings) -> RetryPolicy:
+    """While polling, transient errors are bounded by the job's deadline, not by a count: GEN being
+    down for ten minutes should not lose a generation that is still running there."""
+    return RetryPolicy(limit=None, cap=s.retry_max_delay)
+
+
+def bad_body_policy(s: Settings) -> RetryPolicy:
+    """Unreadable answers while polling: a proxy hiccup heals, a changed schema does not."""
+    return RetryPolicy(limit=s.max_bad_responses, cap=s.retry_max_delay)
+
+
+# --------------------------------------------------------------------------------------------
+# create
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """What :func:`create` found: the job, and whether this call created its record."""
+
+    job: Job
+    created: bool
+    record: JobRecord
+
+
+def create(request: LipsyncRequest | Any, *, task_id: str, res: Resources) -> Started:
+    """The one way a job comes to exist: validate the request and open its job record, or find the
+    record of an earlier enqueue of the same job id. Used by the Python helper (before it sends the
+    message) and by ``lipsync.run`` (for producers that send the message by hand).
+
+    Raises:
+        RequestInvalid: the request is not valid; nothing was recorded.
+    """
+    if not isinstance(request, LipsyncRequest):
+        request = LipsyncRequest.parse(request)
+    model = request.model or res.settings.default_model
+    now = res.clock()
+    job = Job(
+        request=request,
+        model=model,
+        task_id=task_id,
+        enqueued_at=now,
+        deadline_at=now + res.settings.job_timeout,
+    )
+    created, record = res.jobs.claim(
+        request.job_id,
+        task_id=task_id,
+        model=model,
+        job=job.model_dump(mode="json"),
+        overdue_at=now + res.settings.queued_recovery,
+    )
+    if not created and record.job is not None:
+        # A redelivered or duplicate run carries on with the job as recorded (same deadline,
+        # same caller task id, same drive token).
+        job = Job.model_validate(record.job)
+    return Started(job, created, record)
+
+
+def guard(job: Job, res: Resources, *, final: bool = False) -> JobRecord | None:
+    """Read the job record before a step runs; raise :class:`NothingToDo` if the job ended or this
+    message is stale. The final step of a job that already ended gets the record back, to hand its
+    outcome to the caller."""
+    record = res.jobs.get(job.job_id)
+    if record is None:
+        return None
+    if record.outcome is not None:
+        if final:
+            return record
+        raise NothingToDo(f"job {job.job_id} already ended")
+    if record.drive != job.drive:
+        log.info(
+            "job %s: stale message (drive %d, current %d); dropping it", job.job_id, job.drive, record.drive
+        )
+        raise NothingToDo(f"job {job.job_id}: stale message")
+    return record
+
+
+#: Celery id of the task running the current step (set by tasks.lipsync), recorded so a
+#: cancellation can revoke it.
+CURRENT_TASK_ID: ContextVar[str | None] = ContextVar("lipsync_current_task_id", default=None)
+
+
+def expect_next(job: Job, res: Resources, *, within: float, **fields: Any) -> None:
+    """Record the job's state and when its next sign of life is due (plus the recovery grace)."""
+    res.jobs.update(
+        job.job_id,
+        job=job.model_dump(mode="json"),
+        overdue_at=res.clock() + within + res.settings.recovery_grace,
+        step_task_id=CURRENT_TASK_ID.get(),
+        **fields,
+    )
+
+
+def remaining_steps(job: Job) -> tuple[str, ...]:
+    """The chain that takes ``job`` on from where it is: submit, poll or fetch (see worker.names)."""
+    if job.output_resource is not None:
+        return (TASK_FETCH,)
+    if job.generation_id:
+        return (TASK_POLL, TASK_FETCH)
+    return (TASK_SUBMIT, TASK_POLL, TASK_FETCH)
+
+
+# --------------------------------------------------------------------------------------------
+# submit
+# --------------------------------------------------------------------------------------------
+
+
+def submit(job: Job, res: Resources, *, record: JobRecord | None) -> Job | Again:
+    """Start the generation on GEN, once per job.
+
+    ``record`` is the job record as the task just read it. If it holds a generation id (a
+    redelivered or duplicate submit), nothing is sent. Otherwise generate is called with an
+    Idempotency-Key derived from the job id, so even a retry after an ambiguous failure (timeout
+    after GEN accepted) returns the same generation instead of paying for a second one.
+    """
+    if record is not None and record.generation_id:
+        return _submitted(job, record.generation_id, status=record.gen_status, res=res)
+    if res.clock() >= job.deadline_at:
+        raise JobTimeout("the deadline passed before GEN accepted the generation")
+    s = res.settings
+    throttled = _throttle(job, res, "generate")
+    if throttled is not None:
+        return throttled
+    expect_next(job, res, within=s.gen_connect_timeout + s.gen_read_timeout, state=Stage.SUBMITTING)
+    request = job.request
+    try:
+        accepted = res.gen.generate_lipsync(
+            sheet_id=request.sheet_id,
+            cell_id=request.cell_id,
+            layer_id=request.layer_id,
+            model=job.model,
+            video_resource_id=request.video_resource_id,
+            audio_resource_id=request.audio_resource_id,
+            idempotency_key=idempotency_key_for(job.job_id),
+        )
+    except GenAPIError as exc:
+        return _again_or_raise(job, exc, res, transient_policy(s))
+    failpoint("submit.after_generate")
+    generation_id = res.jobs.set_generation(job.job_id, accepted.generation_id)
+    if res.jobs.cancel_requested(job.job_id):
+        # Cancelled while GEN was accepting: do not leave a paid generation running.
+        with contextlib.suppress(GenAPIError):
+            res.gen.stop_generation(generation_id)
+    return _submitted(job, generation_id, status=accepted.status, res=res)
+
+
+def _submitted(job: Job, generation_id: str, *, status: str | None, res: Resources) -> Job:
+    updated = job.model_copy(
+        update={
+            "generation_id": generation_id,
+            "submitted_at": job.submitted_at or res.clock(),
+            "gen_status": status,
+            "step_retries": 0,
+        }
+    )
+    # The first poll now waits in the queue, where a backlog is normal.
+    expect_next(updated, res, within=res.settings.queued_recovery, state=Stage.POLLING, gen_status=status)
+    return updated
+
+
+def _throttle(job: Job, res: Resources, budget: Budget) -> Again | None:
+    """Ask the fleet-wide limiter; when over budget, come back when the window has room.
+
+    Waiting for the limiter is not an error: it does not count as a retry.
+    """
+    wait = res.limiter.acquire(budget)
+    if wait <= 0:
+        return None
+    # A little spread, so the processes that were refused do not all return at the same instant.
+    countdown = wait + random.uniform(0, min(1.0, wait))
+    expect_next(job, res, within=countdown)
+    return Again(job, countdown, f"fleet {budget} rate limit")
+
+
+def _again_or_raise(
+    job: Job,
+    exc: GenAPIError | OutputError,
+    res: Resources,
+    policy: RetryPolicy,
+    *,
+    retries: int | None = None,
+    until_deadline: bool = False,
+    exhausted: type[JobError] = UpstreamUnavailable,
+) -> Again:
+    """Come back after a retryable error when :func:`worker.retry.decide` says so; else raise.
+
+    ``retries``: what the policy counts (the step's transient retries unless given).
+    ``until_deadline``: never wait past the job's deadline (polls: the next run must notice it).
+    ``exhausted``: the job's failure when the policy's retries are spent.
+    """
+    counted = job.step_retries if retries is None else retries
+    verdict = decide(exc, retries=counted, policy=policy)
+    if isinstance(verdict, GiveUp):
+        if not verdict.exhausted:
+            raise exc
+        raise exhausted(
+            _gave_up_message(exhausted, counted + 1, exc), generation_id=job.generation_id
+        ) from exc
+    updated = job.model_copy(update={"step_retries": job.step_retries + 1})
+    countdown = verdict.delay
+    if until_deadline:
+        countdown = clamp_to_deadline(countdown, now=res.clock(), deadline=job.deadline_at)
+    expect_next(updated, res, within=countdown, last_error=str(exc))
+    return Again(updated, countdown, str(exc))
+
+
+def _gave_up_message(exhausted: type[JobError], attempts: int, exc: Exception) -> str:
+    if exhausted is BadUpstream:
+        return f"GEN answered {attempts} times with unreadable bodies: {exc}"
+    return f"gave up after {attempts} attempts: {exc}"
+
+
+# --------------------------------------------------------------------------------------------
+# poll
+# --------------------------------------------------------------------------------------------
+
+
+def poll(job: Job, res: Resources) -> Job | Again:
+    """Read the generation's status once; move on when it completed, come back later if not.
+
+    Raises:
+        GenerationFailed, GenerationStopped, UnknownGenerationStatus, JobTimeout, BadUpstream, and
+        non-retryable GenAPIErrors (e.g. 404 for the generation).
+    """
+    assert job.generation_id is not None, "poll needs a submitted job"
+    if res.clock() >= job.deadline_at:
+        return _deadline_passed(job, res)
+    throttled = _throttle(job, res, "status")
+    if throttled is not None:
+        return throttled
+    try:
+        generation = res.gen.get_generation(job.generation_id)
+    except GenBadResponse as exc:
+        counted = job.model_copy(update={"bad_responses": job.bad_responses + 1})
+        policy = bad_body_policy(res.settings)
+        return _again_or_raise(
+            counted, exc, res, policy, retries=job.bad_responses, until_deadline=True, exhausted=BadUpstream
+        )
+    except GenAPIError as exc:
+        return _again_or_raise(job, exc, res, poll_policy(res.settings), until_deadline=True)
+    return _classify(job.model_copy(update={"polls": job.polls + 1, "step_retries": 0}), generation, res)
+
+
+def _classify(job: Job, generation: Generation, res: Resources) -> Job | Again:
+    status = generation.status
+    if status == GenerationStatus.COMPLETED:
+        done = _completed(job, generation, res)
+        # The fetch now waits in its queue.
+        expect_next(done, res, within=res.settings.queued_recovery, gen_status=status, polls=job.polls)
+        return done
+    if status == GenerationStatus.FAILED:
+        reason = generation.failed_reason or "GEN reported the generation as failed without a reason"
+        raise GenerationFailed(reason, generation_id=job.generation_id)
+    if status == GenerationStatus.STOPPED:
+        raise GenerationStopped("the generation was stopped on GEN", generation_id=job.generation_id)
+    if status in (GenerationStatus.PENDING, GenerationStatus.PROCESSING):
+        return _wait(job.model_copy(update={"gen_status": status}), res)
+    res.jobs.update(job.job_id, gen_status=status, polls=job.polls)
+    raise UnknownGenerationStatus(
+        f"GEN reported an unknown generation status {status[:50]!r}", generation_id=job.generation_id
+    )
+
+
+def _wait(job: Job, res: Resources) -> Again:
+    """GEN is still working: poll again on the schedule (capped geometric backoff with jitter)."""
+    s = res.settings
+    delay = poll_delay(
+        job.polls - 1,
+        initial=s.poll_initial_delay,
+        factor=s.poll_backoff_factor,
+        cap=s.poll_max_delay,
+        jitter=s.poll_jitter,
+    )
+    now = res.clock()
+    countdown = clamp_to_deadline(delay, now=now, deadline=job.deadline_at)
+    expect_next(
+        job,
+        res,
+        within=countdown,
+        gen_status=job.gen_status,
+        polls=job.polls,
+        next_poll_at=repr(now + countdown),
+        last_error=None,
+    )
+    return Again(job, countdown, f"GEN status {job.gen_status}")
+
+
+def _completed(job: Job, generation: Generation, res: Resources) -> Job:
+    videos = [r for r in generation.output_resources if (r.object_type or "video").lower() == "video"]
+    if not videos:
+        raise OutputInvalid("GEN reported completed but listed no output video")
+    return job.model_copy(
+        update={
+            "gen_status": GenerationStatus.COMPLETED.value,
+            "generation_completed_at": res.clock(),
+            "output_resource": videos[0],
+            "execution_cost": generation.execution_cost,
+        }
+    )
+
+
+def _deadline_passed(job: Job, res: Resources) -> Job | Again:
+    """Stop the generation on GEN (refunding its credits) and fail with ``timeout``.
+
+    If GEN refuses the stop because the generation just reached a terminal state, that state wins:
+    a video that completed at the last second is still delivered.
+    """
+    assert job.generation_id is not None
+    try:
+        res.gen.stop_generation(job.generation_id)
+    except GenNotStoppable:
+        generation = res.gen.get_generation(job.generation_id)
+        if generation.status == GenerationStatus.COMPLETED:
+            return _completed(job, generation, res)
+    except GenAPIError as exc:
+        log.warning("job %s: could not stop generation %s: %s", job.job_id, job.generation_id, exc)
+    last = job.gen_status or "unknown"
+    raise JobTimeout(
+        f"GEN did not finish within {res.settings.job_timeout:.0f} s (last status: {last});"
+        " the generation was stopped",
+        generation_id=job.generation_id,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# fetch
+# --------------------------------------------------------------------------------------------
+
+
+def fetch(job: Job, res: Resources) -> LipsyncResult | Again:
+    """Download GEN's output into storage and build the result."""
+    resource = job.output_resource
+    assert resource is not None and job.generation_id is not None, "fetch needs a completed generation"
+    expect_next(job, res, within=res.settings.download_timeout, state=Stage.FETCHING)
+    started = res.clock()
+    try:
+        downloaded = download(
+            resource.url,
+            dest_dir=res.storage.staging_dir(),
+            limits=res.download_limits,
+            session=res.http,
+        )
+        published = res.storage.publish(
+            job.job_id, downloaded.path, content_type=downloaded.content_type, sha256=downloaded.sha256
+        )
+    except OutputError as exc:
+        # Download and upload failures alike (StorageError is retryable): fetch again from GEN.
+        return _again_or_raise(job, exc, res, transient_policy(res.settings))
+    finished = res.clock()
+    return LipsyncResult(
+        job_id=job.job_id,
+        generation_id=job.generation_id,
+        model=job.model,
+        output=StoredOutput(
+            path=published.path,
+            uri=published.uri,
+            size_bytes=downloaded.size_bytes,
+            sha256=downloaded.sha256,
+            content_type=downloaded.content_type,
+            url=resource.url,
+            thumbnail_url=resource.thumbnail_url,
+            id=resource.id,
+        ),
+        execution_cost=job.execution_cost,
+        polls=job.polls,
+        timings=Timings.of(job, finished, fetch_seconds=finished - started),
+        metadata=job.request.metadata,
+    )

@@ -1,0 +1,200 @@
+"""The sweeper: finds jobs that stopped moving and drives them again.
+
+Celery alone can lose a job's only message (a SIGKILLed worker holding a countdown poll, a retry
+published while the broker was down, a Redis restart) or bring it back only after the visibility
+timeout (an hour by default, checked every ~100 s). The job record knows when each job should next
+show a sign of life (``overdue_at``); every worker runs a sweeper thread, and one of them per round
+(a Redis lease) re-drives jobs that are past it:
+
+* it bumps the job's drive token under WATCH (so two sweepers never both take a job, and any old
+  message that resurfaces later is stale and does nothing), then
+* sends a fresh chain from the step the record says the job is at (submit, poll or fetch), whose
+  last task carries the caller's task id so the caller's AsyncResult still resolves.
+
+Finished jobs whose callbacks were not marked dispatched (a crash in between) get them re-sent,
+with the same message ids. Webhooks in the outbox (:mod:`worker.callbacks.outbox`) that are past due (their
+message was lost with a worker, or a broker restart) are sent again the same way: a new token, the
+same webhook id. A job re-driven ``LIPSYNC_MAX_REDRIVES`` times fails (``redrive_limit``)
+rather than crash-loop the fleet. Recovery time is bounded by ``LIPSYNC_RECOVERY_GRACE`` plus
+``LIPSYNC_SWEEP_INTERVAL``, not by Redis's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.callbacks.delivery import send_delivery
+from worker.callbacks.outbox import EXPIRED
+from worker.jobs.models import Job, LipsyncFailure, LipsyncResult
+from worker.jobs.outcomes import finish
+from worker.jobs.records import JobRecord
+from worker.jobs.resources import Resources, resources
+from worker.jobs.steps import remaining_steps
+from worker.names import SWEEPER_LEASE_KEY
+from worker.taskqueue import TaskQueue
+
+log = logging.getLogger("lipsync.sweeper")
+
+
+@dataclass
+class SweepReport:
+    redriven: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    resent_webhooks: list[str] = field(default_factory=list)
+    expired_webhooks: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def __bool__(self) -> bool:
+        """Whether the sweep did anything worth a log line."""
+        return bool(
+            self.redriven or self.redispatched or self.failed or self.resent_webhooks or self.expired_webhooks
+        )
+
+
+def sweep_once(queue: TaskQueue, res: Resources, *, now: float | None = None) -> SweepReport:
+    """One pass over the overdue jobs and the overdue webhooks."""
+    now = res.clock() if now is None else now
+    report = SweepReport()
+    for job_id in res.jobs.overdue(now):
+        record = res.jobs.get(job_id)
+        if record is None or record.job is None:
+            res.jobs.forget_active(job_id)
+            report.skipped += 1
+            continue
+        if record.outcome is not None:
+            _redispatch(queue, res, record, report)
+            continue
+        if record.cancel_requested:
+            # cancel() ends the job itself; a crash in the middle of it lands here.
+            report.skipped += 1
+            continue
+        if record.redrives >= res.settings.max_redrives:
+            _give_up(queue, res, record, report)
+            continue
+        taken = res.jobs.take_over(job_id, now=now, overdue_at=now + res.settings.queued_recovery)
+        if taken is None or taken.job is None:
+            report.skipped += 1
+            continue
+        job = Job.model_validate(taken.job).model_copy(
+            update={"drive": taken.drive, "step_retries": 0, "generation_id": taken.generation_id}
+        )
+        log.warning(
+            "job %s: no progress since %s (state %s); re-driving (drive %d)",
+            job_id,
+            _ago(record.overdue_at, now),
+            record.state,
+            taken.drive,
+        )
+        redrive(queue, job)
+        report.redriven.append(job_id)
+    _resend_overdue_webhooks(queue, res, now, report)
+    return report
+
+
+def _resend_overdue_webhooks(queue: TaskQueue, res: Resources, now: float, report: SweepReport) -> None:
+    for msg_id in res.outbox.overdue(now):
+        drive = res.outbox.take_over(msg_id, now=now, due_at=now + res.settings.queued_recovery)
+        if drive == EXPIRED:
+            log.error("webhook %s expired from the outbox before it was delivered", msg_id)
+            report.expired_webhooks.append(msg_id)
+            continue
+        if not drive:
+            report.skipped += 1
+            continue
+        log.warning("webhook %s: no sign of its delivery since it was due; sending it again", msg_id)
+        try:
+            send_delivery(queue, msg_id, drive)
+        except Exception:  # the broker refused: due again now, for the next round
+            log.exception("webhook %s: could not send it again; will retry next sweep", msg_id)
+            res.outbox.reschedule(msg_id, drive, due_at=now)
+            continue
+        report.resent_webhooks.append(msg_id)
+
+
+def redrive(queue: TaskQueue, job: Job) -> None:
+    """Send a fresh chain for ``job`` from the step it is at. Its last task takes the caller's task
+    id, so the caller's AsyncResult resolves when it ends."""
+    queue.send_chain(remaining_steps(job), job.model_dump(mode="json"), last_task_id=job.task_id)
+
+
+def _redispatch(queue: TaskQueue, res: Resources, record: JobRecord, report: SweepReport) -> None:
+    if record.callbacks_dispatched:
+        res.jobs.forget_active(record.job_id)
+        return
+    assert record.outcome is not None and record.job is not None
+    job = Job.model_validate(record.job)
+    log.warning("job %s: outcome recorded but callbacks not confirmed; re-dispatching", record.job_id)
+    stored = finish(
+        queue,
+        res,
+        job_id=record.job_id,
+        callback=job.request.callback,
+        outcome=_outcome_model(record.outcome),
+    )
+    # The chain's last task died before storing its result: resolve the caller's AsyncResult.
+    if job.task_id:
+        queue.resolve(job.task_id, stored)
+    report.redispatched.append(record.job_id)
+
+
+def _give_up(queue: TaskQueue, res: Resources, record: JobRecord, report: SweepReport) -> None:
+    assert record.job is not None
+    job = Job.model_validate(record.job)
+    failure = LipsyncFailure(
+        job_id=job.job_id,
+        generation_id=record.generation_id,
+        status="failed",
+        error_code="redrive_limit",
+        message=f"the job stopped making progress {record.redrives} times (workers dying on it?); giving up",
+        model=job.model,
+        metadata=job.request.metadata,
+    )
+    res.jobs.request_cancel(job.job_id)  # invalidate whatever message may still resurface
+    stored = finish(queue, res, job_id=job.job_id, callback=job.request.callback, outcome=failure)
+    if job.task_id:
+        queue.resolve(job.task_id, stored)
+    log.error("job %s: failed after %d re-drives", job.job_id, record.redrives)
+    report.failed.append(job.job_id)
+
+
+def _outcome_model(outcome: dict[str, Any]) -> LipsyncResult | LipsyncFailure:
+    if outcome.get("status") == "completed":
+        return LipsyncResult.model_validate(outcome)
+    return LipsyncFailure.model_validate(outcome)
+
+
+def _ago(when: float | None, now: float) -> str:
+    return "an unknown time" if when is None else f"{now - when:.1f} s past due"
+
+
+def try_lease(res: Resources, holder: str, ttl: float) -> bool:
+    """One sweeper per round across the fleet."""
+    return bool(res.redis.set(SWEEPER_LEASE_KEY, holder, nx=True, px=max(1, int(ttl * 1000))))
+
+
+class SweeperThread(threading.Thread):
+    """Runs :func:`sweep_once` every ``LIPSYNC_SWEEP_INTERVAL`` in a worker's main process (started
+    by the worker bootstep in :mod:`worker.app`)."""
+
+    def __init__(self, queue: TaskQueue, holder: str) -> None:
+        super().__init__(name="lipsync-sweeper", daemon=True)
+        self.queue = queue
+        self.holder = holder
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            res = resources()
+            interval = res.settings.sweep_interval
+            try:
+                if try_lease(res, self.holder, interval * 0.9):
+                    report = sweep_once(self.queue, res)
+                    if report:
+                        log.warning("sweep: %s", report)
+            except Exception:
+                log.exception("sweep failed; will retry in %.0f s", interval)
+            self.stopping.wait(interval)

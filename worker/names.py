@@ -1,0 +1,111 @@
+"""Every name the fleet shares, defined once: tasks, queues, job stages, task states, Redis keys.
+
+Producers in other languages, the deploy manifests' metric queries and the operators' runbooks all
+depend on these strings, so nothing else in the code spells them: it imports them from here (a unit
+test renders the manifests' queries against these names).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Literal
+
+# --------------------------------------------------------------------------------------------
+# GEN's vocabulary
+# --------------------------------------------------------------------------------------------
+
+#: The models GEN's Lipsync card offers, in this worker's spelling (GEN's older dialect).
+LipsyncModel = Literal["sync_so", "gen"]
+
+#: ``autocontentengine``: ``/v1/autocontentengine`` with ``model``/``video_resource_id``/
+#: ``audio_resource_id`` (GEN's older documented body). ``vidsheet``: ``/v1/vidsheet`` with
+#: ``talking_avatar_video_data`` URLs and ``lip_sync_model`` (GEN's newer body).
+Dialect = Literal["autocontentengine", "vidsheet"]
+
+# --------------------------------------------------------------------------------------------
+# Celery tasks (the wire names other services send to)
+# --------------------------------------------------------------------------------------------
+
+#: The entry point: validate a request and replace itself with the chain below.
+TASK_RUN = "lipsync.run"
+TASK_SUBMIT = "lipsync.submit"
+TASK_POLL = "lipsync.poll"
+TASK_FETCH = "lipsync.fetch_output"
+#: A second enqueue of a running job id waits for the first one's outcome.
+TASK_AWAIT = "lipsync.await_job"
+TASK_DELIVER_WEBHOOK = "lipsync.deliver_webhook"
+
+#: The job's chain after ``lipsync.run``, in order.
+CHAIN = (TASK_SUBMIT, TASK_POLL, TASK_FETCH)
+
+# --------------------------------------------------------------------------------------------
+# Queues, one per kind of work, so operators can give downloads and callbacks their own workers
+# --------------------------------------------------------------------------------------------
+
+QUEUE_JOBS = "lipsync"
+QUEUE_FETCH = "lipsync.fetch"
+QUEUE_CALLBACKS = "lipsync.callbacks"
+#: A worker started without ``-Q`` consumes all three.
+ALL_QUEUES = (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS)
+#: Tasks that do not run on :data:`QUEUE_JOBS` (the default queue).
+ROUTES = {TASK_FETCH: QUEUE_FETCH, TASK_DELIVER_WEBHOOK: QUEUE_CALLBACKS}
+
+
+def queue_of(task: str) -> str:
+    return ROUTES.get(task, QUEUE_JOBS)
+
+
+# --------------------------------------------------------------------------------------------
+# Job stages: the job record's ``state``, the metrics' ``stage`` label, and (upper-cased) the
+# progress state a caller's AsyncResult shows
+# --------------------------------------------------------------------------------------------
+
+
+class Stage(enum.StrEnum):
+    """Where an unfinished job is, in the order a successful job passes through."""
+
+    #: Recorded; its message waits in a queue.
+    QUEUED = "queued"
+    #: Asking GEN to start the generation.
+    SUBMITTING = "submitting"
+    #: GEN accepted it and is generating; we poll.
+    POLLING = "polling"
+    #: GEN completed it; we are downloading and storing the output.
+    FETCHING = "fetching"
+
+    @property
+    def task_state(self) -> str:
+        """The Celery progress state for this stage (``POLLING``...), as Flower and AsyncResult show it."""
+        return self.value.upper()
+
+
+#: The unfinished stages, exported as metrics even when zero (an autoscaler reads a missing series
+#: as an error). A finished job's record holds its outcome status (completed, failed...) instead.
+IN_FLIGHT_STAGES = tuple(Stage)
+
+#: The Celery state of ``lipsync.await_job`` while it waits for the job it joined (not a stage).
+STATE_JOINED = "JOINED"
+
+# --------------------------------------------------------------------------------------------
+# Redis keys (records and metrics live in LIPSYNC_REDIS_URL; every key starts with "lipsync:")
+# --------------------------------------------------------------------------------------------
+
+#: One hash per job: ``lipsync:job:<job_id>``.
+JOB_KEY_PREFIX = "lipsync:job:"
+#: Sorted set of unfinished jobs (and finished ones whose callbacks are not yet dispatched),
+#: scored by ``overdue_at``.
+ACTIVE_JOBS_KEY = "lipsync:jobs:active"
+#: The sweeper's fleet-wide lease (one sweep per round).
+SWEEPER_LEASE_KEY = "lipsync:sweeper:lease"
+#: One hash per owed webhook: ``lipsync:webhook:<msg_id>``.
+WEBHOOK_KEY_PREFIX = "lipsync:webhook:"
+#: Sorted set of undelivered webhooks, scored by ``due_at``.
+WEBHOOKS_PENDING_KEY = "lipsync:webhooks:pending"
+#: The fleet-wide counter that hands out webhook drive tokens.
+WEBHOOK_DRIVE_KEY = "lipsync:webhooks:drive"
+#: List of dead-lettered webhooks (JSON).
+DEAD_LETTERS_KEY = "lipsync:callbacks:dead"
+#: Sliding-window logs of the fleet-wide GEN rate limits: ``lipsync:ratelimit:<budget>``.
+RATELIMIT_KEY_PREFIX = "lipsync:ratelimit:"
+#: Counter and histogram hashes of the fleet's metrics.
+METRICS_PREFIX = "lipsync:metrics:"

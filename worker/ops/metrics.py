@@ -1,0 +1,585 @@
+"""Prometheus metrics for the whole fleet, kept in Redis and served by one small HTTP server.
+
+Why Redis and not ``prometheus_client``'s in-process metrics: a job's steps run in many processes on
+many nodes (prefork children come and go, a poll may run on a different node than its submit). An
+in-process counter would be split across all of them and lost with each child; a counter in Redis is
+incremented by every process alike, survives restarts, and one scrape target sees fleet totals.
+
+**Recording** (:func:`record_gen_call`, :func:`record_job_finished`, :func:`record_callback`) costs
+one MULTI/EXEC round trip on the caller's Redis client and never raises: a metric must never fail a
+job. Redis errors are logged at DEBUG and the observation is dropped. (The round trip still follows
+the client's own retry policy, so a dead Redis delays the caller as much as any other command would.)
+
+**Reading** (:class:`MetricsCollector`) happens at scrape time. Cost per scrape: one pipeline on the
+records Redis (sorted-set reads, the dead-letter length, one HGETALL per metric hash), one pipeline
+of HMGETs over the active jobs (at most ``max_scan`` of them, default :data:`MAX_ACTIVE_SCAN`; at
+50k jobs that is ~50k O(1) commands, tens of milliseconds of Redis time and a few MB of reply, so
+beyond that the in-flight gauges are computed from the ``max_scan`` soonest-due jobs and
+``lipsync_jobs_active`` shows the true size), and one pipeline of LLENs on the broker.
+
+**Serving**: ``python -m worker.ops.metrics --redis-url URL --port 9808`` (:func:`main`) serves
+``/metrics`` and ``/healthz`` until SIGTERM or SIGINT. Run one per fleet (or one per Prometheus
+replica); the numbers are the same whichever instance is scraped.
+
+Redis layout, every key under :data:`METRICS_PREFIX` (the queue lists, the active set and the
+dead-letter list are read, never written):
+
+* a counter family is one hash; field = JSON list of label values, value = count (HINCRBY);
+* a histogram family is one hash; field ``[*labels, le]`` = observations that fell into that bucket
+  alone (not cumulative, so an observation is one HINCRBY), ``[*labels, "sum"]`` = their sum
+  (HINCRBYFLOAT). Cumulative buckets and ``_count`` are computed at scrape time, which also keeps
+  old data meaningful if the bucket bounds change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import logging
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from types import FrameType
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+import redis
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker.names import (
+    ACTIVE_JOBS_KEY,
+    ALL_QUEUES,
+    DEAD_LETTERS_KEY,
+    IN_FLIGHT_STAGES,
+    JOB_KEY_PREFIX,
+    METRICS_PREFIX,
+    WEBHOOKS_PENDING_KEY,
+    Stage,
+)
+
+__all__ = [
+    "CALLBACKS_KEY",
+    "GEN_DURATION_BUCKETS",
+    "GEN_REQUESTS_KEY",
+    "GEN_REQUEST_DURATION_KEY",
+    "JOBS_FINISHED_KEY",
+    "JOB_DURATION_BUCKETS",
+    "JOB_DURATION_KEY",
+    "MAX_ACTIVE_SCAN",
+    "METRICS_KEYS",
+    "METRICS_PREFIX",
+    "QUEUES",
+    "STAGES",
+    "MetricsCollector",
+    "main",
+    "record_callback",
+    "record_gen_call",
+    "record_job_finished",
+    "serve",
+]
+
+logger = logging.getLogger("lipsync.metrics")
+
+#: Counter hash, labels (endpoint, status).
+GEN_REQUESTS_KEY = METRICS_PREFIX + "gen_requests"
+#: Histogram hash, labels (endpoint,).
+GEN_REQUEST_DURATION_KEY = METRICS_PREFIX + "gen_request_duration"
+#: Counter hash, labels (model, status).
+JOBS_FINISHED_KEY = METRICS_PREFIX + "jobs_finished"
+#: Histogram hash, labels (model,).
+JOB_DURATION_KEY = METRICS_PREFIX + "job_duration"
+#: Counter hash, labels (kind, outcome).
+CALLBACKS_KEY = METRICS_PREFIX + "callbacks"
+METRICS_KEYS = (
+    GEN_REQUESTS_KEY,
+    GEN_REQUEST_DURATION_KEY,
+    JOBS_FINISHED_KEY,
+    JOB_DURATION_KEY,
+    CALLBACKS_KEY,
+)
+
+INF = math.inf
+#: GEN answers in milliseconds to a few seconds; the read timeout is 30 s by default.
+GEN_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, INF)
+#: A job takes seconds to minutes; LIPSYNC_JOB_TIMEOUT is 30 min by default.
+JOB_DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, INF)
+
+#: The queues whose depth is exported.
+QUEUES = ALL_QUEUES
+#: kombu's Redis transport keeps a message with priority n in a list named ``<queue>\x06\x16<n>``
+#: (``Channel.sep``, ``PRIORITY_STEPS``; priority 0 is the plain list).
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+#: The in-flight stages, exported even when zero: an autoscaler reads a missing series as an error.
+STAGES: tuple[str, ...] = tuple(stage.value for stage in IN_FLIGHT_STAGES)
+#: Most active jobs whose records are read per scrape (see the module docstring for the cost).
+MAX_ACTIVE_SCAN = 50_000
+
+
+# --------------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Observation:
+    key: str
+    buckets: tuple[float, ...]
+    labels: tuple[str, ...]
+    seconds: float
+
+
+def record_gen_call(r: redis.Redis, *, endpoint: str, status: int | None, seconds: float) -> None:
+    """Count one GEN call (``status`` None = no HTTP answer: timeout, connection error)."""
+    status_label = "error" if status is None else str(status)
+    _record(
+        r,
+        "GEN call",
+        counters=[(GEN_REQUESTS_KEY, (endpoint, status_label))],
+        observation=_Observation(GEN_REQUEST_DURATION_KEY, GEN_DURATION_BUCKETS, (endpoint,), seconds),
+    )
+
+
+def record_job_finished(r: redis.Redis, *, model: str, status: str, seconds: float) -> None:
+    """Count one finished job (``status`` is its outcome: completed, failed, timeout...)."""
+    _record(
+        r,
+        "finished job",
+        counters=[(JOBS_FINISHED_KEY, (model, status))],
+        observation=_Observation(JOB_DURATION_KEY, JOB_DURATION_BUCKETS, (model,), seconds),
+    )
+
+
+def record_callback(r: redis.Redis, *, kind: str, outcome: str) -> None:
+    """Count one callback event: kind task|webhook, outcome sent|delivered|failed_attempt|dead_lettered."""
+    _record(r, "callback", counters=[(CALLBACKS_KEY, (kind, outcome))])
+
+
+def _record(
+    r: redis.Redis,
+    what: str,
+    *,
+    counters: Iterable[tuple[str, tuple[str, ...]]],
+    observation: _Observation | None = None,
+) -> None:
+    # MULTI/EXEC: still one round trip, and a scrape never sees a bucket counted without its sum.
+    try:
+        pipe = r.pipeline(transaction=True)
+        for key, labels in counters:
+            pipe.hincrby(key, _field(labels), 1)
+        if observation is not None:
+            _observe(pipe, observation)
+        pipe.execute()
+    except redis.RedisError as exc:
+        logger.debug("metrics: %s not recorded: %s", what, exc)
+
+
+def _observe(pipe: Any, obs: _Observation) -> None:
+    if not math.isfinite(obs.seconds):
+        # Redis refuses a NaN/inf increment, and inside MULTI that would not undo the other
+        # commands: drop the duration, keep the count.
+        logger.debug("metrics: non-finite duration %r for %s dropped", obs.seconds, obs.key)
+        return
+    # Durations from wall clocks of different nodes can come out slightly negative.
+    seconds = max(0.0, obs.seconds)
+    bound = obs.buckets[bisect.bisect_left(obs.buckets, seconds)]
+    pipe.hincrby(obs.key, _field((*obs.labels, _le(bound))), 1)
+    pipe.hincrbyfloat(obs.key, _field((*obs.labels, "sum")), seconds)
+
+
+def _le(bound: float) -> str:
+    # Prometheus' spelling of a bucket bound; float() reads it back.
+    return "+Inf" if bound == INF else repr(float(bound))
+
+
+def _field(values: Sequence[str]) -> str:
+    # JSON, so that label values may hold any character (no separator to escape).
+    return json.dumps([str(v) for v in values], separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Snapshot:
+    """Everything one scrape read from Redis, before any of it is turned into metrics."""
+
+    in_flight: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    active: int = 0
+    overdue: int = 0
+    dead_letters: int = 0
+    webhooks_pending: int = 0
+    queue_depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUEUES, 0))
+    #: Metric hash key -> its raw fields and values.
+    hashes: dict[str, Mapping[Any, Any]] = field(default_factory=dict)
+
+
+class MetricsCollector:
+    """A ``prometheus_client`` collector that reads the fleet's metrics from Redis at scrape time.
+
+    ``r`` holds the job records and the metric hashes; ``broker`` the Celery queues (the same Redis
+    unless LIPSYNC_BROKER_URL and LIPSYNC_REDIS_URL differ).
+    """
+
+    def __init__(
+        self, r: redis.Redis, *, broker: redis.Redis | None = None, max_scan: int = MAX_ACTIVE_SCAN
+    ) -> None:
+        self.redis = r
+        self.broker = broker if broker is not None else r
+        self.max_scan = max_scan
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, without touching Redis: the registry calls this at register time.
+        yield from _families(_Snapshot())
+        yield _scrape_error(0)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            snapshot = self._read()
+        except redis.RedisError as exc:
+            # Half a set of numbers would mislead; report the failure instead of failing the response.
+            logger.warning("metrics scrape: could not read Redis: %s", exc)
+            yield _scrape_error(1)
+            return
+        yield from _families(snapshot)
+        yield _scrape_error(0)
+
+    def _read(self) -> _Snapshot:
+        snapshot = _Snapshot()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(ACTIVE_JOBS_KEY, 0, self.max_scan - 1)
+        pipe.zcard(ACTIVE_JOBS_KEY)
+        # The sweeper's own test for "overdue" (JobStore.overdue): score at or before now.
+        pipe.zcount(ACTIVE_JOBS_KEY, "-inf", time.time())
+        pipe.llen(DEAD_LETTERS_KEY)
+        pipe.zcard(WEBHOOKS_PENDING_KEY)
+        for key in METRICS_KEYS:
+            pipe.hgetall(key)
+        (
+            job_ids,
+            snapshot.active,
+            snapshot.overdue,
+            snapshot.dead_letters,
+            snapshot.webhooks_pending,
+            *hashes,
+        ) = pipe.execute()
+        snapshot.hashes = dict(zip(METRICS_KEYS, hashes, strict=True))
+        snapshot.in_flight = self._in_flight([_text(job_id) for job_id in job_ids])
+        snapshot.queue_depth = self._queue_depths()
+        return snapshot
+
+    def _in_flight(self, job_ids: Sequence[str]) -> dict[str, int]:
+        counts = dict.fromkeys(STAGES, 0)
+        if not job_ids:
+            return counts
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(JOB_KEY_PREFIX + job_id, ["state", "outcome", "created_at"])
+        for state, outcome, created_at in pipe.execute():
+            # Same reading as JobStore.get: no created_at = no record (expired); "" = cleared;
+            # a record without a state is queued. A job with an outcome is finished, even while it
+            # stays in the active set until its callbacks are dispatched.
+            if created_at is None or _present(outcome):
+                continue
+            stage = _text(state) if _present(state) else Stage.QUEUED.value
+            if stage in counts:
+                counts[stage] += 1
+        return counts
+
+    def _queue_depths(self) -> dict[str, int]:
+        pipe = self.broker.pipeline(transaction=False)
+        for queue in QUEUES:
+            for name in _queue_lists(queue):
+                pipe.llen(name)
+        lengths = iter(pipe.execute())
+        return {queue: sum(next(lengths) for _ in _queue_lists(queue)) for queue in QUEUES}
+
+
+def _queue_lists(queue: str) -> list[str]:
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def _present(value: bytes | str | None) -> bool:
+    return value is not None and value not in (b"", "")
+
+
+def _text(value: bytes | str) -> str:
+    # The caller's client may or may not decode responses.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Turning a snapshot into metric families
+# --------------------------------------------------------------------------------------------
+
+
+def _families(s: _Snapshot) -> Iterator[Metric]:
+    yield from _gauges(s)
+    yield from _histories(s)
+
+
+def _gauges(s: _Snapshot) -> Iterator[Metric]:
+    """What is happening now: jobs by stage, overdue jobs, queue backlogs, dead letters."""
+    in_flight = GaugeMetricFamily(
+        "lipsync_jobs_in_flight", "Unfinished jobs by the stage their record is in.", labels=["stage"]
+    )
+    for stage in STAGES:
+        in_flight.add_metric([stage], s.in_flight.get(stage, 0))
+    yield in_flight
+    yield GaugeMetricFamily(
+        "lipsync_jobs_active",
+        "Jobs in the active set (unfinished, or finished with callbacks not yet dispatched).",
+        value=s.active,
+    )
+    yield GaugeMetricFamily(
+        "lipsync_jobs_overdue",
+        "Active jobs past their overdue_at: what the sweeper will re-drive.",
+        value=s.overdue,
+    )
+    depth = GaugeMetricFamily(
+        "lipsync_queue_depth", "Messages waiting in each Celery queue (all priorities).", labels=["queue"]
+    )
+    for queue in QUEUES:
+        depth.add_metric([queue], s.queue_depth.get(queue, 0))
+    yield depth
+    yield GaugeMetricFamily(
+        "lipsync_callbacks_dead_letters",
+        "Callbacks given up on, waiting in the dead-letter list.",
+        value=s.dead_letters,
+    )
+    yield GaugeMetricFamily(
+        "lipsync_webhooks_pending",
+        "Webhooks not yet delivered (in an attempt, or waiting for the next one).",
+        value=s.webhooks_pending,
+    )
+
+
+def _histories(s: _Snapshot) -> Iterator[Metric]:
+    """What has happened since the metric hashes were created: the recorded counters and histograms."""
+    yield _counter(
+        "lipsync_gen_requests",
+        "GEN API calls by endpoint and HTTP status ('error': no answer).",
+        ["endpoint", "status"],
+        s.hashes.get(GEN_REQUESTS_KEY, {}),
+    )
+    yield _histogram(
+        "lipsync_gen_request_duration_seconds",
+        "GEN API call duration.",
+        ["endpoint"],
+        GEN_DURATION_BUCKETS,
+        s.hashes.get(GEN_REQUEST_DURATION_KEY, {}),
+    )
+    yield _histogram(
+        "lipsync_job_duration_seconds",
+        "Time from a job's creation to its outcome.",
+        ["model"],
+        JOB_DURATION_BUCKETS,
+        s.hashes.get(JOB_DURATION_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_jobs_finished",
+        "Finished jobs by model and outcome status.",
+        ["model", "status"],
+        s.hashes.get(JOBS_FINISHED_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_callbacks",
+        "Callback events by kind (task|webhook) and outcome.",
+        ["kind", "outcome"],
+        s.hashes.get(CALLBACKS_KEY, {}),
+    )
+
+
+def _scrape_error(value: int) -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "lipsync_metrics_scrape_error", "1 when Redis could not be read for this scrape.", value=value
+    )
+
+
+def _counter(name: str, doc: str, labelnames: list[str], raw: Mapping[Any, Any]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labelnames)
+    for key, value in sorted(_parse(raw, len(labelnames)).items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+@dataclass
+class _Series:
+    counts: dict[float, float] = field(default_factory=dict)
+    sum: float = 0.0
+
+
+def _histogram(
+    name: str, doc: str, labelnames: list[str], buckets: Sequence[float], raw: Mapping[Any, Any]
+) -> HistogramMetricFamily:
+    series: dict[tuple[str, ...], _Series] = {}
+    for (*label_values, tail), value in _parse(raw, len(labelnames) + 1).items():
+        one = series.setdefault(tuple(label_values), _Series())
+        if tail == "sum":
+            one.sum = value
+            continue
+        try:
+            bound = float(tail)
+        except ValueError:
+            continue
+        one.counts[bound] = one.counts.get(bound, 0.0) + value
+    family = HistogramMetricFamily(name, doc, labels=labelnames)
+    for labels, one in sorted(series.items()):
+        cumulative = [(_le(b), sum(n for stored, n in one.counts.items() if stored <= b)) for b in buckets]
+        family.add_metric(list(labels), cumulative, sum_value=one.sum)
+    return family
+
+
+def _parse(raw: Mapping[Any, Any], arity: int) -> dict[tuple[str, ...], float]:
+    """Hash fields -> {label values: number}, skipping anything malformed (a scrape must not fail)."""
+    parsed: dict[tuple[str, ...], float] = {}
+    for raw_field, raw_value in raw.items():
+        try:
+            labels = json.loads(raw_field)
+            value = float(raw_value)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(labels, list) and len(labels) == arity and all(isinstance(v, str) for v in labels):
+            parsed[tuple(labels)] = value
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------------
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    # Daemon threads: a stuck scrape must not keep the process alive after SIGTERM.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        # A line per scrape every 15 s would drown the log.
+        logger.debug("metrics http: " + format, *args)
+
+
+def _wsgi_app(registry: CollectorRegistry) -> WSGIApplication:
+    metrics_app = cast(WSGIApplication, make_wsgi_app(registry))
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # Liveness of this server only, not of Redis: restarting the server would not fix Redis,
+        # and lipsync_metrics_scrape_error already reports it.
+        if environ.get("PATH_INFO") == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ok"]
+        return metrics_app(environ, start_response)
+
+    return app
+
+
+def _make_server(host: str, port: int, app: WSGIApplication) -> WSGIServer:
+    # WSGIServer is AF_INET only; pick the family from the address so "::" works too.
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_ThreadingServer):
+        address_family = family
+
+    return make_server(str(sockaddr[0]), port, app, Server, handler_class=_QuietHandler)
+
+
+def _connect(url: str) -> redis.Redis:
+    # Fail a scrape fast (Prometheus times out after 10 s by default) rather than retry for seconds.
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+    )
+
+
+def serve(redis_url: str, host: str, port: int, *, broker_url: str | None = None) -> None:
+    """Serve ``/metrics`` and ``/healthz`` on host:port until SIGTERM or SIGINT (main thread only)."""
+    client = _connect(redis_url)
+    broker = _connect(broker_url) if broker_url and broker_url != redis_url else client
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(client, broker=broker))
+    ProcessCollector(registry=registry)  # this server's own CPU/memory; reads /proc, cheap
+    server = _make_server(host, port, _wsgi_app(registry))
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    logger.info("serving metrics on http://%s:%d/metrics", host, server.server_port)
+    try:
+        # A timeout, so the wait returns promptly whatever the platform does with signals and locks.
+        while not stop.wait(timeout=1.0):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for c in {id(client): client, id(broker): broker}.values():
+            c.close()
+    logger.info("metrics server stopped")
+
+
+def _urls(args: argparse.Namespace) -> tuple[str, str]:
+    if args.redis_url is not None:
+        return args.redis_url, args.broker_url or args.redis_url
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    return settings.effective_redis_url, args.broker_url or settings.broker_url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lipsync-worker metrics``: serve the fleet's Prometheus metrics from Redis."""
+    parser = argparse.ArgumentParser(
+        prog="lipsync-worker metrics",
+        description="Serve the fleet's Prometheus metrics, read from Redis, on /metrics (and /healthz).",
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="Redis with the job records and metrics (default: LIPSYNC_REDIS_URL or the broker)",
+    )
+    parser.add_argument(
+        "--broker-url",
+        help="Redis broker whose queues are measured (default: --redis-url, else LIPSYNC_BROKER_URL)",
+    )
+    # All interfaces by default: Prometheus scrapes from another host or pod. Nothing secret is exposed.
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")  # noqa: S104
+    parser.add_argument("--port", type=int, default=9808, help="port to listen on (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redis_url, broker_url = _urls(args)
+    try:
+        serve(redis_url, args.host, args.port, broker_url=broker_url)
+    except OSError as exc:  # the port is taken, the host does not resolve
+        logger.error("metrics server could not start on %s:%d: %s", args.host, args.port, exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

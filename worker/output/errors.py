@@ -1,0 +1,43 @@
+"""What can go wrong fetching or storing an output video. ``error_code`` goes into the failure JSON."""
+
+from __future__ import annotations
+
+from worker.errors import LipsyncError
+
+
+class OutputError(LipsyncError):
+    """Fetching or storing the output video went wrong."""
+
+    error_code: str = "output_error"
+
+
+class OutputDownloadError(OutputError):
+    """The download broke off (reset, short body, timeout, 5xx from the CDN). Retryable."""
+
+    retryable = True
+    error_code = "output_download_failed"
+
+
+class StorageError(OutputError):
+    """Publishing to the storage backend failed (unreachable, refused, upload broke off). Retryable."""
+
+    retryable = True
+    error_code = "storage_unavailable"
+
+
+class OutputTooLarge(OutputError):
+    """The output is bigger than ``LIPSYNC_MAX_OUTPUT_BYTES``."""
+
+    error_code = "output_too_large"
+
+
+class OutputInvalid(OutputError):
+    """The output is not a video (wrong content type, empty, missing from the generation)."""
+
+    error_code = "output_invalid"
+
+
+class UnsafeURL(OutputError):
+    """A URL points somewhere we refuse to connect to (not http(s), or a private address)."""
+
+    error_code = "unsafe_url"
