@@ -91,7 +91,9 @@ def retry_delay(
     When GEN sends ``Retry-After`` we wait at least that long (it may exceed ``cap``, which bounds
     only our own backoff), up to :data:`MAX_COUNTDOWN`.
     """
-    ceiling = min(cap, base * 2.0 ** max(attempt, 0))
+    # The exponent stops growing long before any cap matters (2**63 s): a float power beyond
+    # ~2**1023 would overflow, and an unlimited policy can count that far.
+    ceiling = min(cap, base * 2.0 ** min(max(attempt, 0), 63))
     delay = ceiling * rand()
     if retry_after is not None:
         delay = max(delay, retry_after)
