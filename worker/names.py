@@ -83,6 +83,13 @@ class Stage(enum.StrEnum):
 #: as an error). A finished job's record holds its outcome status (completed, failed...) instead.
 IN_FLIGHT_STAGES = tuple(Stage)
 
+#: The stages whose load each worker queue carries: what the autoscaling of its workers counts
+#: (deploy/kubernetes renders these; a test evaluates the deployed queries against the metrics).
+STAGES_BY_QUEUE = {
+    QUEUE_JOBS: (Stage.QUEUED, Stage.SUBMITTING, Stage.POLLING),
+    QUEUE_FETCH: (Stage.FETCHING,),
+}
+
 #: The Celery state of ``lipsync.await_job`` while it waits for the job it joined (not a stage).
 STATE_JOINED = "JOINED"
 

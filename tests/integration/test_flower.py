@@ -319,7 +319,7 @@ def test_metrics_are_unauthenticated_and_name_our_tasks(flower: Flower, history:
         counts[(labels["task"], labels["type"])] += float(m.group(2))
     tasks = {task for task, _ in counts}
     assert {"lipsync.run", "lipsync.submit", "lipsync.poll", "lipsync.fetch_output"} <= tasks
-    assert counts[("lipsync.submit", "task-submitted")] >= 3
+    assert counts[("lipsync.submit", "task-polling")] >= 3
     assert counts[("lipsync.poll", "task-polling")] >= 3
     assert counts[("lipsync.fetch_output", "task-fetching")] >= 3
     assert counts[("lipsync.poll", "task-failed")] >= 1

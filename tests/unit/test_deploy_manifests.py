@@ -18,9 +18,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import redis
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from worker.names import ALL_QUEUES, QUEUE_FETCH, QUEUE_JOBS
+from worker.names import (
+    ACTIVE_JOBS_KEY,
+    ALL_QUEUES,
+    IN_FLIGHT_STAGES,
+    JOB_KEY_PREFIX,
+    QUEUE_FETCH,
+    QUEUE_JOBS,
+    STAGES_BY_QUEUE,
+)
+from worker.ops.metrics import MetricsCollector
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -567,3 +579,111 @@ def test_flower_options_exist() -> None:
 
     used = ["basic_auth", "port", "address", "purge_offline_workers"]
     assert all(name in options for name in used)
+
+
+# -- the autoscalers' queries, evaluated against what the code exports ------------------------------
+
+#: Jobs seeded per stage: distinct powers of two, so any wrong selection of stages sums differently.
+SEEDED = {stage: 2**i for i, stage in enumerate(IN_FLIGHT_STAGES)}
+#: Messages seeded in each queue, likewise.
+BACKLOG = {queue: 2 ** (i + len(SEEDED)) for i, queue in enumerate(ALL_QUEUES)}
+
+Sample = tuple[str, frozenset[tuple[str, str]], float]
+
+
+@pytest.fixture
+def exported(redis_url: str) -> list[Sample]:
+    """One scrape of the metrics the code exports, over a Redis holding SEEDED jobs in flight (and a
+    finished one, which no autoscaler may count) and BACKLOG messages waiting."""
+    client = redis.Redis.from_url(redis_url)
+    n = 0
+    for stage, count in SEEDED.items():
+        for _ in range(count):
+            n += 1
+            client.hset(f"{JOB_KEY_PREFIX}j{n}", mapping={"created_at": "1", "state": stage.value})
+            client.zadd(ACTIVE_JOBS_KEY, {f"j{n}": 1e12})
+    client.hset(f"{JOB_KEY_PREFIX}done", mapping={"created_at": "1", "state": "completed", "outcome": "{}"})
+    client.zadd(ACTIVE_JOBS_KEY, {"done": 1e12})
+    for queue, count in BACKLOG.items():
+        client.rpush(queue, *(["{}"] * count))
+    registry = CollectorRegistry()
+    registry.register(MetricsCollector(client))
+    samples = [
+        (sample.name, frozenset(sample.labels.items()), sample.value)
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+    ]
+    client.close()
+    return samples
+
+
+def select(samples: list[Sample], metric: str, matchers: list[tuple[str, str, list[str]]]) -> float:
+    """sum(metric{matchers}): ``(label, "=" | "=~" | "In", values)``, as Prometheus and the HPA's
+    selector evaluate them."""
+    names = {name for name, _, _ in samples}
+    assert metric in names, f"{metric} is not exported (exported: {sorted(names)})"
+    total = 0.0
+    for name, labels, value in samples:
+        found = dict(labels)
+        if name == metric and all(found.get(label) in values for label, _, values in matchers):
+            total += value
+    return total
+
+
+def promql(query: str) -> tuple[str, list[tuple[str, str, list[str]]]]:
+    """The metric and label matchers of a ``sum(metric{label="v", label=~"a|b"})`` query."""
+    match = re.fullmatch(r"sum\((\w+)\{(.*)\}\)", query.strip())
+    assert match, f"query not of the form sum(metric{{...}}): {query}"
+    matchers = [
+        (label, op, value.split("|") if op == "=~" else [value])
+        for label, op, value in re.findall(r'(\w+)\s*(=~|=)\s*"([^"]*)"', match.group(2))
+    ]
+    return match.group(1), matchers
+
+
+def hpa_selector(metric: Doc) -> list[tuple[str, str, list[str]]]:
+    selector = metric.get("selector", {})
+    matchers = [(k, "=", [v]) for k, v in selector.get("matchLabels", {}).items()]
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        matchers.append((expr["key"], "In", list(expr["values"])))
+    return matchers
+
+
+def expected_load(deployment: Doc, metric: str) -> float:
+    """What the deployment's autoscaler should count: the jobs in the stages its queues carry, or
+    the messages waiting in its queues."""
+    queues = worker_queues(deployment)
+    if metric == "lipsync_queue_depth":
+        return float(sum(BACKLOG[q] for q in queues))
+    return float(sum(SEEDED[stage] for q in queues for stage in STAGES_BY_QUEUE.get(q, ())))
+
+
+def test_keda_queries_count_exactly_the_stages_each_deployment_carries(exported: list[Sample]) -> None:
+    deployments = {d["metadata"]["name"]: d for d in of_kind("Deployment")}
+    checked = 0
+    for obj in of_kind("ScaledObject"):
+        deployment = deployments[obj["spec"]["scaleTargetRef"]["name"]]
+        for trigger in obj["spec"]["triggers"]:
+            if trigger["type"] != "prometheus":
+                continue
+            metric, matchers = promql(trigger["metadata"]["query"])
+            value = select(exported, metric, matchers)
+            assert value == expected_load(deployment, metric), (trigger["metadata"]["query"], value)
+            checked += 1
+    assert checked >= 2
+
+
+def test_hpa_metrics_count_exactly_the_stages_each_deployment_carries(exported: list[Sample]) -> None:
+    deployments = {d["metadata"]["name"]: d for d in of_kind("Deployment")}
+    checked = 0
+    for hpa in of_kind("HorizontalPodAutoscaler"):
+        deployment = deployments[hpa["spec"]["scaleTargetRef"]["name"]]
+        for entry in hpa["spec"]["metrics"]:
+            if entry["type"] != "External":
+                continue
+            metric = entry["external"]["metric"]
+            value = select(exported, metric["name"], hpa_selector(metric))
+            assert value == expected_load(deployment, metric["name"]), (metric, value)
+            checked += 1
+    assert checked >= 3
