@@ -1,6 +1,6 @@
 """A faithful GEN API simulator: a real HTTP server on loopback for tests, the demo and benchmarks.
 
-It speaks the lipsync part of GEN's API as documented in ``gen-api.md``: generate on a cell or a
+It speaks the lipsync part of GEN's API as GEN documents it: generate on a cell or a
 layer under both path prefixes (``/v1/autocontentengine`` and ``/v1/vidsheet``) with both lipsync
 bodies, ``GET /v1/generations/{id}``, stop/continue, cells and layers with their ``user_jobs``,
 content resources, Idempotency-Key, and a public CDN serving real MP4/JPEG bytes. Faults (429, 5xx,

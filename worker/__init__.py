@@ -1,7 +1,8 @@
 """lipsync-worker: run GEN lipsync generations as Celery chains (submit -> poll -> fetch-output).
 
 ``celery -A worker worker`` finds the Celery app as ``worker.app``. It is loaded lazily, so the GEN
-client, the simulator and the models can be imported without building a Celery app.
+client, the job logic and the models can be imported without building a Celery app. The layers are
+described in the README ("Development") and enforced by the import contracts in pyproject.toml.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     poll_backoff_factor: float = Field(default=1.5, ge=1.0)
     #: Fraction of each delay randomised away, so polls of many jobs do not march in step.
     poll_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
-    #: Delay cap for retrying a transient GEN error (seconds); Retry-After is honoured up to this.
+    #: Cap of our own backoff before retrying a transient error (seconds). A longer Retry-After from
+    #: GEN is still honoured, up to 15 min (worker.retry.MAX_COUNTDOWN).
     retry_max_delay: float = Field(default=60.0, gt=0)
     #: Transient errors tolerated on submit or on download before the job fails.
     max_transient_retries: int = Field(default=10, ge=0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import AnyUrl
@@ -83,3 +85,30 @@ def test_dockerfile_runs_commands_that_exist() -> None:
     assert 'CMD ["lipsync-worker", "worker"' in dockerfile
     for copied in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert (ROOT / copied).exists(), copied
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_image_holds_every_package_and_the_extras_the_documented_settings_need() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+)", dockerfile, re.M))
+    packages = _pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    for pattern in packages:
+        assert pattern.rstrip("*") in copied, f"the image does not copy {pattern}"
+    installed = re.search(r'pip install "\.\[([\w,]*)\]"', dockerfile)
+    assert installed is not None, "the image does not install the project with its extras"
+    # Extras the README's settings table sends users to (e.g. LIPSYNC_STORAGE_BACKEND=s3).
+    settings_table = README[README.index("## Settings") : README.index("## Running it")]
+    needed = set(re.findall(r"lipsync-worker\[(\w+)\]", settings_table))
+    assert needed, "the settings table names no extra any more: update this test"
+    assert needed <= set(installed.group(1).split(","))
+
+
+def test_monitoring_and_licence_need_no_extra() -> None:
+    project = _pyproject()["project"]
+    # `pip install lipsync-worker` then `celery -A worker flower` must just work.
+    assert any(re.match(r"flower\b", dep) for dep in project["dependencies"])
+    # An SPDX expression, not the deprecated {text = ...} table.
+    assert project["license"] == "MIT"

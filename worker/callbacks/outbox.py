@@ -2,7 +2,7 @@
 
 A ``lipsync.deliver_webhook`` message is as fragile as any Celery message: a worker SIGKILLed while
 it holds one (running it, or waiting on a retry countdown) leaves it unacknowledged, and Redis hands
-it back only after the visibility timeout (two hours here; see field-notes 3). So the webhook itself
+it back only after the visibility timeout (LIPSYNC_VISIBILITY_TIMEOUT, two hours). So the webhook itself
 lives in an outbox entry, written before its message is sent:
 
 * the entry (one hash per message id) holds the URL, the payload, the attempts made and a ``drive``

@@ -6,7 +6,9 @@ RFC 9110 §10.2.3 allows two forms: ``delay-seconds`` (``"120"``) and an ``HTTP-
 what it accepts and strict about what it returns: a finite, non-negative float, or ``None``.
 
 ``None`` means "no usable hint": the caller falls back to its own backoff. Callers must still cap
-the value (``LIPSYNC_RETRY_MAX_DELAY``): a server, or a proxy in front of it, may ask for hours.
+the value: a server, or a proxy in front of it, may ask for hours. :func:`worker.retry.decide` waits
+at least what GEN asks, even beyond ``LIPSYNC_RETRY_MAX_DELAY`` (which caps only our own backoff),
+and never longer than :data:`worker.retry.MAX_COUNTDOWN`.
 """
 
 from __future__ import annotations

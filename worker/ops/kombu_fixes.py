@@ -1,8 +1,8 @@
 """A workaround for a kombu 5.7 crash when Redis restarts under a running worker.
 
-What happens (reproduced by tests/integration/test_faults.py::test_redis_restarted_mid_run, and
-reported in ../shared/reference/field-notes.md): the broker connection drops, Celery closes it,
-and closing the channel tries to put the worker's unacknowledged messages back on their queues.
+What happens (reproduced by tests/integration/test_faults.py::test_redis_restarted_mid_run): the
+broker connection drops, Celery closes it, and closing the channel tries to put the worker's
+unacknowledged messages back on their queues.
 By then the channel's connection is already detached, so kombu dereferences ``None``
 (``AttributeError: 'NoneType' object has no attribute 'hostname'`` in ``Channel._connparams``) and
 the worker exits with "Unrecoverable error" instead of reconnecting.
