@@ -190,7 +190,9 @@ def _watch(flower: Flower, h: History, result: Any) -> None:
             continue
         for task_id, task in flower.tasks(search=h.long).items():
             h.seen[(task["name"], task["state"])] += 1
-            if task["state"] == "POLLING" and h.polling_info is None:
+            # lipsync.submit reports POLLING too (the job's stage once GEN accepted it): the info
+            # under test is the poll task's.
+            if task["name"] == "lipsync.poll" and task["state"] == "POLLING" and h.polling_info is None:
                 h.polling_info = flower.json(f"/api/task/info/{task_id}")
             if (
                 task["name"] == "lipsync.poll"
