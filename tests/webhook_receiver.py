@@ -102,6 +102,16 @@ class WebhookReceiver:
         with self._lock:
             return [r.msg_id for r in self.received]
 
+    def reset(self) -> None:
+        """Forget what was received and answer every webhook normally again (one receiver can serve
+        many tests: closing one takes about half a second)."""
+        with self._lock:
+            self.fail_next, self.fail_status = 0, 503
+            self.hold_next, self.hold_seconds = 0, 0.0
+            self.drip_next, self.drips_completed = 0, 0
+            self.received.clear()
+            self.attempts = 0
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()

@@ -1,0 +1,277 @@
+"""The durable job record (worker.jobs.records.JobStore) against a real Redis."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import pytest
+
+from worker.jobs.records import JobStore
+from worker.jobs.resources import Resources
+from worker.names import ACTIVE_JOBS_KEY, Stage
+
+JOB: dict[str, Any] = {"request": {"job_id": "j1", "model": "gen"}, "attempt": 0}
+OUTCOME: dict[str, Any] = {"job_id": "j1", "status": "completed", "video": {"path": "/o/j1.mp4"}}
+
+
+@pytest.fixture
+def jobs(res: Resources) -> JobStore:
+    return res.jobs
+
+
+def claim(jobs: JobStore, job_id: str = "j1", *, overdue_at: float, task_id: str = "t-1") -> None:
+    created, _ = jobs.claim(job_id, task_id=task_id, model="gen", job=JOB, overdue_at=overdue_at)
+    assert created
+
+
+def active(jobs: JobStore) -> dict[str, float]:
+    raw = cast("list[tuple[bytes, float]]", jobs.redis.zrange(ACTIVE_JOBS_KEY, 0, -1, withscores=True))
+    return {member.decode(): score for member, score in raw}
+
+
+def assert_ttl_is_the_stores(jobs: JobStore, job_id: str = "j1") -> None:
+    assert jobs.ttl - 1 <= jobs.redis.ttl(JobStore.key(job_id)) <= jobs.ttl
+
+
+# -- claim and get -----------------------------------------------------------------------------
+
+
+def test_claim_creates_the_record_once(jobs: JobStore) -> None:
+    now = time.time()
+    created, record = jobs.claim("j1", task_id="t-1", model="gen", job=JOB, overdue_at=now + 60)
+
+    assert created
+    assert (record.job_id, record.state, record.task_id, record.model) == (
+        "j1",
+        Stage.QUEUED.value,
+        "t-1",
+        "gen",
+    )
+    assert (record.drive, record.redrives, record.polls) == (1, 0, 0)
+    assert record.job == JOB and record.overdue_at == now + 60
+    assert record.outcome is None and not record.terminal
+    assert not record.cancel_requested and not record.callbacks_dispatched
+    assert active(jobs) == {"j1": now + 60}
+
+    again, second = jobs.claim("j1", task_id="t-2", model="sync_so", job={"other": 1}, overdue_at=now + 999)
+
+    assert not again
+    assert second == jobs.get("j1")
+    assert (second.task_id, second.model, second.job, second.overdue_at) == ("t-1", "gen", JOB, now + 60)
+    assert active(jobs) == {"j1": now + 60}, "a second claim does not reschedule"
+
+
+def test_an_unknown_job_has_no_record(jobs: JobStore) -> None:
+    assert jobs.get("nope") is None
+    assert not jobs.cancel_requested("nope")
+
+
+def test_records_expire_after_the_stores_ttl(jobs: JobStore, res: Resources) -> None:
+    assert jobs.ttl == int(res.settings.job_timeout) + res.settings.result_ttl
+    claim(jobs, overdue_at=time.time() + 60)
+    assert_ttl_is_the_stores(jobs)
+
+    jobs.redis.expire(JobStore.key("j1"), 5)  # as if time had passed: each write renews it
+    jobs.update("j1", state=Stage.POLLING.value, polls=1)
+    assert_ttl_is_the_stores(jobs)
+
+    jobs.redis.expire(JobStore.key("j1"), 5)
+    jobs.finish("j1", OUTCOME, state="completed", overdue_at=time.time() + 60)
+    assert_ttl_is_the_stores(jobs)
+
+
+# -- update and the active set -----------------------------------------------------------------
+
+
+def test_update_writes_fields_and_clears_with_none(jobs: JobStore) -> None:
+    claim(jobs, overdue_at=time.time() + 60)
+
+    jobs.update("j1", state=Stage.POLLING.value, polls=3, last_error="HTTP 503", job={"step": 2})
+    record = jobs.get("j1")
+    assert record is not None
+    assert (record.state, record.polls, record.last_error, record.job) == (
+        "polling",
+        3,
+        "HTTP 503",
+        {"step": 2},
+    )
+
+    jobs.update("j1", last_error=None)
+    record = jobs.get("j1")
+    assert record is not None and record.last_error is None
+    assert record.job == {"step": 2}, "job=None leaves the stored job alone"
+
+
+def test_update_with_overdue_at_reschedules_the_sweeper(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 60)
+
+    jobs.update("j1", state=Stage.POLLING.value, overdue_at=now + 300)
+
+    assert jobs.overdue(now + 299) == []
+    assert jobs.overdue(now + 300) == ["j1"]
+    assert jobs.overdue(now + 10_000) == ["j1"]
+    assert active(jobs) == {"j1": now + 300} and jobs.active_count() == 1
+    record = jobs.get("j1")
+    assert record is not None and record.overdue_at == now + 300
+
+    jobs.update("j1", polls=1)  # no overdue_at: the schedule stays
+    assert active(jobs) == {"j1": now + 300}
+
+
+def test_overdue_lists_only_the_jobs_past_due_soonest_first(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, "late", overdue_at=now - 10)
+    claim(jobs, "later", overdue_at=now - 20)
+    claim(jobs, "future", overdue_at=now + 10)
+
+    assert jobs.overdue(now) == ["later", "late"]
+    assert jobs.overdue(now, limit=1) == ["later"]
+    assert jobs.active_count() == 3
+
+
+# -- what happened once ------------------------------------------------------------------------
+
+
+def test_the_first_generation_id_wins(jobs: JobStore) -> None:
+    claim(jobs, overdue_at=time.time() + 60)
+
+    assert jobs.set_generation("j1", "gen-A") == "gen-A"
+    assert jobs.set_generation("j1", "gen-B") == "gen-A"
+
+    record = jobs.get("j1")
+    assert record is not None and record.generation_id == "gen-A"
+
+
+def test_finish_records_the_outcome_once(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 60)
+    jobs.update("j1", state=Stage.POLLING.value, next_poll_at=now + 5)
+
+    assert jobs.finish("j1", OUTCOME, state="completed", overdue_at=now + 120) == (True, OUTCOME)
+    other = {"job_id": "j1", "status": "cancelled"}
+    assert jobs.finish("j1", other, state="failed", overdue_at=now + 999) == (False, OUTCOME)
+
+    record = jobs.get("j1")
+    assert record is not None and record.terminal
+    assert (record.outcome, record.state, record.next_poll_at) == (OUTCOME, "completed", None)
+    assert active(jobs) == {"j1": now + 120}, "still active until its callbacks are dispatched"
+    assert not record.callbacks_dispatched
+
+
+def test_marking_callbacks_dispatched_leaves_the_active_set(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 60)
+    claim(jobs, "j2", overdue_at=now + 60)
+    jobs.finish("j1", OUTCOME, state="completed", overdue_at=now + 120)
+
+    jobs.mark_callbacks_dispatched("j1")
+
+    record = jobs.get("j1")
+    assert record is not None and record.callbacks_dispatched
+    assert active(jobs) == {"j2": now + 60}
+    assert jobs.overdue(now + 10_000) == ["j2"]
+
+
+def test_mark_once_is_true_only_the_first_time(jobs: JobStore) -> None:
+    claim(jobs, overdue_at=time.time() + 60)
+    claim(jobs, "j2", overdue_at=time.time() + 60)
+
+    assert jobs.mark_once("j1", "event:submitted")
+    assert not jobs.mark_once("j1", "event:submitted")
+    assert jobs.mark_once("j1", "chain_started"), "flags are independent"
+    assert jobs.mark_once("j2", "event:submitted"), "and per job"
+    assert not jobs.mark_once("j2", "event:submitted")
+
+
+# -- drive tokens ------------------------------------------------------------------------------
+
+
+def test_take_over_only_when_overdue(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 60)
+
+    assert jobs.take_over("j1", now=now + 59, overdue_at=now + 500) is None
+    record = jobs.get("j1")
+    assert record is not None and (record.drive, record.redrives, record.overdue_at) == (1, 0, now + 60)
+    assert active(jobs) == {"j1": now + 60}
+
+    taken = jobs.take_over("j1", now=now + 60, overdue_at=now + 500)
+
+    assert taken is not None
+    assert (taken.drive, taken.redrives, taken.overdue_at) == (2, 1, now + 500)
+    assert taken == jobs.get("j1")
+    assert active(jobs) == {"j1": now + 500}
+
+
+def test_of_two_take_overs_at_the_same_time_only_the_first_wins(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now - 1)
+
+    first = jobs.take_over("j1", now=now, overdue_at=now + 300)
+    second = jobs.take_over("j1", now=now, overdue_at=now + 300)
+
+    assert first is not None and first.drive == 2
+    assert second is None
+    record = jobs.get("j1")
+    assert record is not None and (record.drive, record.redrives) == (2, 1)
+
+
+def test_a_forced_take_over_ignores_the_due_time(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 3600)
+
+    taken = jobs.take_over("j1", now=now, overdue_at=now + 30, force=True)
+
+    assert taken is not None and (taken.drive, taken.overdue_at) == (2, now + 30)
+    assert active(jobs) == {"j1": now + 30}
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_finished_job_is_never_taken_over(jobs: JobStore, force: bool) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now - 100)
+    jobs.finish("j1", OUTCOME, state="completed", overdue_at=now - 50)
+
+    assert jobs.take_over("j1", now=now, overdue_at=now + 300, force=force) is None
+
+    record = jobs.get("j1")
+    assert record is not None and (record.drive, record.redrives) == (1, 0)
+    assert active(jobs) == {"j1": now - 50}
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_unknown_job_is_never_taken_over(jobs: JobStore, force: bool) -> None:
+    assert jobs.take_over("ghost", now=time.time(), overdue_at=time.time() + 60, force=force) is None
+    assert not jobs.redis.exists(JobStore.key("ghost"))
+    assert jobs.active_count() == 0
+
+
+def test_request_cancel_sets_the_flag_and_bumps_the_drive(jobs: JobStore) -> None:
+    claim(jobs, overdue_at=time.time() + 60)
+    assert not jobs.cancel_requested("j1")
+
+    record = jobs.request_cancel("j1")
+
+    assert record is not None and record.cancel_requested and record.drive == 2
+    assert jobs.cancel_requested("j1")
+    assert record == jobs.get("j1")
+    assert record.redrives == 0, "a cancel is not a re-drive"
+
+
+# -- forget ------------------------------------------------------------------------------------
+
+
+def test_forget_removes_the_record_and_its_active_entry(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now - 1)
+    claim(jobs, "j2", overdue_at=now - 1)
+
+    jobs.forget("j1")
+
+    assert jobs.get("j1") is None
+    assert not jobs.redis.exists(JobStore.key("j1"))
+    assert jobs.overdue(now) == ["j2"] and jobs.active_count() == 1
+    created, record = jobs.claim("j1", task_id="t-9", model="gen", job=JOB, overdue_at=now + 60)
+    assert created and record.task_id == "t-9", "a forgotten job id can be claimed afresh"

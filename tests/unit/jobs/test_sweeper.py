@@ -1,0 +1,476 @@
+"""The sweeper against real parts: the job record and the outbox on a real Redis, the real CeleryQueue
+(its messages read back with :func:`queued`), the GEN simulator on the fake clock."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gensim import GenSimulator
+from tests.unit.conftest import FakeClock, queued, unit_settings
+from worker.app import create_app
+from worker.celery_queue import CeleryQueue
+from worker.errors import LipsyncJobFailed
+from worker.jobs import steps
+from worker.jobs.models import Job, LipsyncResult, StoredOutput, Timings
+from worker.jobs.outcomes import finish
+from worker.jobs.resources import Resources
+from worker.jobs.sweeper import SweeperThread, SweepReport, sweep_once, try_lease
+from worker.names import (
+    ACTIVE_JOBS_KEY,
+    QUEUE_CALLBACKS,
+    QUEUE_FETCH,
+    QUEUE_JOBS,
+    SWEEPER_LEASE_KEY,
+    TASK_DELIVER_WEBHOOK,
+    TASK_FETCH,
+    TASK_POLL,
+    TASK_SUBMIT,
+    WEBHOOKS_PENDING_KEY,
+)
+from worker.settings import Settings
+
+TASK_ID = "caller-task-1"
+CALLBACK_QUEUE = "media"
+
+
+def request(job_id: str = "j1", **extra: Any) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "sheet_id": 101,
+        "cell_id": 3000,
+        "layer_id": 4000,
+        "video_resource_id": 5001,
+        "audio_resource_id": 6001,
+        "model": "gen",
+        **extra,
+    }
+
+
+TASK_CALLBACK = {"task": "pipeline.on_lipsync", "queue": CALLBACK_QUEUE}
+
+
+def created(res: Resources, job_id: str = "j1", **extra: Any) -> Job:
+    return steps.create(request(job_id, **extra), task_id=TASK_ID, res=res).job
+
+
+def submitted(res: Resources, job_id: str = "j1", **extra: Any) -> Job:
+    job = created(res, job_id, **extra)
+    result = steps.submit(job, res, record=res.jobs.get(job_id))
+    assert isinstance(result, Job) and result.generation_id
+    return result
+
+
+def overdue_at(res: Resources, job_id: str) -> float:
+    record = res.jobs.get(job_id)
+    assert record is not None and record.overdue_at is not None
+    return record.overdue_at
+
+
+def all_messages(res: Resources) -> list[dict[str, Any]]:
+    return [
+        m for name in (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS, CALLBACK_QUEUE) for m in queued(res, name)
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# re-driving unfinished jobs
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_job_not_yet_overdue_is_not_redriven(res: Resources, queue: CeleryQueue, clock: FakeClock) -> None:
+    created(res)
+    due = overdue_at(res, "j1")
+    assert due == clock() + res.settings.queued_recovery
+    report = sweep_once(queue, res, now=due - 1)
+    assert not report and report == SweepReport()
+    record = res.jobs.get("j1")
+    assert record is not None and (record.drive, record.redrives) == (1, 0)
+    assert all_messages(res) == []
+
+
+def test_an_overdue_queued_job_is_redriven_from_submit(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    job = created(res)
+    clock.advance(res.settings.queued_recovery + 1)
+    report = sweep_once(queue, res)
+    assert report.redriven == ["j1"] and not report.failed and not report.redispatched
+
+    record = res.jobs.get("j1")
+    assert record is not None
+    assert (record.drive, record.redrives) == (2, 1)
+    assert record.overdue_at == clock() + res.settings.queued_recovery
+    assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") == clock() + res.settings.queued_recovery
+
+    [message] = queued(res, QUEUE_JOBS)
+    assert message["task"] == TASK_SUBMIT
+    assert message["chain"] == [TASK_POLL, TASK_FETCH]
+    assert message["last_id"] == TASK_ID
+    [sent] = message["args"]
+    assert sent["drive"] == 2 and sent["step_retries"] == 0
+    assert sent["request"]["job_id"] == "j1" and sent["generation_id"] is None
+    # The re-driven message is the one the record now accepts; the original one is stale.
+    assert steps.guard(Job.model_validate(sent), res) is not None
+    with pytest.raises(steps.NothingToDo):
+        steps.guard(job, res)
+    assert queued(res, QUEUE_FETCH) == []
+
+
+def test_an_overdue_submitted_job_is_redriven_from_poll(
+    res: Resources, queue: CeleryQueue, clock: FakeClock, sim: GenSimulator
+) -> None:
+    job = submitted(res)
+    clock.advance(overdue_at(res, "j1") - clock() + 1)
+    assert sweep_once(queue, res).redriven == ["j1"]
+    [message] = queued(res, QUEUE_JOBS)
+    assert message["task"] == TASK_POLL
+    assert message["chain"] == [TASK_FETCH]
+    assert message["last_id"] == TASK_ID
+    [sent] = message["args"]
+    assert sent["generation_id"] == job.generation_id and sent["drive"] == 2
+    # Re-driving never submits again.
+    assert sim.stats()["generations_created"] == 1
+
+
+def test_a_completed_generation_is_redriven_from_fetch(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    job = submitted(res)
+    clock.advance(11)  # the "gen" model's simulated generation takes 10 s
+    polled = steps.poll(job, res)
+    assert isinstance(polled, Job) and polled.output_resource is not None
+    clock.advance(overdue_at(res, "j1") - clock() + 1)
+    assert sweep_once(queue, res).redriven == ["j1"]
+    assert queued(res, QUEUE_JOBS) == []
+    [message] = queued(res, QUEUE_FETCH)
+    assert message["task"] == TASK_FETCH
+    assert message["chain"] == []
+    # A single-step chain runs under the caller's task id itself.
+    assert message["id"] == message["last_id"] == TASK_ID
+    [sent] = message["args"]
+    assert sent["drive"] == 2
+    assert sent["output_resource"]["url"] == polled.output_resource.url
+
+
+def test_two_sweeps_at_the_same_moment_redrive_a_job_once(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    created(res)
+    now = overdue_at(res, "j1") + 1
+    assert sweep_once(queue, res, now=now).redriven == ["j1"]
+    # A second sweeper that listed the job as overdue before the first one took it over loses.
+    assert res.jobs.take_over("j1", now=now, overdue_at=now + 10) is None
+    second = sweep_once(queue, res, now=now)
+    assert second.redriven == []
+    record = res.jobs.get("j1")
+    assert record is not None and (record.drive, record.redrives) == (2, 1)
+    assert len(queued(res, QUEUE_JOBS)) == 1
+
+
+def test_concurrent_sweeps_redrive_a_job_once(
+    res: Resources, settings: Settings, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    for n in range(5):
+        created(res, f"j{n}")
+    now = overdue_at(res, "j0") + 1
+    barrier = threading.Barrier(6)
+    reports: list[SweepReport] = []
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        own = Resources(settings, clock=clock)
+        try:
+            barrier.wait()
+            reports.append(sweep_once(queue, own, now=now))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            own.redis.close()
+
+    threads = [threading.Thread(target=sweep) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    redriven = sorted(job_id for report in reports for job_id in report.redriven)
+    assert redriven == [f"j{n}" for n in range(5)]
+    messages = queued(res, QUEUE_JOBS)
+    assert sorted(m["args"][0]["request"]["job_id"] for m in messages) == redriven
+    for n in range(5):
+        record = res.jobs.get(f"j{n}")
+        assert record is not None and (record.drive, record.redrives) == (2, 1)
+
+
+def test_try_lease_lets_one_holder_win_per_interval(res: Resources) -> None:
+    assert try_lease(res, "worker-a", 0.2)
+    assert not try_lease(res, "worker-b", 0.2)
+    assert not try_lease(res, "worker-a", 0.2), "not even the holder sweeps twice in one interval"
+    assert res.redis.get(SWEEPER_LEASE_KEY) == b"worker-a"
+    time.sleep(0.3)
+    assert try_lease(res, "worker-b", 0.2)
+    assert res.redis.get(SWEEPER_LEASE_KEY) == b"worker-b"
+
+
+# --------------------------------------------------------------------------------------------
+# giving up, re-dispatching, cancelled jobs
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_job_redriven_max_redrives_times_fails_with_redrive_limit(
+    redis_url: str, sim: GenSimulator, tmp_path: Path, clock: FakeClock
+) -> None:
+    settings = unit_settings(redis_url, sim.base_url, tmp_path / "outputs", max_redrives=2)
+    res = Resources(settings, clock=clock)
+    queue = CeleryQueue(create_app(settings))
+    try:
+        created(res, callback=TASK_CALLBACK)
+        for drive in (2, 3):
+            clock.advance(settings.queued_recovery + 1)
+            assert sweep_once(queue, res).redriven == ["j1"]
+            record = res.jobs.get("j1")
+            assert record is not None and record.drive == drive
+        clock.advance(settings.queued_recovery + 1)
+        report = sweep_once(queue, res)
+        assert report.failed == ["j1"] and report.redriven == []
+
+        record = res.jobs.get("j1")
+        assert record is not None and record.outcome is not None
+        assert record.outcome["status"] == "failed"
+        assert record.outcome["error_code"] == "redrive_limit"
+        assert record.redrives == 2 and record.cancel_requested and record.callbacks_dispatched
+        assert record.drive == 4, "the give-up invalidates whatever message may still resurface"
+        assert len(queued(res, QUEUE_JOBS)) == 2, "no third chain"
+
+        [callback] = queued(res, CALLBACK_QUEUE)
+        assert callback["task"] == "pipeline.on_lipsync"
+        assert callback["id"] == "j1.outcome"
+        assert callback["args"] == [record.outcome]
+
+        result = queue.app.AsyncResult(TASK_ID)
+        assert result.state == "FAILURE"
+        assert isinstance(result.result, LipsyncJobFailed)
+        assert result.result.failure["error_code"] == "redrive_limit"
+        assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is None
+
+        # Nothing more on later sweeps.
+        clock.advance(settings.queued_recovery + 1)
+        assert not sweep_once(queue, res)
+        assert len(queued(res, CALLBACK_QUEUE)) == 1
+    finally:
+        res.redis.close()
+
+
+def completed_result(job_id: str = "j1") -> LipsyncResult:
+    return LipsyncResult(
+        job_id=job_id,
+        generation_id="9001",
+        model="gen",
+        output=StoredOutput(
+            uri="file:///out/j1.mp4",
+            size_bytes=1234,
+            sha256="ab" * 32,
+            content_type="video/mp4",
+            url="https://cdn.example.com/j1.mp4",
+        ),
+        polls=3,
+        timings=Timings(enqueued_at=1.0, finished_at=2.0, total_seconds=1.0),
+    )
+
+
+def test_a_finished_job_with_unconfirmed_callbacks_gets_them_resent(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    created(res, callback=TASK_CALLBACK)
+    outcome = completed_result().model_dump(mode="json")
+    due = clock() + res.settings.recovery_grace
+    # What a worker that died between recording the outcome and dispatching it leaves behind.
+    first, _ = res.jobs.finish("j1", outcome, state="completed", overdue_at=due)
+    assert first
+
+    assert not sweep_once(queue, res, now=due - 1), "not before the grace"
+    assert queued(res, CALLBACK_QUEUE) == []
+
+    report = sweep_once(queue, res, now=due + 1)
+    assert report.redispatched == ["j1"] and report.redriven == []
+    [callback] = queued(res, CALLBACK_QUEUE)
+    assert callback["id"] == "j1.outcome" and callback["args"] == [outcome]
+    assert queued(res, QUEUE_JOBS) == [], "a finished job is never re-driven"
+
+    result = queue.app.AsyncResult(TASK_ID)
+    assert result.state == "SUCCESS" and result.result == outcome
+    record = res.jobs.get("j1")
+    assert record is not None and record.callbacks_dispatched and record.drive == 1
+    assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is None
+
+    assert not sweep_once(queue, res, now=due + 10_000)
+    assert len(queued(res, CALLBACK_QUEUE)) == 1
+
+
+def test_a_failed_outcome_resent_by_the_sweeper_keeps_its_id_and_fails_the_caller(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    created(res, callback=TASK_CALLBACK)
+    failure = {
+        "job_id": "j1",
+        "status": "timeout",
+        "error_code": "timeout",
+        "message": "too slow",
+        "model": "gen",
+    }
+    due = clock() + 1
+    res.jobs.finish("j1", failure, state="timeout", overdue_at=due)
+    assert sweep_once(queue, res, now=due).redispatched == ["j1"]
+    [callback] = queued(res, CALLBACK_QUEUE)
+    assert callback["id"] == "j1.outcome"
+    assert callback["args"][0]["error_code"] == "timeout"
+    assert queue.app.AsyncResult(TASK_ID).state == "FAILURE"
+
+
+def test_a_finished_and_dispatched_job_left_in_the_active_set_is_just_forgotten(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    created(res, callback=TASK_CALLBACK)
+    res.jobs.finish("j1", completed_result().model_dump(mode="json"), state="completed", overdue_at=clock())
+    res.jobs.update("j1", callbacks_dispatched="1", overdue_at=clock())  # dispatched, still listed
+    assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is not None
+    report = sweep_once(queue, res, now=clock() + 1)
+    assert not report
+    assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is None
+    assert all_messages(res) == []
+
+
+def test_a_cancel_requested_job_without_outcome_is_skipped(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    """Current behaviour: a cancel that died between request_cancel and finish is left alone by the
+    sweeper, round after round (nothing finishes it, nothing re-drives it; it stays in the active
+    set until its record expires)."""
+    created(res, callback=TASK_CALLBACK)
+    res.jobs.request_cancel("j1")
+    now = overdue_at(res, "j1") + 1
+    for later in (0, 10_000):
+        report = sweep_once(queue, res, now=now + later)
+        assert report.skipped == 1 and not report
+    record = res.jobs.get("j1")
+    assert record is not None
+    assert record.outcome is None and record.redrives == 0 and record.drive == 2
+    assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is not None
+    assert all_messages(res) == []
+
+
+def test_a_record_without_job_state_is_dropped_from_the_active_set(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    res.jobs.claim("ghost", task_id="t", model="gen", job=None, overdue_at=5.0)
+    report = sweep_once(queue, res, now=10.0)
+    assert report.skipped == 1 and not report
+    assert res.redis.zscore(ACTIVE_JOBS_KEY, "ghost") is None
+    assert all_messages(res) == []
+
+
+# --------------------------------------------------------------------------------------------
+# webhooks owed from the outbox
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_overdue_webhook_is_resent_with_a_new_token(res: Resources, queue: CeleryQueue) -> None:
+    job = created(res, callback={"webhook_url": "https://example.com/hook"})
+    stored = finish(queue, res, job_id="j1", callback=job.request.callback, outcome=completed_result())
+    [original] = queued(res, QUEUE_CALLBACKS)
+    assert original["task"] == TASK_DELIVER_WEBHOOK
+    old = original["kwargs"]["drive"]
+    assert original["kwargs"] == {"msg_id": "j1.outcome", "drive": old}
+    due = res.redis.zscore(WEBHOOKS_PENDING_KEY, "j1.outcome")
+    assert due is not None
+
+    assert sweep_once(queue, res, now=due - 1).resent_webhooks == []
+    assert len(queued(res, QUEUE_CALLBACKS)) == 1
+
+    report = sweep_once(queue, res, now=due + 1)
+    assert report.resent_webhooks == ["j1.outcome"]
+    first, resent = queued(res, QUEUE_CALLBACKS)
+    assert first == original
+    new = resent["kwargs"]["drive"]
+    assert resent["task"] == TASK_DELIVER_WEBHOOK
+    assert resent["kwargs"] == {"msg_id": "j1.outcome", "drive": new}
+    assert new > old
+    assert resent["id"] == f"j1.outcome.webhook.{new}"
+    assert res.redis.zscore(WEBHOOKS_PENDING_KEY, "j1.outcome") == due + 1 + res.settings.queued_recovery
+
+    assert res.outbox.claim("j1.outcome", old, due_at=due + 2) is None, "the old message is stale"
+    attempt = res.outbox.claim("j1.outcome", new, due_at=due + 2)
+    assert attempt is not None and attempt.payload == stored and attempt.url == "https://example.com/hook"
+
+
+def test_a_webhook_whose_entry_expired_is_reported_and_dropped(res: Resources, queue: CeleryQueue) -> None:
+    res.outbox.put("j9.outcome", "https://example.com/hook", {"job_id": "j9"}, due_at=5.0)
+    res.redis.delete(res.outbox.key("j9.outcome"))  # what the entry's TTL does
+    report = sweep_once(queue, res, now=10.0)
+    assert report.expired_webhooks == ["j9.outcome"] and report.resent_webhooks == []
+    assert res.redis.zscore(WEBHOOKS_PENDING_KEY, "j9.outcome") is None
+    assert queued(res, QUEUE_CALLBACKS) == []
+
+
+# --------------------------------------------------------------------------------------------
+# the thread
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_sweep(
+    redis_url: str, sim: GenSimulator, tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Resources]:
+    """This process's resources (what SweeperThread reads) set to a fast-sweeping test setup."""
+    settings = unit_settings(redis_url, sim.base_url, tmp_path / "outputs", sweep_interval=0.05)
+    own = Resources(settings, clock=clock)
+    monkeypatch.setattr("worker.jobs.resources._resources", (os.getpid(), own))
+    yield own
+    own.redis.close()
+
+
+def test_the_sweeper_thread_takes_the_lease_and_sweeps(fast_sweep: Resources, clock: FakeClock) -> None:
+    res = fast_sweep
+    queue = CeleryQueue(create_app(res.settings))
+    created(res)
+    clock.advance(res.settings.queued_recovery + 1)
+    thread = SweeperThread(queue, holder="worker-a")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not queued(res, QUEUE_JOBS) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        thread.stopping.set()
+        thread.join(5)
+    assert not thread.is_alive()
+    [message] = queued(res, QUEUE_JOBS)
+    assert message["task"] == TASK_SUBMIT and message["args"][0]["drive"] == 2
+    record = res.jobs.get("j1")
+    assert record is not None and record.redrives == 1
+
+
+def test_the_sweeper_thread_does_not_sweep_while_another_holds_the_lease(
+    fast_sweep: Resources, clock: FakeClock
+) -> None:
+    res = fast_sweep
+    queue = CeleryQueue(create_app(res.settings))
+    created(res)
+    clock.advance(res.settings.queued_recovery + 1)
+    assert try_lease(res, "worker-b", 60)
+    thread = SweeperThread(queue, holder="worker-a")
+    thread.start()
+    time.sleep(0.3)  # several of its intervals
+    thread.stopping.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert queued(res, QUEUE_JOBS) == []
+    record = res.jobs.get("j1")
+    assert record is not None and record.redrives == 0
