@@ -77,10 +77,11 @@ def sim(clock: FakeClock) -> Iterator[GenSimulator]:
         yield server
 
 
-def unit_settings(redis_url: str, sim_url: str, storage: Path, **overrides: Any) -> Settings:
-    """The defaults, pointed at the test's Redis and simulator; ``overrides`` say what a test changes."""
+def unit_settings(broker_url: str, sim_url: str, storage: Path, **overrides: Any) -> Settings:
+    """The defaults, pointed at the test's Redis (the broker, and the records unless ``redis_url`` is
+    overridden) and simulator; ``overrides`` say what a test changes."""
     values: dict[str, Any] = {
-        "broker_url": redis_url,
+        "broker_url": broker_url,
         "gen_base_url": sim_url,
         "gen_api_key": API_KEY,
         "gen_agent_id": AGENT_ID,

@@ -1,0 +1,98 @@
+"""The Python helper: validate, record the job, then send; a failed send leaves nothing behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu.exceptions import OperationalError
+
+from gensim import GenSimulator
+from tests.unit.conftest import queued, unit_settings
+from worker.app import create_app
+from worker.dev.embedded_redis import free_port
+from worker.enqueue import enqueue, job_status, resources_of
+from worker.errors import RequestInvalid
+from worker.jobs.resources import Resources
+from worker.names import QUEUE_JOBS, TASK_RUN, Stage
+
+REQUEST: dict[str, Any] = {
+    "job_id": "episode-42",
+    "sheet_id": 101,
+    "cell_id": 3000,
+    "video_resource_id": 5001,
+    "audio_resource_id": 6001,
+    "metadata": {"episode": 42},
+}
+
+
+def test_enqueue_records_the_job_then_sends_it_under_the_job_id(res: Resources, queue: Any) -> None:
+    result = enqueue(REQUEST, app=queue.app)
+
+    assert result.id == "episode-42"
+    record = job_status("episode-42", store=res.jobs)
+    assert record is not None
+    assert record.state == Stage.QUEUED
+    assert record.task_id == "episode-42"
+    # The sweeper knows the job from now on, even if the message were lost before any worker took it.
+    assert record.overdue_at == pytest.approx(time.time() + res.settings.queued_recovery, abs=60)
+    assert record.model == res.settings.default_model
+    (message,) = queued(res, QUEUE_JOBS)
+    assert message["task"] == TASK_RUN
+    assert message["id"] == "episode-42"
+    # The validated request, as JSON (ids as GEN's strings), so lipsync.run sees what was checked.
+    assert message["kwargs"] == {
+        "request": {
+            **REQUEST,
+            "sheet_id": "101",
+            "cell_id": "3000",
+            "video_resource_id": "5001",
+            "audio_resource_id": "6001",
+        }
+    }
+
+
+def test_an_invalid_request_is_refused_before_anything_is_recorded_or_sent(
+    res: Resources, queue: Any
+) -> None:
+    with pytest.raises(RequestInvalid) as info:
+        enqueue({**REQUEST, "sheet_id": None}, app=queue.app)
+
+    assert [e["field"] for e in info.value.errors] == ["sheet_id"]
+    assert job_status("episode-42", store=res.jobs) is None
+    assert queued(res, QUEUE_JOBS) == []
+
+
+def test_a_send_the_broker_refuses_forgets_the_job(
+    redis_url: str, sim: GenSimulator, tmp_path: Path, res: Resources
+) -> None:
+    # Job records and results on the test's Redis; the broker on a port where nothing listens.
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    settings = unit_settings(
+        dead_broker, sim.base_url, tmp_path, redis_url=redis_url, result_backend=redis_url
+    )
+    app = create_app(settings)
+    app.conf.task_publish_retry = False
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "max_retries": 0}
+
+    with pytest.raises(OperationalError):
+        enqueue(REQUEST, app=app)
+
+    # The caller learned the enqueue failed: the job must not run behind its back.
+    assert resources_of(app).jobs.get("episode-42") is None
+    assert job_status("episode-42", store=res.jobs) is None
+
+
+def test_a_second_enqueue_of_a_recorded_job_keeps_the_first_record(res: Resources, queue: Any) -> None:
+    enqueue(REQUEST, app=queue.app)
+    first = job_status("episode-42", store=res.jobs)
+
+    enqueue({**REQUEST, "model": "sync_so"}, app=queue.app)
+
+    again = job_status("episode-42", store=res.jobs)
+    assert first is not None and again is not None
+    assert again.created_at == first.created_at
+    assert again.model == first.model  # the recorded job wins; lipsync.run joins it
+    assert len(queued(res, QUEUE_JOBS)) == 2
