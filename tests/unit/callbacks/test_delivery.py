@@ -8,7 +8,6 @@ the webhook delivered, it runs :func:`webhooks.attempt` with the queued message'
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +15,7 @@ import pytest
 from kombu.exceptions import OperationalError
 
 from gensim import GenSimulator
-from tests.unit.conftest import WEBHOOK_SECRET, queued, unit_settings
+from tests.unit.conftest import queued, unit_settings
 from tests.webhook_receiver import WebhookReceiver
 from worker.app import create_app
 from worker.callbacks import webhooks
@@ -32,20 +31,6 @@ PAYLOAD: dict[str, Any] = {"job_id": "j1", "status": "completed", "metadata": {"
 #: A URL with a receiver's token in it: it must never travel in a task message.
 HOOK_URL = "https://hooks.example.com/lipsync?token=SeCrEt-42"
 QUEUED_RECOVERY = 300.0
-
-
-@pytest.fixture(scope="module")
-def _receiver() -> Iterator[WebhookReceiver]:
-    # One per module: closing one takes half a second (its serve_forever polls that often).
-    rx = WebhookReceiver(secret=WEBHOOK_SECRET)
-    yield rx
-    rx.close()
-
-
-@pytest.fixture
-def receiver(_receiver: WebhookReceiver) -> WebhookReceiver:
-    _receiver.reset()
-    return _receiver
 
 
 def everything_queued(res: Resources) -> list[dict[str, Any]]:

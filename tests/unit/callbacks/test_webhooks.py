@@ -64,21 +64,6 @@ def fast(make_res: MakeRes) -> Resources:
     return make_res()
 
 
-@pytest.fixture(scope="module")
-def _receiver() -> Iterator[WebhookReceiver]:
-    # One per module: closing one takes half a second (its serve_forever polls that often).
-    rx = WebhookReceiver(secret=WEBHOOK_SECRET)
-    yield rx
-    rx.close()
-
-
-@pytest.fixture
-def receiver(_receiver: WebhookReceiver) -> WebhookReceiver:
-    """The receiver, answering 204 to verified webhooks, with nothing received yet."""
-    _receiver.reset()
-    return _receiver
-
-
 class Redirector:
     """A real HTTP endpoint that answers every POST with a redirect to ``location``."""
 

@@ -10,51 +10,22 @@ import pytest
 
 from gensim import Fault, GenSimulator
 from tests.unit.conftest import FakeClock, queued
+from tests.unit.jobs.builders import (
+    CALLBACK_QUEUE,
+    TASK_CALLBACK,
+    TASK_ID,
+    all_messages,
+    created,
+    submitted,
+)
 from worker.celery_queue import CeleryQueue
 from worker.errors import LipsyncJobFailed
 from worker.jobs import steps
 from worker.jobs.cancel import cancel_job
-from worker.jobs.models import Job, LipsyncResult, StoredOutput, Timings
+from worker.jobs.models import LipsyncResult, StoredOutput, Timings
 from worker.jobs.outcomes import finish
 from worker.jobs.resources import Resources
-from worker.names import ACTIVE_JOBS_KEY, QUEUE_CALLBACKS, QUEUE_FETCH, QUEUE_JOBS
-
-TASK_ID = "caller-task-1"
-CALLBACK_QUEUE = "media"
-TASK_CALLBACK = {"task": "pipeline.on_lipsync", "queue": CALLBACK_QUEUE}
-
-
-def request(job_id: str = "j1", **extra: Any) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "sheet_id": 101,
-        "cell_id": 3000,
-        "layer_id": 4000,
-        "video_resource_id": 5001,
-        "audio_resource_id": 6001,
-        "model": "gen",
-        **extra,
-    }
-
-
-def created(res: Resources, job_id: str = "j1", **extra: Any) -> Job:
-    return steps.create(request(job_id, **extra), task_id=TASK_ID, res=res).job
-
-
-def submitted(res: Resources, job_id: str = "j1", *, step_task_id: str | None = None, **extra: Any) -> Job:
-    job = created(res, job_id, **extra)
-    token = steps.CURRENT_TASK_ID.set(step_task_id)
-    try:
-        result = steps.submit(job, res, record=res.jobs.get(job_id))
-    finally:
-        steps.CURRENT_TASK_ID.reset(token)
-    assert isinstance(result, Job) and result.generation_id
-    return result
-
-
-def all_messages(res: Resources) -> list[dict[str, Any]]:
-    names = (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS, CALLBACK_QUEUE)
-    return [message for name in names for message in queued(res, name)]
+from worker.names import ACTIVE_JOBS_KEY
 
 
 def test_cancelling_a_submitted_job_stops_it_on_gen_and_fails_the_caller(

@@ -10,64 +10,21 @@ import pytest
 from kombu.exceptions import OperationalError
 
 from tests.unit.conftest import FakeClock, queued
+from tests.unit.jobs.builders import CALLBACK_QUEUE, TASK_CALLBACK, created, failure, request, result
 from worker.callbacks.models import StageEvent
 from worker.celery_queue import CeleryQueue
 from worker.errors import ConfigurationError, RequestInvalid
 from worker.gen.errors import GenNotFound
-from worker.jobs import steps
 from worker.jobs.errors import GenerationStopped, JobTimeout
 from worker.jobs.failures import failure_for, reject
-from worker.jobs.models import Job, LipsyncFailure, LipsyncRequest, LipsyncResult, StoredOutput, Timings
+from worker.jobs.models import LipsyncRequest
 from worker.jobs.outcomes import emit_event, finish
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import sweep_once
 from worker.names import ACTIVE_JOBS_KEY, QUEUE_CALLBACKS, QUEUE_JOBS, TASK_DELIVER_WEBHOOK
 from worker.ops.metrics import CALLBACKS_KEY, JOB_DURATION_KEY, JOBS_FINISHED_KEY
 
-TASK_ID = "caller-task-1"
-CALLBACK_QUEUE = "media"
-TASK_CALLBACK = {"task": "pipeline.on_lipsync", "queue": CALLBACK_QUEUE}
 WEBHOOK_URL = "https://example.com/hook"
-
-
-def request(job_id: str = "j1", **extra: Any) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "sheet_id": 101,
-        "cell_id": 3000,
-        "layer_id": 4000,
-        "video_resource_id": 5001,
-        "audio_resource_id": 6001,
-        "model": "gen",
-        **extra,
-    }
-
-
-def created(res: Resources, job_id: str = "j1", **extra: Any) -> Job:
-    return steps.create(request(job_id, **extra), task_id=TASK_ID, res=res).job
-
-
-def failure(status: Any = "failed", code: str = "generation_failed", job_id: str = "j1") -> LipsyncFailure:
-    return LipsyncFailure(
-        job_id=job_id, generation_id="9001", status=status, error_code=code, message="nope", model="gen"
-    )
-
-
-def result(job_id: str = "j1") -> LipsyncResult:
-    return LipsyncResult(
-        job_id=job_id,
-        generation_id="9001",
-        model="gen",
-        output=StoredOutput(
-            uri="file:///out/j1.mp4",
-            size_bytes=1234,
-            sha256="ab" * 32,
-            content_type="video/mp4",
-            url="https://cdn.example.com/j1.mp4",
-        ),
-        polls=3,
-        timings=Timings(enqueued_at=100.0, finished_at=142.5, total_seconds=42.5),
-    )
 
 
 def counters(res: Resources, key: str) -> dict[tuple[str, ...], float]:

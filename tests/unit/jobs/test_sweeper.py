@@ -8,17 +8,25 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from gensim import GenSimulator
 from tests.unit.conftest import FakeClock, queued, unit_settings
+from tests.unit.jobs.builders import (
+    CALLBACK_QUEUE,
+    TASK_CALLBACK,
+    TASK_ID,
+    all_messages,
+    created,
+    result,
+    submitted,
+)
 from worker.app import create_app
 from worker.celery_queue import CeleryQueue
 from worker.errors import LipsyncJobFailed
 from worker.jobs import steps
-from worker.jobs.models import Job, LipsyncResult, StoredOutput, Timings
+from worker.jobs.models import Job
 from worker.jobs.outcomes import finish
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import SweeperThread, SweepReport, sweep_once, try_lease
@@ -36,47 +44,11 @@ from worker.names import (
 )
 from worker.settings import Settings
 
-TASK_ID = "caller-task-1"
-CALLBACK_QUEUE = "media"
-
-
-def request(job_id: str = "j1", **extra: Any) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "sheet_id": 101,
-        "cell_id": 3000,
-        "layer_id": 4000,
-        "video_resource_id": 5001,
-        "audio_resource_id": 6001,
-        "model": "gen",
-        **extra,
-    }
-
-
-TASK_CALLBACK = {"task": "pipeline.on_lipsync", "queue": CALLBACK_QUEUE}
-
-
-def created(res: Resources, job_id: str = "j1", **extra: Any) -> Job:
-    return steps.create(request(job_id, **extra), task_id=TASK_ID, res=res).job
-
-
-def submitted(res: Resources, job_id: str = "j1", **extra: Any) -> Job:
-    job = created(res, job_id, **extra)
-    result = steps.submit(job, res, record=res.jobs.get(job_id))
-    assert isinstance(result, Job) and result.generation_id
-    return result
-
 
 def overdue_at(res: Resources, job_id: str) -> float:
     record = res.jobs.get(job_id)
     assert record is not None and record.overdue_at is not None
     return record.overdue_at
-
-
-def all_messages(res: Resources) -> list[dict[str, Any]]:
-    return [
-        m for name in (QUEUE_JOBS, QUEUE_FETCH, QUEUE_CALLBACKS, CALLBACK_QUEUE) for m in queued(res, name)
-    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,28 +240,11 @@ def test_a_job_redriven_max_redrives_times_fails_with_redrive_limit(
         res.redis.close()
 
 
-def completed_result(job_id: str = "j1") -> LipsyncResult:
-    return LipsyncResult(
-        job_id=job_id,
-        generation_id="9001",
-        model="gen",
-        output=StoredOutput(
-            uri="file:///out/j1.mp4",
-            size_bytes=1234,
-            sha256="ab" * 32,
-            content_type="video/mp4",
-            url="https://cdn.example.com/j1.mp4",
-        ),
-        polls=3,
-        timings=Timings(enqueued_at=1.0, finished_at=2.0, total_seconds=1.0),
-    )
-
-
 def test_a_finished_job_with_unconfirmed_callbacks_gets_them_resent(
     res: Resources, queue: CeleryQueue, clock: FakeClock
 ) -> None:
     created(res, callback=TASK_CALLBACK)
-    outcome = completed_result().model_dump(mode="json")
+    outcome = result().model_dump(mode="json")
     due = clock() + res.settings.recovery_grace
     # What a worker that died between recording the outcome and dispatching it leaves behind.
     first, _ = res.jobs.finish("j1", outcome, state="completed", overdue_at=due)
@@ -304,8 +259,8 @@ def test_a_finished_job_with_unconfirmed_callbacks_gets_them_resent(
     assert callback["id"] == "j1.outcome" and callback["args"] == [outcome]
     assert queued(res, QUEUE_JOBS) == [], "a finished job is never re-driven"
 
-    result = queue.app.AsyncResult(TASK_ID)
-    assert result.state == "SUCCESS" and result.result == outcome
+    caller = queue.app.AsyncResult(TASK_ID)
+    assert caller.state == "SUCCESS" and caller.result == outcome
     record = res.jobs.get("j1")
     assert record is not None and record.callbacks_dispatched and record.drive == 1
     assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is None
@@ -338,7 +293,7 @@ def test_a_finished_and_dispatched_job_left_in_the_active_set_is_just_forgotten(
     res: Resources, queue: CeleryQueue, clock: FakeClock
 ) -> None:
     created(res, callback=TASK_CALLBACK)
-    res.jobs.finish("j1", completed_result().model_dump(mode="json"), state="completed", overdue_at=clock())
+    res.jobs.finish("j1", result().model_dump(mode="json"), state="completed", overdue_at=clock())
     res.jobs.update("j1", callbacks_dispatched="1", overdue_at=clock())  # dispatched, still listed
     assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is not None
     report = sweep_once(queue, res, now=clock() + 1)
@@ -383,7 +338,7 @@ def test_a_record_without_job_state_is_dropped_from_the_active_set(
 
 def test_an_overdue_webhook_is_resent_with_a_new_token(res: Resources, queue: CeleryQueue) -> None:
     job = created(res, callback={"webhook_url": "https://example.com/hook"})
-    stored = finish(queue, res, job_id="j1", callback=job.request.callback, outcome=completed_result())
+    stored = finish(queue, res, job_id="j1", callback=job.request.callback, outcome=result())
     [original] = queued(res, QUEUE_CALLBACKS)
     assert original["task"] == TASK_DELIVER_WEBHOOK
     old = original["kwargs"]["drive"]
