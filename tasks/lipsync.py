@@ -30,6 +30,7 @@ from worker.jobs import steps
 from worker.jobs.failures import failure_for, reject
 from worker.jobs.models import Job
 from worker.jobs.outcomes import emit_event, finish
+from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources, resources
 from worker.names import (
     CHAIN,
@@ -137,7 +138,7 @@ def _queue(task: AnyTask) -> CeleryQueue:
     return CeleryQueue(task.app)
 
 
-def _guard(job: Job, res: Resources, *, final: bool = False) -> Any:
+def _guard(job: Job, res: Resources, *, final: bool = False) -> JobRecord | None:
     try:
         return steps.guard(job, res, final=final)
     except steps.NothingToDo:
