@@ -29,7 +29,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     webhook_soft_limit, webhook_hard_limit = attempt_time_limits(settings.webhook_timeout)
     transport = {
         # Redis redelivers an unacknowledged message after this long. Poll countdowns are capped
-        # at 15 min (worker.jobs.backoff.MAX_COUNTDOWN) and downloads at LIPSYNC_DOWNLOAD_TIMEOUT, both
+        # at 15 min (worker.retry.MAX_COUNTDOWN) and downloads at LIPSYNC_DOWNLOAD_TIMEOUT, both
         # far below it, so nothing is redelivered while still legitimately held (kombu#337).
         "visibility_timeout": vt,
     }

@@ -1,14 +1,14 @@
 """A small, synchronous client for the parts of GEN's API a lipsync job needs.
 
 Submit (``POST …/generate``), poll (``GET /v1/generations/{id}``), stop, read a cell or layer, and
-resolve a content resource to its URL. Celery-free on purpose: the tasks in :mod:`tasks` wrap it, and
-tests and the CLI use it directly.
+resolve a content resource to its URL. Celery-free on purpose: the job's steps (:mod:`worker.jobs.steps`)
+use it, and so do tests and the CLI.
 
 Design rules, each for a reason:
 
 * **The client never retries.** No urllib3 ``Retry``, no loops. Every failure becomes exactly one
-  :class:`~worker.errors.GenAPIError` subclass and the Celery task decides with
-  :func:`~worker.errors.is_retryable` (and Retry-After) whether and when to try again. Two layers of
+  :class:`~worker.gen.errors.GenAPIError` subclass and the job's step decides with
+  :func:`worker.retry.decide` (and Retry-After) whether and when to try again. Two layers of
   retries would multiply attempts and hide time from the job's deadline.
 * **One place maps HTTP to errors** (:meth:`GenClient._raise_for_response`), so every endpoint agrees
   on what a 404 or a 429 means.
@@ -106,7 +106,7 @@ CallObserver = Callable[[str, int | None, float], None]
 class GenClient:
     """GEN's lipsync endpoints over one ``requests.Session``.
 
-    Every method raises a :class:`~worker.errors.GenAPIError` subclass on failure and never retries
+    Every method raises a :class:`~worker.gen.errors.GenAPIError` subclass on failure and never retries
     itself. Retryable (``is_retryable`` true): :class:`GenTransportError`, :class:`GenTimeout`,
     :class:`GenRateLimited` (429), :class:`GenServerError` (408, 5xx), :class:`GenBadResponse`
     (2xx with an unreadable body; the tasks cap these). Not retryable: :class:`GenAuthError`
@@ -268,7 +268,7 @@ class GenClient:
     def get_generation(self, generation_id: str) -> Generation:
         """``GET /v1/generations/{id}`` (no ``agent_id``: the generations endpoints do not take it).
 
-        An unknown ``status`` is returned as is; classifying it is the poll task's job.
+        An unknown ``status`` is returned as is; classifying it is the poll step's job.
         Raises :class:`GenNotFound`, :class:`GenAuthError`, :class:`GenRejected` - not retryable;
         :class:`GenRateLimited`, :class:`GenServerError`, :class:`GenTransportError`/
         :class:`GenTimeout`, :class:`GenBadResponse` - retryable.
