@@ -83,8 +83,6 @@ __all__ = [
     "MAX_ACTIVE_SCAN",
     "METRICS_KEYS",
     "METRICS_PREFIX",
-    "QUEUES",
-    "STAGES",
     "MetricsCollector",
     "main",
     "record_callback",
@@ -119,14 +117,10 @@ GEN_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 #: A job takes seconds to minutes; LIPSYNC_JOB_TIMEOUT is 30 min by default.
 JOB_DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, INF)
 
-#: The queues whose depth is exported.
-QUEUES = ALL_QUEUES
 #: kombu's Redis transport keeps a message with priority n in a list named ``<queue>\x06\x16<n>``
 #: (``Channel.sep``, ``PRIORITY_STEPS``; priority 0 is the plain list).
 PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
-#: The in-flight stages, exported even when zero: an autoscaler reads a missing series as an error.
-STAGES: tuple[str, ...] = tuple(stage.value for stage in IN_FLIGHT_STAGES)
 #: Most active jobs whose records are read per scrape (see the module docstring for the cost).
 MAX_ACTIVE_SCAN = 50_000
 
@@ -221,12 +215,12 @@ def _field(values: Sequence[str]) -> str:
 class _Snapshot:
     """Everything one scrape read from Redis, before any of it is turned into metrics."""
 
-    in_flight: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    in_flight: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IN_FLIGHT_STAGES, 0))
     active: int = 0
     overdue: int = 0
     dead_letters: int = 0
     webhooks_pending: int = 0
-    queue_depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(QUEUES, 0))
+    queue_depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALL_QUEUES, 0))
     #: Metric hash key -> its raw fields and values.
     hashes: dict[str, Mapping[Any, Any]] = field(default_factory=dict)
 
@@ -286,7 +280,7 @@ class MetricsCollector:
         return snapshot
 
     def _in_flight(self, job_ids: Sequence[str]) -> dict[str, int]:
-        counts = dict.fromkeys(STAGES, 0)
+        counts: dict[str, int] = dict.fromkeys(IN_FLIGHT_STAGES, 0)
         if not job_ids:
             return counts
         pipe = self.redis.pipeline(transaction=False)
@@ -305,11 +299,11 @@ class MetricsCollector:
 
     def _queue_depths(self) -> dict[str, int]:
         pipe = self.broker.pipeline(transaction=False)
-        for queue in QUEUES:
+        for queue in ALL_QUEUES:
             for name in _queue_lists(queue):
                 pipe.llen(name)
         lengths = iter(pipe.execute())
-        return {queue: sum(next(lengths) for _ in _queue_lists(queue)) for queue in QUEUES}
+        return {queue: sum(next(lengths) for _ in _queue_lists(queue)) for queue in ALL_QUEUES}
 
 
 def _queue_lists(queue: str) -> list[str]:
@@ -340,7 +334,7 @@ def _gauges(s: _Snapshot) -> Iterator[Metric]:
     in_flight = GaugeMetricFamily(
         "lipsync_jobs_in_flight", "Unfinished jobs by the stage their record is in.", labels=["stage"]
     )
-    for stage in STAGES:
+    for stage in IN_FLIGHT_STAGES:
         in_flight.add_metric([stage], s.in_flight.get(stage, 0))
     yield in_flight
     yield GaugeMetricFamily(
@@ -356,7 +350,7 @@ def _gauges(s: _Snapshot) -> Iterator[Metric]:
     depth = GaugeMetricFamily(
         "lipsync_queue_depth", "Messages waiting in each Celery queue (all priorities).", labels=["queue"]
     )
-    for queue in QUEUES:
+    for queue in ALL_QUEUES:
         depth.add_metric([queue], s.queue_depth.get(queue, 0))
     yield depth
     yield GaugeMetricFamily(

@@ -20,6 +20,7 @@ from gensim import GenSimulator
 from gensim.faults import Fault
 from gensim.state import NO_FACE_REASON
 from tests.unit.conftest import API_KEY, DURATIONS, FakeClock, unit_settings
+from tests.unit.jobs.builders import request
 from worker.errors import RequestInvalid
 from worker.gen.client import idempotency_key_for
 from worker.gen.errors import GenNotFound, GenRejected
@@ -53,15 +54,7 @@ from worker.retry import MAX_COUNTDOWN
 from worker.settings import Settings
 
 JOB_ID = "j1"
-REQUEST: dict[str, Any] = {
-    "job_id": JOB_ID,
-    "sheet_id": 101,
-    "cell_id": 3000,
-    "layer_id": 4000,
-    "video_resource_id": 5001,
-    "audio_resource_id": 6001,
-    "model": "gen",
-}
+REQUEST: dict[str, Any] = request(JOB_ID)
 #: The simulator's video resources that fail ("No face detected") and that never finish.
 FAILING_VIDEO = 5099
 STUCK_VIDEO = 5098

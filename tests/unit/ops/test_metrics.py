@@ -14,7 +14,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.dev.embedded_redis import EmbeddedRedis, free_port
-from worker.names import ACTIVE_JOBS_KEY, DEAD_LETTERS_KEY, JOB_KEY_PREFIX, WEBHOOKS_PENDING_KEY
+from worker.names import (
+    ACTIVE_JOBS_KEY,
+    ALL_QUEUES,
+    DEAD_LETTERS_KEY,
+    IN_FLIGHT_STAGES,
+    JOB_KEY_PREFIX,
+    WEBHOOKS_PENDING_KEY,
+)
 from worker.ops import metrics
 from worker.ops.metrics import (
     METRICS_PREFIX,
@@ -208,7 +215,7 @@ def test_in_flight_scan_is_capped(r: redis.Redis) -> None:
 
 
 def test_everything_is_exported_as_zero_when_empty(registry: CollectorRegistry) -> None:
-    for stage in metrics.STAGES:
+    for stage in IN_FLIGHT_STAGES:
         assert value(registry, "lipsync_jobs_in_flight", stage=stage) == 0
     for queue in ("lipsync", "lipsync.fetch", "lipsync.callbacks"):
         assert value(registry, "lipsync_queue_depth", queue=queue) == 0
@@ -263,7 +270,7 @@ def test_queue_names_match_the_app_and_kombu() -> None:
 
     from worker.app import app
 
-    assert tuple(queue.name for queue in app.conf.task_queues) == metrics.QUEUES
+    assert tuple(queue.name for queue in app.conf.task_queues) == ALL_QUEUES
     assert Channel.sep == metrics.PRIORITY_SEPARATOR
     assert tuple(step for step in PRIORITY_STEPS if step) == metrics.PRIORITY_STEPS
 
