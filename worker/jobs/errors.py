@@ -15,6 +15,8 @@ class JobError(LipsyncError):
 
     status: FailureStatus = "failed"
     error_code: str = "job_failed"
+    #: The message when a step's retries are spent and this error ends the job.
+    gave_up: str = "gave up after {attempts} attempts: {cause}"
 
     def __init__(self, message: str, *, generation_id: str | None = None) -> None:
         super().__init__(message)
@@ -55,6 +57,7 @@ class BadUpstream(JobError):
     """GEN kept answering with bodies we cannot read (``LIPSYNC_MAX_BAD_RESPONSES``)."""
 
     error_code = "bad_upstream_response"
+    gave_up = "GEN answered {attempts} times with unreadable bodies: {cause}"
 
 
 class UpstreamUnavailable(JobError):

@@ -266,21 +266,14 @@ def _again_or_raise(
     if isinstance(verdict, GiveUp):
         if not verdict.exhausted:
             raise exc
-        raise exhausted(
-            _gave_up_message(exhausted, counted + 1, exc), generation_id=job.generation_id
-        ) from exc
+        message = exhausted.gave_up.format(attempts=counted + 1, cause=exc)
+        raise exhausted(message, generation_id=job.generation_id) from exc
     updated = job.model_copy(update={"step_retries": job.step_retries + 1})
     countdown = verdict.delay
     if until_deadline:
         countdown = clamp_to_deadline(countdown, now=res.clock(), deadline=job.deadline_at)
     expect_next(updated, res, within=countdown, last_error=str(exc))
     return Again(updated, countdown, str(exc))
-
-
-def _gave_up_message(exhausted: type[JobError], attempts: int, exc: Exception) -> str:
-    if exhausted is BadUpstream:
-        return f"GEN answered {attempts} times with unreadable bodies: {exc}"
-    return f"gave up after {attempts} attempts: {exc}"
 
 
 # --------------------------------------------------------------------------------------------
