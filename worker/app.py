@@ -17,6 +17,7 @@ from worker.callbacks.webhooks import attempt_time_limits
 from worker.celery_queue import CeleryQueue
 from worker.jobs.sweeper import SweeperThread
 from worker.names import ALL_QUEUES, QUEUE_JOBS, ROUTES, TASK_DELIVER_WEBHOOK
+from worker.node import ConnectionStep, Node, NodeStep
 from worker.ops import kombu_fixes, logs
 from worker.settings import Settings, get_settings
 
@@ -85,7 +86,7 @@ class SweeperStep(bootsteps.StartStopStep):
     """Celery worker bootstep: every worker runs a sweeper thread (worker.jobs.sweeper) next to its
     consumer; one per round across the fleet wins a Redis lease and re-drives stalled jobs."""
 
-    requires = ("celery.worker.components:Pool",)
+    requires = ("celery.worker.components:Pool", NodeStep)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -93,7 +94,8 @@ class SweeperStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         holder = f"{getattr(worker, 'hostname', None) or socket.gethostname()}"
-        self.thread = SweeperThread(CeleryQueue(worker.app), holder)
+        node: Node = worker.lipsync_node
+        self.thread = SweeperThread(CeleryQueue(worker.app), holder, trust_silence=node.trusts_silence)
         self.thread.start()
 
     def stop(self, worker: Any) -> None:
@@ -109,7 +111,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery.conf.update(celery_config(settings))
     # Producers using worker.enqueue with this app find the job-record Redis through it.
     celery.lipsync_settings = settings  # type: ignore[attr-defined]
+    celery.steps["worker"].add(NodeStep)
     celery.steps["worker"].add(SweeperStep)
+    celery.steps["consumer"].add(ConnectionStep)
     return celery
 
 

@@ -104,6 +104,13 @@ JOB_KEY_PREFIX = "lipsync:job:"
 ACTIVE_JOBS_KEY = "lipsync:jobs:active"
 #: The sweeper's fleet-wide lease (one sweep per round).
 SWEEPER_LEASE_KEY = "lipsync:sweeper:lease"
+#: Sorted set of worker consumers ("holders"), scored by their last heartbeat in Redis server time;
+#: score 0 marks a holder its own node released (it lost its broker connection and dropped what it
+#: held). See worker.jobs.liveness.
+HOLDERS_KEY = "lipsync:holders"
+#: The hash in which kombu's Redis transport keeps every message taken but not yet acknowledged,
+#: keyed by delivery tag (kombu's default ``unacked_key``; we set no key prefix).
+BROKER_UNACKED_KEY = "unacked"
 #: One hash per owed webhook: ``lipsync:webhook:<msg_id>``.
 WEBHOOK_KEY_PREFIX = "lipsync:webhook:"
 #: Sorted set of undelivered webhooks, scored by ``due_at``.

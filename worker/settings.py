@@ -83,7 +83,12 @@ class Settings(BaseSettings):
     #: that lost data loses such a message.
     queued_recovery: float = Field(default=3600.0, gt=0)
     #: How often each worker tries to sweep (one of them wins a lease per round).
-    sweep_interval: float = Field(default=15.0, gt=0)
+    sweep_interval: float = Field(default=5.0, gt=0)
+    #: How often each worker node writes its heartbeat to Redis (from a thread of its own).
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    #: A node whose last heartbeat is this old is dead: the sweeper re-drives every job whose
+    #: message it held (reserved, waiting on a countdown, running), at any stage.
+    node_dead_after: float = Field(default=20.0, gt=0)
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 
@@ -158,6 +163,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"LIPSYNC_WEBHOOK_RETRY_DELAYS has a {longest:.0f} s delay, not below "
                 f"LIPSYNC_VISIBILITY_TIMEOUT ({self.visibility_timeout} s): Redis would redeliver it"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_in_the_dead_window(self) -> Settings:
+        # One late or lost beat must not make a live node look dead.
+        if self.node_dead_after < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"LIPSYNC_NODE_DEAD_AFTER ({self.node_dead_after:g} s) must be at least twice "
+                f"LIPSYNC_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s)"
             )
         return self
 

@@ -18,6 +18,7 @@ import requests
 from worker.callbacks.outbox import Outbox
 from worker.callbacks.webhooks import outbox_ttl
 from worker.gen.client import GenClient
+from worker.jobs.liveness import Holders
 from worker.jobs.ratelimit import Budget, FleetRateLimiter
 from worker.jobs.records import JobStore
 from worker.ops import metrics
@@ -26,6 +27,9 @@ from worker.output.s3 import S3Storage
 from worker.output.safe_http import GuardedAdapter
 from worker.output.storage import LocalStorage, Storage
 from worker.settings import Settings, get_settings
+
+#: (``redis`` inside the class body names the property below.)
+BrokerRedis = redis.Redis
 
 USER_AGENT = "lipsync-worker/0.1 (+python-requests)"
 
@@ -82,6 +86,21 @@ class Resources:
     @cached_property
     def outbox(self) -> Outbox:
         return Outbox(self.redis, ttl=outbox_ttl(self.settings))
+
+    @cached_property
+    def holders(self) -> Holders:
+        return Holders(self.redis)
+
+    @cached_property
+    def broker_redis(self) -> BrokerRedis | None:
+        """The broker's Redis (to see which messages are still unacknowledged), or None when the
+        broker is not Redis."""
+        url = self.settings.broker_url
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        if url == self.settings.effective_redis_url:
+            return self.redis
+        return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
 
     @cached_property
     def storage(self) -> Storage:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from worker.callbacks.delivery import send_delivery
 from worker.callbacks.outbox import EXPIRED
+from worker.jobs.liveness import recover_stopped_holders
 from worker.jobs.models import Job, LipsyncFailure, LipsyncResult
 from worker.jobs.outcomes import finish
 from worker.jobs.records import JobRecord
@@ -177,13 +179,21 @@ def try_lease(res: Resources, holder: str, ttl: float) -> bool:
 
 
 class SweeperThread(threading.Thread):
-    """Runs :func:`sweep_once` every ``LIPSYNC_SWEEP_INTERVAL`` in a worker's main process (started
-    by the worker bootstep in :mod:`worker.app`)."""
+    """Every ``LIPSYNC_SWEEP_INTERVAL``, in a worker's main process (started by the worker bootstep
+    in :mod:`worker.app`): if this node wins the round's lease, make what stopped holders held
+    overdue (:mod:`worker.jobs.liveness`), then :func:`sweep_once`.
 
-    def __init__(self, queue: TaskQueue, holder: str) -> None:
+    ``trust_silence(dead_after)`` says whether this node's own link to Redis has been up long enough
+    to read another node's silence as its death (see :meth:`worker.node.Node.trusts_silence`).
+    """
+
+    def __init__(
+        self, queue: TaskQueue, holder: str, *, trust_silence: Callable[[float], bool] | None = None
+    ) -> None:
         super().__init__(name="lipsync-sweeper", daemon=True)
         self.queue = queue
         self.holder = holder
+        self.trust_silence = trust_silence or (lambda _dead_after: True)
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -192,9 +202,32 @@ class SweeperThread(threading.Thread):
             interval = res.settings.sweep_interval
             try:
                 if try_lease(res, self.holder, interval * 0.9):
-                    report = sweep_once(self.queue, res)
-                    if report:
-                        log.warning("sweep: %s", report)
+                    self.sweep(res)
             except Exception:
                 log.exception("sweep failed; will retry in %.0f s", interval)
             self.stopping.wait(interval)
+
+    def sweep(self, res: Resources) -> SweepReport:
+        dead_after = res.settings.node_dead_after
+        recovery = recover_stopped_holders(
+            res.holders,
+            res.broker_redis,
+            now=res.clock(),
+            dead_after=dead_after,
+            trust_silence=self.trust_silence(dead_after),
+        )
+        if recovery:
+            log.warning(
+                "holders stopped: %d dead %s, %d released %s; re-driving the %d job(s) and %d webhook(s) "
+                "they held",
+                len(recovery.dead),
+                recovery.dead,
+                len(recovery.released),
+                recovery.released,
+                len(recovery.jobs),
+                len(recovery.webhooks),
+            )
+        report = sweep_once(self.queue, res)
+        if report:
+            log.warning("sweep: %s", report)
+        return report

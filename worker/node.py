@@ -1,0 +1,210 @@
+"""This worker node's part in liveness (:mod:`worker.jobs.liveness`), in Celery terms.
+
+* :class:`Node` is the process's identity in the fleet: one *holder* name per broker connection,
+  a fresh one after every reconnect (Celery drops the reserved and countdown messages it held when
+  its connection is lost, so the old holder is released for the sweeper to recover at once).
+* :class:`HeartbeatThread` writes the current holder's heartbeat from a thread of its own, so a long
+  download or a busy pool is never mistaken for death.
+* :meth:`Node.took` runs on Celery's ``task_received`` signal, in the consumer, for every message
+  the node takes — countdown polls held in memory and reserved-but-not-started messages included —
+  and records that this holder holds the job (or owed webhook) the message drives.
+* The bootsteps wire them into a worker: :class:`NodeStep` (worker) and :class:`ConnectionStep`
+  (consumer: one holder per connection).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import redis
+from celery import bootsteps, signals
+
+from worker.errors import RequestInvalid
+from worker.jobs import steps
+from worker.jobs.resources import resources
+from worker.names import TASK_DELIVER_WEBHOOK, TASK_FETCH, TASK_POLL, TASK_RUN, TASK_SUBMIT
+
+log = logging.getLogger("lipsync.node")
+
+_JOB_STEPS = frozenset({TASK_SUBMIT, TASK_POLL, TASK_FETCH})
+
+
+class Node:
+    """One worker process in the fleet, and the holder name of its current broker connection."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._generation = itertools.count(1)
+        self._lock = threading.Lock()
+        self.holder = self._new_holder()
+        self._connections = 0
+        #: Holders whose release could not be written yet (Redis was down): retried on every beat.
+        self._to_release: list[str] = []
+        #: Monotonic time since when every heartbeat reached Redis (None: the last one failed).
+        self.healthy_since: float | None = None
+
+    def _new_holder(self) -> str:
+        # Unique across processes, restarts (a pid can be reused) and reconnects.
+        return f"{self.name}/{os.getpid()}/{next(self._generation)}-{uuid.uuid4().hex[:6]}"
+
+    # -- the consumer's side ---------------------------------------------------------------------
+
+    def connected(self) -> None:
+        """The consumer (re)connected to the broker. After a reconnect, whatever the previous
+        connection held is gone from this process: release that holder so its jobs are re-driven
+        now rather than after a timer."""
+        with self._lock:
+            self._connections += 1
+            if self._connections == 1:
+                return
+            old, self.holder = self.holder, self._new_holder()
+            self._to_release.append(old)
+        log.warning("broker connection re-established; re-driving what this worker held before it (%s)", old)
+        self._release_pending()
+
+    def took(self, request: Any) -> None:
+        """Record that this node holds the job the message in ``request`` (a Celery Request) drives.
+        Never raises: liveness must not stop a worker from consuming (the job record's timers are
+        the fallback)."""
+        try:
+            self._took(request)
+        except Exception:
+            log.warning("could not record who holds %s %s", request.name, request.id, exc_info=True)
+
+    def _took(self, request: Any) -> None:
+        tag = getattr(request.message, "delivery_tag", None)
+        if not tag:
+            return
+        holder, name = self.holder, request.name
+        args: Sequence[Any] = request.args or ()
+        kwargs: Mapping[str, Any] = request.kwargs or {}
+        res = resources()
+        if name in _JOB_STEPS:
+            job = _argument(args, kwargs, 0, "job")
+            if isinstance(job, dict) and isinstance(job.get("request"), dict):
+                job_id = job["request"].get("job_id")
+                if isinstance(job_id, str):
+                    res.holders.hold_job(job_id, holder, str(tag), drive=int(job.get("drive", 1)))
+        elif name == TASK_RUN:
+            payload = _argument(args, kwargs, 0, "request")
+            job_id = payload.get("job_id") if isinstance(payload, dict) else None
+            if not isinstance(job_id, str):
+                return
+            if res.holders.hold_job(job_id, holder, str(tag), drive=None) == -1:
+                # A producer that sent the message by hand: open the job's record now, so the job
+                # can be re-driven if this node dies before running it (lipsync.run finds it).
+                try:
+                    steps.create(payload, task_id=str(request.id), res=res)
+                except RequestInvalid:
+                    return  # lipsync.run rejects it, with its failure callback
+                res.holders.hold_job(job_id, holder, str(tag), drive=None)
+        elif name == TASK_DELIVER_WEBHOOK:
+            msg_id = _argument(args, kwargs, 0, "msg_id")
+            drive = _argument(args, kwargs, 1, "drive")
+            if isinstance(msg_id, str) and isinstance(drive, int):
+                res.holders.hold_webhook(msg_id, holder, str(tag), drive=drive)
+
+    # -- the heartbeat's side --------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Write the current holder's heartbeat (and any release still owed)."""
+        try:
+            self._release_pending()
+            if not resources().holders.beat(self.holder):
+                # Released already (never by us for the current holder, but be safe): take a new one.
+                with self._lock:
+                    self.holder = self._new_holder()
+        except redis.RedisError as exc:
+            if self.healthy_since is not None:
+                log.warning("heartbeat: Redis unreachable (%s); will keep trying", type(exc).__name__)
+            self.healthy_since = None
+            return
+        if self.healthy_since is None:
+            self.healthy_since = time.monotonic()
+
+    def trusts_silence(self, dead_after: float) -> bool:
+        """Whether this node has reached Redis for the last ``dead_after`` seconds without a gap, so
+        that another node's silence over that window means the other node, not Redis, stopped."""
+        since = self.healthy_since
+        return since is not None and time.monotonic() - since >= dead_after
+
+    def _release_pending(self) -> None:
+        with self._lock:
+            pending, self._to_release = self._to_release, []
+        try:
+            for holder in pending:
+                resources().holders.release(holder)
+                pending = pending[1:]
+        finally:
+            if pending:
+                with self._lock:
+                    self._to_release[:0] = pending
+
+
+def _argument(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+class HeartbeatThread(threading.Thread):
+    def __init__(self, node: Node, interval: float) -> None:
+        super().__init__(name="lipsync-heartbeat", daemon=True)
+        self.node = node
+        self.interval = interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.node.beat()
+            self.stopping.wait(self.interval)
+
+
+class NodeStep(bootsteps.StartStopStep):
+    """Worker bootstep: this process's :class:`Node`, its heartbeat thread, and the hook that records
+    every message the consumer takes. The sweeper (worker.app) asks the node whether to trust
+    other nodes' silence."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.node: Node | None = None
+        self.heartbeat: HeartbeatThread | None = None
+
+    def start(self, worker: Any) -> None:
+        settings = resources().settings
+        node = self.node = Node(str(getattr(worker, "hostname", None) or "worker"))
+        worker.lipsync_node = node
+        signals.task_received.connect(_on_task_received, weak=False)
+        node.beat()
+        self.heartbeat = HeartbeatThread(node, settings.heartbeat_interval)
+        self.heartbeat.start()
+
+    def stop(self, worker: Any) -> None:
+        # The heartbeat goes on until the process exits: a warm shutdown first finishes the running
+        # steps (a long download) and puts back the reserved messages, and the node must not look
+        # dead meanwhile. Once it stops beating, whatever it still held is recovered.
+        signals.task_received.disconnect(_on_task_received)
+
+
+def _on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    node: Node | None = getattr(getattr(sender, "controller", None), "lipsync_node", None)
+    if node is not None and request is not None:
+        node.took(request)
+
+
+class ConnectionStep(bootsteps.StartStopStep):
+    """Consumer bootstep, started after every broker (re)connection: a new holder per connection."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, c: Any) -> None:
+        node: Node | None = getattr(c.controller, "lipsync_node", None)
+        if node is not None:
+            node.connected()
