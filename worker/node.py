@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -28,7 +28,7 @@ from celery import bootsteps, signals
 
 from worker.errors import RequestInvalid
 from worker.jobs import steps
-from worker.jobs.resources import resources
+from worker.jobs.resources import Resources, resources
 from worker.names import TASK_DELIVER_WEBHOOK, TASK_FETCH, TASK_POLL, TASK_RUN, TASK_SUBMIT
 
 log = logging.getLogger("lipsync.node")
@@ -39,8 +39,9 @@ _JOB_STEPS = frozenset({TASK_SUBMIT, TASK_POLL, TASK_FETCH})
 class Node:
     """One worker process in the fleet, and the holder name of its current broker connection."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, resources: Callable[[], Resources] = resources) -> None:
         self.name = name
+        self.resources = resources
         self._generation = itertools.count(1)
         self._lock = threading.Lock()
         self.holder = self._new_holder()
@@ -85,7 +86,7 @@ class Node:
         holder, name = self.holder, request.name
         args: Sequence[Any] = request.args or ()
         kwargs: Mapping[str, Any] = request.kwargs or {}
-        res = resources()
+        res = self.resources()
         if name in _JOB_STEPS:
             job = _argument(args, kwargs, 0, "job")
             if isinstance(job, dict) and isinstance(job.get("request"), dict):
@@ -117,7 +118,7 @@ class Node:
         """Write the current holder's heartbeat (and any release still owed)."""
         try:
             self._release_pending()
-            if not resources().holders.beat(self.holder):
+            if not self.resources().holders.beat(self.holder):
                 # Released already (never by us for the current holder, but be safe): take a new one.
                 with self._lock:
                     self.holder = self._new_holder()
@@ -140,7 +141,7 @@ class Node:
             pending, self._to_release = self._to_release, []
         try:
             for holder in pending:
-                resources().holders.release(holder)
+                self.resources().holders.release(holder)
                 pending = pending[1:]
         finally:
             if pending:

@@ -1,0 +1,254 @@
+"""Liveness against real parts: holders, heartbeats and holdings on a real Redis (Redis server time),
+the real sweeper re-driving through the real CeleryQueue (messages read back with :func:`queued`).
+
+A holder is dead after ``LIPSYNC_NODE_DEAD_AFTER`` (20 s by default) of silence; these tests ask for
+silence of a fraction of a second instead, because heartbeats are stamped with Redis's own clock,
+which a test cannot move. The integration tests (tests/integration/test_liveness.py) run the
+defaults with real worker processes.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from tests.unit.conftest import queued
+from tests.unit.jobs.builders import created, submitted
+from worker.celery_queue import CeleryQueue
+from worker.jobs.liveness import recover_stopped_holders
+from worker.jobs.resources import Resources
+from worker.jobs.sweeper import sweep_once
+from worker.names import (
+    BROKER_UNACKED_KEY,
+    HOLDERS_KEY,
+    QUEUE_CALLBACKS,
+    QUEUE_JOBS,
+    TASK_DELIVER_WEBHOOK,
+    TASK_POLL,
+    TASK_RUN,
+)
+from worker.node import Node
+
+SILENCE = 0.3
+
+
+def unacked(res: Resources, tag: str) -> None:
+    """Put a message in kombu's unacknowledged hash, as the transport does when a worker takes it."""
+    res.redis.hset(BROKER_UNACKED_KEY, tag, "[]")
+
+
+def held_by(res: Resources, job_id: str) -> str | None:
+    raw = res.redis.hget("lipsync:job:" + job_id, "held_by")
+    return raw.decode() if raw else None
+
+
+def recover(res: Resources, *, trust_silence: bool = True) -> Any:
+    return recover_stopped_holders(
+        res.holders, res.broker_redis, now=res.clock(), dead_after=SILENCE, trust_silence=trust_silence
+    )
+
+
+def go_silent() -> None:
+    time.sleep(SILENCE + 0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# recording who holds a job
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_current_message_records_its_holder(res: Resources) -> None:
+    job = submitted(res)
+    assert res.holders.hold_job(job.job_id, "a", "tag-1", drive=job.drive) == 1
+    assert held_by(res, job.job_id) == "a"
+
+
+def test_a_stale_message_never_claims_a_job_someone_else_holds(res: Resources) -> None:
+    job = submitted(res)
+    res.holders.hold_job(job.job_id, "a", "tag-1", drive=job.drive)
+    assert res.holders.hold_job(job.job_id, "b", "tag-0", drive=job.drive - 1 if job.drive > 1 else 99) == 0
+    assert held_by(res, job.job_id) == "a"
+
+
+def test_a_job_without_a_record_or_with_an_outcome_is_not_held(res: Resources) -> None:
+    assert res.holders.hold_job("nobody-knows-me", "a", "t", drive=1) == -1
+    assert not res.redis.exists("lipsync:job:nobody-knows-me")
+    job = submitted(res)
+    res.redis.hset("lipsync:job:" + job.job_id, "outcome", "{}")
+    assert res.holders.hold_job(job.job_id, "a", "t", drive=job.drive) == 0
+
+
+def test_a_run_message_holds_the_job_only_until_its_chain_started(res: Resources) -> None:
+    job = created(res)
+    assert res.holders.hold_job(job.job_id, "a", "t1", drive=None) == 1
+    res.jobs.mark_once(job.job_id, "chain_started")
+    assert res.holders.hold_job(job.job_id, "b", "t2", drive=None) == 0
+    assert held_by(res, job.job_id) == "a"
+
+
+# --------------------------------------------------------------------------------------------
+# heartbeats
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_beating_holder_is_not_silent_and_a_quiet_one_is(res: Resources) -> None:
+    res.holders.beat("quiet")
+    go_silent()
+    res.holders.beat("alive")
+    silent = res.holders.silent(SILENCE)
+    assert "quiet" in silent and "alive" not in silent
+
+
+def test_a_released_holder_is_recovered_at_once_and_never_beats_again(res: Resources) -> None:
+    res.holders.beat("h")
+    res.holders.release("h")
+    assert res.holders.silent(3600) == {"h": 0.0}
+    assert res.holders.beat("h") is False
+    assert res.redis.zscore(HOLDERS_KEY, "h") == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# recovery
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_dead_holders_job_is_redriven_in_the_same_round(res: Resources, queue: CeleryQueue) -> None:
+    job = submitted(res)
+    res.holders.beat("dead")
+    res.holders.hold_job(job.job_id, "dead", "tag-1", drive=job.drive)
+    unacked(res, "tag-1")
+    go_silent()
+    recovery = recover(res)
+    assert recovery.dead == ["dead"] and recovery.jobs == [job.job_id]
+    report = sweep_once(queue, res)
+    assert report.redriven == [job.job_id]
+    [message] = [m for m in queued(res, QUEUE_JOBS) if m["task"] == TASK_POLL]
+    assert message["args"][0]["drive"] == job.drive + 1
+    # The holder is forgotten once what it held was recovered.
+    assert res.redis.zscore(HOLDERS_KEY, "dead") is None
+
+
+def test_a_message_acknowledged_or_put_back_is_not_redriven(res: Resources, queue: CeleryQueue) -> None:
+    # The holder took the message and was done with it (acked: gone from the unacked hash) before
+    # it died; the job's next message waits in a queue, where a backlog is not a failure.
+    job = submitted(res)
+    res.holders.beat("dead")
+    res.holders.hold_job(job.job_id, "dead", "tag-done", drive=job.drive)
+    go_silent()
+    assert recover(res).jobs == []
+    assert sweep_once(queue, res).redriven == []
+
+
+def test_a_live_holders_jobs_are_left_alone(res: Resources) -> None:
+    job = submitted(res)
+    res.holders.beat("slow-but-alive")
+    res.holders.hold_job(job.job_id, "slow-but-alive", "tag-1", drive=job.drive)
+    unacked(res, "tag-1")
+    assert recover(res).jobs == []
+    assert held_by(res, job.job_id) == "slow-but-alive"
+
+
+def test_a_job_nobody_took_is_never_redriven_early(res: Resources) -> None:
+    job = created(res)  # recorded; its message waits in a queue
+    res.holders.beat("dead")
+    go_silent()
+    assert recover(res).jobs == []
+    assert res.jobs.get(job.job_id).overdue_at > res.clock() + 60  # type: ignore[union-attr]
+
+
+def test_after_its_own_outage_a_sweeper_recovers_only_released_holders(res: Resources) -> None:
+    # Everyone's heartbeat looks old to a node whose link to Redis just came back: their silence
+    # may have been the outage's. What a live node said it dropped is still recovered.
+    quiet, dropped = submitted(res, "j1"), submitted(res, "j2")
+    res.holders.beat("quiet")
+    res.holders.beat("reconnected")
+    res.holders.hold_job(quiet.job_id, "quiet", "t-quiet", drive=quiet.drive)
+    res.holders.hold_job(dropped.job_id, "reconnected", "t-dropped", drive=dropped.drive)
+    unacked(res, "t-quiet")
+    unacked(res, "t-dropped")
+    res.holders.release("reconnected")
+    go_silent()
+    recovery = recover(res, trust_silence=False)
+    assert recovery.jobs == [dropped.job_id] and recovery.released == ["reconnected"]
+    assert recovery.dead == []
+    assert recover(res, trust_silence=True).jobs == [quiet.job_id]
+
+
+def test_a_job_taken_by_another_holder_meanwhile_stays_with_it(res: Resources) -> None:
+    job = submitted(res)
+    res.holders.beat("dead")
+    res.holders.hold_job(job.job_id, "dead", "t1", drive=job.drive)
+    unacked(res, "t1")
+    go_silent()
+    [(job_id, holder, _tag)] = list(res.holders.held_jobs({"dead"}))
+    res.holders.hold_job(job.job_id, "b", "t2", drive=job.drive)  # Redis gave it to b meanwhile
+    assert res.holders.job_overdue(job_id, holder, at=res.clock(), released=False) is False
+    assert held_by(res, job.job_id) == "b"
+
+
+def test_a_webhook_held_by_a_dead_holder_is_sent_again(res: Resources, queue: CeleryQueue) -> None:
+    drive = res.outbox.put("msg-1", "http://127.0.0.1:9/hook", {"x": 1}, due_at=res.clock() + 3600)
+    res.holders.beat("dead")
+    res.holders.hold_webhook("msg-1", "dead", "t-w", drive=drive)
+    unacked(res, "t-w")
+    go_silent()
+    assert recover(res).webhooks == ["msg-1"]
+    report = sweep_once(queue, res)
+    assert report.resent_webhooks == ["msg-1"]
+    [message] = [m for m in queued(res, QUEUE_CALLBACKS) if m["task"] == TASK_DELIVER_WEBHOOK]
+    assert message["kwargs"]["msg_id"] == "msg-1" and message["kwargs"]["drive"] > drive
+
+
+# --------------------------------------------------------------------------------------------
+# the node: what a consumer records when it takes a message, and on reconnect
+# --------------------------------------------------------------------------------------------
+
+
+def request(name: str, tag: str, *args: Any, **kwargs: Any) -> Any:
+    """What the consumer hands the ``task_received`` signal: only the fields the node reads."""
+    return SimpleNamespace(
+        name=name, id=f"id-{tag}", args=args, kwargs=kwargs, message=SimpleNamespace(delivery_tag=tag)
+    )
+
+
+def test_the_node_records_each_message_it_takes(res: Resources) -> None:
+    node = Node("n1", resources=lambda: res)
+    job = submitted(res)
+    node.took(request(TASK_POLL, "t-poll", res.jobs.get(job.job_id).job))  # type: ignore[union-attr]
+    assert held_by(res, job.job_id) == node.holder
+
+
+def test_a_raw_run_message_gets_its_record_when_taken(res: Resources) -> None:
+    node = Node("n1", resources=lambda: res)
+    raw = {"job_id": "raw-1", "sheet_id": 1, "cell_id": 2, "video_resource_id": 3, "audio_resource_id": 4}
+    node.took(request(TASK_RUN, "t-run", request=raw))
+    record = res.jobs.get("raw-1")
+    assert record is not None and record.task_id == "id-t-run"
+    assert held_by(res, "raw-1") == node.holder
+
+
+def test_a_message_the_node_cannot_read_does_not_stop_it(res: Resources) -> None:
+    node = Node("n1", resources=lambda: res)
+    node.took(request(TASK_POLL, "t", "not a job"))
+    node.took(request(TASK_RUN, "t", request={"job_id": "bad", "sheet_id": "x"}))
+    assert res.jobs.get("bad") is None
+
+
+def test_a_reconnect_releases_what_the_old_connection_held(res: Resources) -> None:
+    node = Node("n1", resources=lambda: res)
+    node.connected()
+    first = node.holder
+    node.beat()
+    node.connected()
+    assert node.holder != first
+    assert res.redis.zscore(HOLDERS_KEY, first) == 0.0
+    node.beat()
+    assert res.redis.zscore(HOLDERS_KEY, node.holder) > 0  # type: ignore[operator]
+
+
+def test_trust_needs_an_unbroken_link_for_the_whole_window(res: Resources) -> None:
+    node = Node("n1", resources=lambda: res)
+    assert not node.trusts_silence(0.0)
+    node.beat()
+    assert node.trusts_silence(0.0) and not node.trusts_silence(60)
