@@ -270,9 +270,10 @@ def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:
     from worker.app import app
     from worker.celery_queue import CeleryQueue
     from worker.jobs.resources import resources
-    from worker.jobs.sweeper import sweep_once
+    from worker.jobs.sweeper import sweep_round
 
-    report = sweep_once(CeleryQueue(app), resources())
+    # An operator asking for a pass has seen the fleet: a silent worker is taken for dead.
+    report = sweep_round(CeleryQueue(app), resources(), trust_silence=True)
     print(json.dumps(report.__dict__))
     return 0
 

@@ -173,6 +173,37 @@ def _ago(when: float | None, now: float) -> str:
     return "an unknown time" if when is None else f"{now - when:.1f} s past due"
 
 
+def sweep_round(queue: TaskQueue, res: Resources, *, trust_silence: bool) -> SweepReport:
+    """One round: make what stopped holders held overdue (:mod:`worker.jobs.liveness`), then
+    :func:`sweep_once` re-drives it with everything else that is overdue.
+
+    ``trust_silence``: whether the caller's own link to Redis has been up for
+    ``LIPSYNC_NODE_DEAD_AFTER`` (see :func:`~worker.jobs.liveness.recover_stopped_holders`).
+    """
+    recovery = recover_stopped_holders(
+        res.holders,
+        res.broker_redis,
+        now=res.clock(),
+        dead_after=res.settings.node_dead_after,
+        trust_silence=trust_silence,
+    )
+    if recovery:
+        log.warning(
+            "holders stopped: %d dead %s, %d released %s; re-driving the %d job(s) and %d webhook(s) "
+            "they held",
+            len(recovery.dead),
+            recovery.dead,
+            len(recovery.released),
+            recovery.released,
+            len(recovery.jobs),
+            len(recovery.webhooks),
+        )
+    report = sweep_once(queue, res)
+    if report:
+        log.warning("sweep: %s", report)
+    return report
+
+
 def try_lease(res: Resources, holder: str, ttl: float) -> bool:
     """One sweeper per round across the fleet."""
     return bool(res.redis.set(SWEEPER_LEASE_KEY, holder, nx=True, px=max(1, int(ttl * 1000))))
@@ -180,8 +211,7 @@ def try_lease(res: Resources, holder: str, ttl: float) -> bool:
 
 class SweeperThread(threading.Thread):
     """Every ``LIPSYNC_SWEEP_INTERVAL``, in a worker's main process (started by the worker bootstep
-    in :mod:`worker.app`): if this node wins the round's lease, make what stopped holders held
-    overdue (:mod:`worker.jobs.liveness`), then :func:`sweep_once`.
+    in :mod:`worker.app`): if this node wins the round's lease, :func:`sweep_round`.
 
     ``trust_silence(dead_after)`` says whether this node's own link to Redis has been up long enough
     to read another node's silence as its death (see :meth:`worker.node.Node.trusts_silence`).
@@ -202,32 +232,9 @@ class SweeperThread(threading.Thread):
             interval = res.settings.sweep_interval
             try:
                 if try_lease(res, self.holder, interval * 0.9):
-                    self.sweep(res)
+                    sweep_round(
+                        self.queue, res, trust_silence=self.trust_silence(res.settings.node_dead_after)
+                    )
             except Exception:
                 log.exception("sweep failed; will retry in %.0f s", interval)
             self.stopping.wait(interval)
-
-    def sweep(self, res: Resources) -> SweepReport:
-        dead_after = res.settings.node_dead_after
-        recovery = recover_stopped_holders(
-            res.holders,
-            res.broker_redis,
-            now=res.clock(),
-            dead_after=dead_after,
-            trust_silence=self.trust_silence(dead_after),
-        )
-        if recovery:
-            log.warning(
-                "holders stopped: %d dead %s, %d released %s; re-driving the %d job(s) and %d webhook(s) "
-                "they held",
-                len(recovery.dead),
-                recovery.dead,
-                len(recovery.released),
-                recovery.released,
-                len(recovery.jobs),
-                len(recovery.webhooks),
-            )
-        report = sweep_once(self.queue, res)
-        if report:
-            log.warning("sweep: %s", report)
-        return report
