@@ -28,6 +28,36 @@ from pydantic import BaseModel
 
 from worker.names import ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, Stage
 
+# Create the record in one step, or find it: a process dying half-way must not leave a record
+# without its TTL, its job or its place in the active set. A hash without ``created_at`` is what a
+# late step of a forgotten job left behind (a generation id, a flag), not a record: it is replaced.
+# KEYS: record, active set. ARGV: job id, ttl, overdue_at, then the fields as name, value pairs.
+_CLAIM = """
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 1 then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1
+"""
+
+# Set a one-time flag on an existing record (never create one: a flag on an unknown id would be
+# inherited by a later job with that id). ARGV: flag field. Returns 1 for the caller that set it.
+_MARK_ONCE = """
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], ARGV[1], '1')
+"""
+
+# Flag an existing record cancelled and bump its drive token (an unknown id stays unknown: a
+# later job with that id must not start out cancelled). ARGV: updated_at, ttl.
+_REQUEST_CANCEL = """
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'drive', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
 
 class JobRecord(BaseModel):
     """A job as the record knows it (``lipsync-worker status JOB_ID`` prints this)."""
@@ -63,6 +93,9 @@ class JobStore:
     def __init__(self, client: redis.Redis, *, ttl: int) -> None:
         self.redis = client
         self.ttl = ttl
+        self._claim = client.register_script(_CLAIM)
+        self._mark_once = client.register_script(_MARK_ONCE)
+        self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -102,20 +135,23 @@ class JobStore:
     def claim(
         self, job_id: str, *, task_id: str, model: str, job: dict[str, Any] | None, overdue_at: float
     ) -> tuple[bool, JobRecord]:
-        """Create the record unless it exists. Returns (created, record)."""
-        key = self.key(job_id)
-        created = bool(self.redis.hsetnx(key, "created_at", repr(time.time())))
-        if created:
-            self.update(
-                job_id,
-                state=Stage.QUEUED,
-                task_id=task_id,
-                model=model,
-                job_id=job_id,
-                drive=1,
-                job=job,
-                overdue_at=overdue_at,
-            )
+        """Create the record unless it exists, atomically. Returns (created, record)."""
+        now = repr(time.time())
+        fields: dict[str, str] = {
+            "created_at": now,
+            "updated_at": now,
+            "state": Stage.QUEUED.value,
+            "task_id": task_id,
+            "model": model,
+            "job_id": job_id,
+            "drive": "1",
+            "overdue_at": repr(overdue_at),
+        }
+        if job is not None:
+            fields["job"] = json.dumps(job)
+        pairs = [item for name_value in fields.items() for item in name_value]
+        args: list[str | int] = [job_id, self.ttl, repr(overdue_at), *pairs]
+        created = bool(self._claim(keys=[self.key(job_id), ACTIVE_JOBS_KEY], args=args))
         record = self.get(job_id)
         assert record is not None
         return created, record
@@ -177,8 +213,9 @@ class JobStore:
         self.redis.zrem(ACTIVE_JOBS_KEY, job_id)
 
     def mark_once(self, job_id: str, flag: str) -> bool:
-        """Set a one-time flag on the job (e.g. an event sent); True for the caller that set it."""
-        return bool(self.redis.hsetnx(self.key(job_id), f"flag:{flag}", "1"))
+        """Set a one-time flag on the job (e.g. an event sent); True for the caller that set it.
+        False for an unknown job, on which nothing is written."""
+        return bool(self._mark_once(keys=[self.key(job_id)], args=[f"flag:{flag}"]))
 
     def take_over(
         self, job_id: str, *, now: float, overdue_at: float, force: bool = False
@@ -188,6 +225,10 @@ class JobStore:
         Returns the updated record, or None when someone else got there first, the job finished
         meanwhile, or (unless ``force``) it is no longer overdue. Two sweepers racing for one job
         cannot both win: the check and the bump happen under WATCH.
+
+        The job has a chain from now on (the one the taker sends), so ``flag:chain_started`` is set
+        in the same step: a ``lipsync.run`` message redelivered late joins the job instead of
+        starting a second chain.
         """
         key = self.key(job_id)
         with self.redis.pipeline() as pipe:
@@ -202,7 +243,15 @@ class JobStore:
                 pipe.multi()
                 pipe.hincrby(key, "drive", 1)
                 pipe.hincrby(key, "redrives", 1)
-                pipe.hset(key, mapping={"overdue_at": repr(overdue_at), "updated_at": repr(now)})
+                pipe.hset(
+                    key,
+                    mapping={
+                        "overdue_at": repr(overdue_at),
+                        "updated_at": repr(now),
+                        "flag:chain_started": "1",
+                    },
+                )
+                pipe.expire(key, self.ttl)
                 pipe.zadd(ACTIVE_JOBS_KEY, {job_id: overdue_at})
                 pipe.execute()
             except redis.WatchError:
@@ -210,12 +259,11 @@ class JobStore:
         return self.get(job_id)
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
-        """Flag the job cancelled and invalidate every message of its current chain."""
-        key = self.key(job_id)
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"cancel_requested": "1", "updated_at": repr(time.time())})
-        pipe.hincrby(key, "drive", 1)
-        pipe.execute()
+        """Flag the job cancelled and invalidate every message of its current chain. None (and
+        nothing written) for an unknown job."""
+        args: list[str | int] = [repr(time.time()), self.ttl]
+        if not self._request_cancel(keys=[self.key(job_id)], args=args):
+            return None
         return self.get(job_id)
 
     def forget(self, job_id: str) -> None:

@@ -6,6 +6,9 @@ import time
 from typing import Any, cast
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker.jobs.records import JobStore
 from worker.jobs.resources import Resources
@@ -275,3 +278,113 @@ def test_forget_removes_the_record_and_its_active_entry(jobs: JobStore) -> None:
     assert jobs.overdue(now) == ["j2"] and jobs.active_count() == 1
     created, record = jobs.claim("j1", task_id="t-9", model="gen", job=JOB, overdue_at=now + 60)
     assert created and record.task_id == "t-9", "a forgotten job id can be claimed afresh"
+
+
+# -- atomicity and debris ----------------------------------------------------------------------
+
+
+class DyingConnection(redis.Connection):
+    """A connection whose process "dies" after sending ``sends_left`` commands (a pipeline or a
+    script is one send), as a worker SIGKILLed in the middle of a call would: everything after
+    that never reaches Redis. The connection's own handshake is not counted."""
+
+    sends_left = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not _is_handshake(command):
+            if DyingConnection.sends_left <= 0:
+                raise redis.ConnectionError("the process died here")
+            DyingConnection.sends_left -= 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+def _is_handshake(command: Any) -> bool:
+    packed = b"".join(command) if isinstance(command, list) else bytes(command)
+    return any(word in packed[:64].upper() for word in (b"HELLO", b"CLIENT", b"PING", b"SELECT"))
+
+
+@pytest.mark.parametrize("sends", [1, 2, 3])
+def test_a_process_dying_inside_claim_leaves_no_half_record(redis_url: str, sends: int) -> None:
+    """Whatever the point a claim is cut off at, the id is either unknown or a whole record: with
+    its TTL, its job, and its entry in the active set (a half record never expires and blocks the id)."""
+    observer = redis.Redis.from_url(redis_url)
+    observer.script_flush()  # the store's scripts must be loaded again: one more send to die at
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=DyingConnection)
+    DyingConnection.sends_left = sends
+    # No retries: a dead process does not reconnect.
+    dying = JobStore(redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0)), ttl=3600)
+    try:
+        dying.claim("j1", task_id="t-1", model="gen", job=JOB, overdue_at=time.time() + 60)
+    except redis.ConnectionError:
+        pass
+    finally:
+        pool.disconnect()
+
+    jobs = JobStore(observer, ttl=3600)
+    key = JobStore.key("j1")
+    if observer.exists(key):
+        record = jobs.get("j1")
+        assert record is not None and record.job == JOB
+        assert 0 < observer.ttl(key) <= 3600
+        assert active(jobs).keys() == {"j1"}
+    else:
+        assert active(jobs) == {}
+    observer.close()
+
+
+def test_a_cancel_of_an_unknown_job_writes_nothing_and_a_later_job_starts_uncancelled(
+    jobs: JobStore,
+) -> None:
+    assert jobs.request_cancel("j1") is None
+    assert not jobs.redis.exists(JobStore.key("j1"))
+
+    claim(jobs, overdue_at=time.time() + 60)
+    record = jobs.get("j1")
+    assert record is not None and not record.cancel_requested and record.drive == 1
+
+
+def test_mark_once_on_an_unknown_job_writes_nothing_and_a_later_job_starts_unmarked(
+    jobs: JobStore,
+) -> None:
+    assert not jobs.mark_once("j1", "chain_started"), "nothing was marked"
+    assert not jobs.redis.exists(JobStore.key("j1"))
+
+    claim(jobs, overdue_at=time.time() + 60)
+    assert jobs.mark_once("j1", "chain_started")
+
+
+def test_claim_ignores_what_a_late_step_left_under_a_forgotten_id(jobs: JobStore) -> None:
+    claim(jobs, overdue_at=time.time() + 60)
+    jobs.forget("j1")
+    # A step of the forgotten job was still running: it records its generation under the id.
+    jobs.set_generation("j1", "gen-of-the-old-job")
+
+    claim(jobs, overdue_at=time.time() + 60)
+
+    record = jobs.get("j1")
+    assert record is not None and record.generation_id is None
+    assert_ttl_is_the_stores(jobs)
+
+
+def test_take_over_and_request_cancel_renew_the_ttl(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now - 1)
+
+    jobs.redis.expire(JobStore.key("j1"), 5)
+    assert jobs.take_over("j1", now=now, overdue_at=now + 60) is not None
+    assert_ttl_is_the_stores(jobs)
+
+    jobs.redis.expire(JobStore.key("j1"), 5)
+    assert jobs.request_cancel("j1") is not None
+    assert_ttl_is_the_stores(jobs)
+
+
+def test_take_over_marks_the_chain_started(jobs: JobStore) -> None:
+    """A re-driven job has a chain: a ``lipsync.run`` message redelivered late joins it rather
+    than starting a second one."""
+    now = time.time()
+    claim(jobs, overdue_at=now - 1)
+
+    assert jobs.take_over("j1", now=now, overdue_at=now + 60) is not None
+
+    assert not jobs.mark_once("j1", "chain_started")
