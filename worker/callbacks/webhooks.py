@@ -7,9 +7,11 @@
 * The outbox agrees to the attempt only for the message carrying the entry's current token
   (:meth:`Outbox.claim`), and pushes the entry's due time past the attempt's hard time limit: if
   the worker dies mid-attempt, the sweeper sends the webhook again after that.
-* A 2xx removes the entry. 410 Gone and an unsafe URL are final: dead-lettered at once. Any other
-  failure is retried on ``LIPSYNC_WEBHOOK_RETRY_DELAYS`` (:func:`worker.retry.decide`), then
-  dead-lettered. Attempts whose workers died count too, so a webhook never loops forever.
+* A 2xx removes the entry. 410 Gone and an unsafe URL (an address in a private range) are final:
+  dead-lettered at once. Any other failure (a connection refused, a timeout, a 5xx, a receiver's
+  name that does not resolve just now) is retried on ``LIPSYNC_WEBHOOK_RETRY_DELAYS``
+  (:func:`worker.retry.decide`), then dead-lettered. Attempts whose workers died count too, so a
+  webhook never loops forever.
 * Redirects are never followed (a 3xx is a failed attempt, as Standard Webhooks says): following one
   would let a receiver bounce us to an internal address.
 """
@@ -29,7 +31,7 @@ from worker.callbacks.signing import signed_headers
 from worker.errors import LipsyncError
 from worker.ops import metrics
 from worker.output.urlguard import check_url
-from worker.retry import GiveUp, RetryPolicy, decide
+from worker.retry import GiveUp, RetryPolicy, decide, is_retryable
 from worker.settings import Settings
 
 log = logging.getLogger("lipsync.webhooks")
@@ -127,7 +129,9 @@ def attempt(
 def _after_failure(
     outbox: Outbox, settings: Settings, claimed: Attempt, exc: LipsyncError, policy: RetryPolicy
 ) -> float | None:
-    if isinstance(exc, WebhookFailed):
+    if is_retryable(exc):
+        # Any failure another attempt may cure (WebhookFailed, an unresolved host...), not only
+        # the receiver's answers.
         metrics.record_callback(outbox.redis, kind="webhook", outcome="failed_attempt")
     verdict = decide(exc, retries=claimed.number - 1, policy=policy)
     if isinstance(verdict, GiveUp):
@@ -164,7 +168,8 @@ def post_webhook(
     Raises:
         WebhookRejected: 410 Gone; the receiver asked us to stop.
         WebhookFailed: anything else that is not 2xx, or the request did not complete.
-        UnsafeURL: the URL points at an address we refuse.
+        UnsafeURL: the URL points at an address we refuse (final).
+        HostUnresolved: the URL's host did not resolve just now (retryable).
     """
     check_url(url, allow_private=allow_private)
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()

@@ -38,6 +38,14 @@ class OutputInvalid(OutputError):
 
 
 class UnsafeURL(OutputError):
-    """A URL points somewhere we refuse to connect to (not http(s), or a private address)."""
+    """A URL points somewhere we refuse to connect to (not http(s), or a private address). Final."""
 
     error_code = "unsafe_url"
+
+
+class HostUnresolved(OutputError):
+    """The URL's host name did not resolve just now. Retryable: a DNS blip says nothing about where
+    the host points, and only an address in a non-public range makes a URL unsafe."""
+
+    retryable = True
+    error_code = "host_unresolved"

@@ -9,6 +9,7 @@ was counted. The retry schedule is short (:data:`DELAYS`); nothing waits for a c
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -479,3 +480,34 @@ def test_outbox_ttl_outlives_the_result_ttl_plus_the_longest_gap(
     assert res.outbox.ttl == ttl
     owe(res, "https://hooks.example.com/x")
     assert ttl - 1 <= res.outbox.redis.ttl(Outbox.key(MSG_ID)) <= ttl
+
+
+# -- DNS failures are transient ----------------------------------------------------------------
+
+
+def test_a_host_that_does_not_resolve_is_retried_on_the_schedule_not_dead_lettered(
+    make_res: MakeRes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DNS blip (EAI_AGAIN) on the receiver's name is a failed attempt like a refused connection:
+    only an address in a private range is final."""
+    real_getaddrinfo = socket.getaddrinfo
+
+    def blip(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "hooks.blip.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", blip)
+    res = make_res(allow_private_urls=False)
+    drive = owe(res, "https://hooks.blip.example/lipsync")
+
+    countdowns = [attempt(res, drive) for _ in range(len(DELAYS) + 1)]
+
+    assert countdowns == [*DELAYS, None], "retried on the schedule, then dead-lettered"
+    (dead,) = res.outbox.dead_letters()
+    assert dead["attempts"] == len(DELAYS) + 1
+    assert "hooks.blip.example" in dead["error"]
+    assert callbacks_counted(res.redis) == {
+        ("webhook", "failed_attempt"): len(DELAYS) + 1,
+        ("webhook", "dead_lettered"): 1,
+    }
