@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import traceback
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -14,7 +16,7 @@ from worker.jobs.errors import FailureStatus, JobError
 from worker.jobs.models import Job, JobId, LipsyncFailure, Timings
 from worker.jobs.outcomes import finish
 from worker.jobs.resources import Resources
-from worker.output.errors import OutputError
+from worker.output.errors import OutputError, StorageError
 from worker.taskqueue import TaskQueue
 
 log = logging.getLogger("lipsync.failures")
@@ -25,7 +27,9 @@ _JOB_ID: TypeAdapter[str] = TypeAdapter(JobId)
 def failure_for(
     exc: BaseException, *, job: Job | None, job_id: str, metadata: dict[str, Any], now: float
 ) -> LipsyncFailure:
-    """The failure JSON for an exception that ended a job. Messages never carry secrets."""
+    """The failure JSON for an exception that ended a job. Messages never carry secrets: the
+    errors of this package word their own messages; any other exception is reported by its type
+    only, and its text goes to the worker's log (scrubbed, see :func:`scrub_urls`)."""
     status: FailureStatus = "failed"
     errors = None
     generation_id = job.generation_id if job else None
@@ -34,6 +38,11 @@ def failure_for(
     elif isinstance(exc, JobError):
         status, code, message = exc.status, exc.error_code, exc.message
         generation_id = exc.generation_id or generation_id
+        if isinstance(exc.__cause__, StorageError):
+            # The steps give up on every transient error alike (UpstreamUnavailable); when what
+            # kept failing was our own storage, GEN is not to blame and operators must look at
+            # the disk or bucket instead.
+            code = exc.__cause__.error_code
     elif isinstance(exc, GenAPIError):
         # GEN refused the job (401/403/404/422): nothing ran, nothing was charged.
         status = "rejected" if generation_id is None else "failed"
@@ -44,7 +53,11 @@ def failure_for(
     elif isinstance(exc, ConfigurationError):
         code, message = "configuration_error", str(exc)
     else:
-        code, message = "internal_error", f"{type(exc).__name__}: {str(exc)[:300]}"
+        # An exception's text can hold a signed URL or a local path, and the failure goes to
+        # callers and monitors: they get the type, the worker's log gets the rest.
+        code = "internal_error"
+        message = f"internal error ({type(exc).__name__}); details are in the worker's log"
+        log.error("job %s ended by an unexpected error:\n%s", job_id, scrub_urls(_traceback_of(exc)))
     return LipsyncFailure(
         job_id=job_id,
         generation_id=generation_id,
@@ -56,6 +69,27 @@ def failure_for(
         timings=Timings.of(job, now) if job else None,
         metadata=metadata,
     )
+
+
+#: A URL in free text: scheme, optional credentials, host and path, optional query or fragment.
+_URL = re.compile(
+    r"""(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^@/\s'"]*@)?(?P<place>[^?#\s'"]*)(?P<query>[?#][^\s'"]*)?"""
+)
+
+
+def scrub_urls(text: str) -> str:
+    """``text`` with every URL's credentials and query string (signatures, tokens) removed; the
+    scheme, host and path stay, since they are what an operator looks for."""
+
+    def scrub(match: re.Match[str]) -> str:
+        query = "?[redacted]" if match.group("query") else ""
+        return f"{match.group('scheme')}{match.group('place')}{query}"
+
+    return _URL.sub(scrub, text)
+
+
+def _traceback_of(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def reject(queue: TaskQueue, res: Resources, raw: Any, exc: BaseException, *, task_id: str) -> dict[str, Any]:

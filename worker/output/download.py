@@ -20,6 +20,7 @@ import requests
 import urllib3
 
 from worker.output.errors import OutputDownloadError, OutputInvalid, OutputTooLarge
+from worker.output.storage import local_disk
 from worker.output.urlguard import MAX_REDIRECTS, check_url
 
 CHUNK_SIZE = 256 * 1024
@@ -56,19 +57,32 @@ def download(url: str, *, dest_dir: Path, limits: DownloadLimits, session: reque
         OutputTooLarge: the body exceeds ``limits.max_bytes`` (announced or counted).
         OutputInvalid: 4xx, or the body is not a video.
         UnsafeURL: the URL, or a redirect, points somewhere we do not connect to.
+        HostUnresolved: the URL's host did not resolve just now (retryable).
+        StorageError: writing the temp file in ``dest_dir`` failed (disk full, permissions...;
+            retryable).
     """
     started = time.monotonic()
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(dest_dir, older_than=2 * limits.total_timeout)
-    fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".partial", dir=dest_dir)
+    with local_disk(dest_dir):
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(dest_dir, older_than=2 * limits.total_timeout)
+        fd, tmp_name = tempfile.mkstemp(prefix=".download-", suffix=".partial", dir=dest_dir)
     tmp = Path(tmp_name)
+    sink = os.fdopen(fd, "wb")
     try:
-        with os.fdopen(fd, "wb") as sink:
-            size, digest, content_type = _stream(url, sink, limits=limits, session=session, started=started)
+        size, digest, content_type = _stream(
+            url, sink, dest_dir=dest_dir, limits=limits, session=session, started=started
+        )
+        with local_disk(dest_dir):
             sink.flush()
             os.fsync(sink.fileno())
+            sink.close()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # Closing flushes what is buffered, which fails again on a full disk: the error that
+        # matters is the one already raised.
+        with contextlib.suppress(OSError):
+            sink.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     return Downloaded(tmp, size, digest, content_type, time.monotonic() - started)
 
@@ -114,7 +128,13 @@ def _open(url: str, *, limits: DownloadLimits, session: requests.Session) -> req
 
 
 def _stream(
-    url: str, sink: BinaryIO, *, limits: DownloadLimits, session: requests.Session, started: float
+    url: str,
+    sink: BinaryIO,
+    *,
+    dest_dir: Path,
+    limits: DownloadLimits,
+    session: requests.Session,
+    started: float,
 ) -> tuple[int, str, str]:
     with _open(url, limits=limits, session=session) as response:
         _check_status(response)
@@ -125,26 +145,31 @@ def _stream(
         digest = hashlib.sha256()
         size = 0
         head = b""
-        try:
-            # read1: whatever one socket read returns, up to CHUNK_SIZE. read()/stream() would wait
-            # for a full chunk, so a body trickling in below the per-read timeout would hold the
-            # worker until 256 KiB arrived before the total time limit below was looked at.
-            while chunk := response.raw.read1(CHUNK_SIZE, decode_content=False):
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise OutputTooLarge(f"output exceeds the limit of {limits.max_bytes} bytes")
-                if len(head) < 16:
-                    head += chunk[: 16 - len(head)]
-                digest.update(chunk)
+        while True:
+            try:
+                # read1: whatever one socket read returns, up to CHUNK_SIZE. read()/stream() would
+                # wait for a full chunk, so a body trickling in below the per-read timeout would
+                # hold the worker until 256 KiB arrived before the total time limit was looked at.
+                chunk = response.raw.read1(CHUNK_SIZE, decode_content=False)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                # Reading ``raw`` directly surfaces urllib3's errors (IncompleteRead on a short
+                # body, ProtocolError on a reset) rather than requests' wrappers.
+                raise OutputDownloadError(
+                    f"download broke off after {size} bytes: {type(exc).__name__}"
+                ) from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limits.max_bytes:
+                raise OutputTooLarge(f"output exceeds the limit of {limits.max_bytes} bytes")
+            if len(head) < 16:
+                head += chunk[: 16 - len(head)]
+            digest.update(chunk)
+            # Outside the network's try: a full disk is our storage failing, not the download.
+            with local_disk(dest_dir):
                 sink.write(chunk)
-                if time.monotonic() - started > limits.total_timeout:
-                    raise OutputDownloadError(f"download took longer than {limits.total_timeout:.0f} s")
-        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            # Reading ``raw`` directly surfaces urllib3's errors (IncompleteRead on a short body,
-            # ProtocolError on a reset) rather than requests' wrappers.
-            raise OutputDownloadError(
-                f"download broke off after {size} bytes: {type(exc).__name__}"
-            ) from None
+            if time.monotonic() - started > limits.total_timeout:
+                raise OutputDownloadError(f"download took longer than {limits.total_timeout:.0f} s")
     if size == 0:
         raise OutputInvalid("output is empty")
     _check_video(content_type, head)

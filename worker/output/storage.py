@@ -7,12 +7,15 @@ bytes, so a redelivered fetch step never leaves two copies or a half-written one
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from worker.output.errors import OutputInvalid
+from worker.output.errors import OutputInvalid, StorageError
 
 #: Temp files live beside the outputs, on the same filesystem, so publishing is an atomic rename.
 PARTIAL_DIR = ".partial"
@@ -42,6 +45,24 @@ class Storage(Protocol):
         ...
 
 
+@contextlib.contextmanager
+def local_disk(directory: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of the local filesystem (disk full, permissions, a failed fsync, a file
+    where a directory should be) into a retryable :class:`StorageError` naming ``directory``.
+
+    Such a failure often heals (space is freed, a volume is remounted) and the video is paid for:
+    retry with the step's bounded backoff rather than end the job on the first one. Wrap only
+    local file operations: a network error is an ``OSError`` too.
+    """
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        name = errno.errorcode.get(exc.errno) if exc.errno is not None else None
+        detail = f"{reason} ({name})" if name else reason
+        raise StorageError(f"local storage failed in {directory}: {detail}") from exc
+
+
 class LocalStorage:
     """Outputs as ``<root>/<job_id>.mp4``, written by atomic rename."""
 
@@ -62,9 +83,16 @@ class LocalStorage:
         self, job_id: str, tmp_path: Path, *, content_type: str, sha256: str | None = None
     ) -> Published:
         final = self.final_path(job_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_path, final)
-        _fsync_dir(final.parent)
+        try:
+            with local_disk(final.parent):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp_path, final)
+                _fsync_dir(final.parent)
+        except StorageError:
+            # As the S3 backend does: the retry downloads again, so no temp file may pile up.
+            with contextlib.suppress(OSError):
+                tmp_path.unlink(missing_ok=True)
+            raise
         return Published(uri=final.as_uri(), path=str(final))
 
 

@@ -76,6 +76,36 @@ def test_local_refuses_a_job_id_that_escapes_the_directory(tmp_path: Path, job_i
     assert not (tmp_path / "escaped.mp4").exists()
 
 
+def test_local_publish_the_disk_refuses_is_a_retryable_storage_error_naming_the_directory(
+    tmp_path: Path,
+) -> None:
+    """EISDIR (a directory sits under the output's name): a real OSError that root gets too."""
+    storage = LocalStorage(tmp_path / "out")
+    tmp = staged(storage)
+    (storage.root / "job-5.mp4").mkdir()
+
+    with pytest.raises(StorageError) as info:
+        storage.publish("job-5", tmp, content_type="video/mp4")
+
+    exc = info.value
+    assert exc.retryable and is_retryable(exc)
+    assert exc.error_code == "storage_unavailable"
+    assert str(storage.root) in str(exc) and "Is a directory" in str(exc)
+    assert not tmp.exists(), "the temp file is removed: the retry downloads again"
+
+
+def test_local_storage_under_a_file_is_a_retryable_storage_error(tmp_path: Path) -> None:
+    """ENOTDIR: the storage directory's parent is a file."""
+    (tmp_path / "file").write_bytes(b"x")
+    storage = LocalStorage(tmp_path / "file" / "out")
+    tmp = tmp_path / "staged.partial"
+    tmp.write_bytes(VIDEO)
+
+    with pytest.raises(StorageError, match="Not a directory") as info:
+        storage.publish("job-6", tmp, content_type="video/mp4")
+    assert str(tmp_path / "file") in str(info.value)
+
+
 # --------------------------------------------------------------------------------------------
 # S3Storage (moto server mode)
 # --------------------------------------------------------------------------------------------
