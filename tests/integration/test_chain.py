@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
+import http.server
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -230,12 +234,94 @@ def test_vidsheet_dialect_sends_gens_newer_body(make_cluster: Any, simulator: An
     }
 
 
+class VidsheetOnlyGen:
+    """GEN after the ``/autocontentengine`` → ``/vidsheet`` migration, in front of the simulator: the
+    old path prefix is served by the ``/vidsheet`` handlers (with the simulator's strict dialect,
+    they take only the newer body). Everything else is passed through as is, over HTTP."""
+
+    OLD, NEW = "/v1/autocontentengine/", "/v1/vidsheet/"
+
+    def __init__(self, upstream: str) -> None:
+        target = urlsplit(upstream)
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the worker's pooled session expects
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                front.forward(self)
+
+            def do_POST(self) -> None:
+                front.forward(self)
+
+        self.target = (target.hostname or "127.0.0.1", target.port or 80)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def forward(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        path = handler.path
+        if path.startswith(self.OLD):
+            path = self.NEW + path.removeprefix(self.OLD)
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
+        upstream = http.client.HTTPConnection(*self.target, timeout=10)
+        try:
+            upstream.request(handler.command, path, body=body or None, headers=headers)
+            reply = upstream.getresponse()
+            payload = reply.read()
+            handler.send_response(reply.status)
+            for name, value in reply.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding", "content-length"):
+                    handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(payload)))
+            handler.end_headers()
+            handler.wfile.write(payload)
+        finally:
+            upstream.close()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_autocontentengine_dialect_is_refused_by_a_strict_vidsheet_only_gen(
+    make_cluster: Any, simulator: Any
+) -> None:
+    """No fallback by design: the dialect is configured (README: "try vidsheet first"). A GEN that
+    takes only the newer body refuses the older one with 422, and the job fails at once with GEN's
+    reason, typed as a refusal: not retried, nothing charged."""
+    simulator.strict_dialect = True
+    gen = VidsheetOnlyGen(simulator.base_url)
+    try:
+        cluster = make_cluster(LIPSYNC_GEN_BASE_URL=gen.url)  # the default dialect: autocontentengine
+        cluster.start_worker()
+        with pytest.raises(LipsyncJobFailed) as exc_info:
+            enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    finally:
+        gen.close()
+    failure = failure_of(exc_info)
+    assert (failure["status"], failure["error_code"]) == ("rejected", "validation_error"), failure
+    assert "expects the lipsync body with talking_avatar_video_data" in failure["message"], failure
+    assert failure["generation_id"] is None
+    # The older body reached GEN's /vidsheet handler once and was refused; no retry, no generation.
+    assert [(r["path"], r["status"]) for r in generate_requests(simulator)] == [
+        ("/v1/vidsheet/101/cells/3000/layers/4000/generate", 422)
+    ]
+    assert simulator.stats()["generations_created"] == 0
+
+
+def test_autocontentengine_dialect_is_accepted_on_its_own_prefix_under_strict_rules(
     cluster: Cluster, simulator: Any
 ) -> None:
     simulator.strict_dialect = True
     result = enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
-    assert result["status"] == "completed", "old body on the old prefix is accepted under strict rules"
+    assert result["status"] == "completed"
+    generation = simulator.generation(result["generation_id"])
+    assert (generation["prefix"], generation["dialect"]) == ("autocontentengine", "old")
 
 
 @pytest.mark.parametrize(
