@@ -1,4 +1,13 @@
-"""The ``lipsync-worker`` command: worker, simulator, submit, status, schema and demo."""
+"""The lipsync-worker command: run workers and the GEN simulator; submit, inspect and cancel jobs.
+
+Every error is one line on stderr, with one of these exit codes (the README lists them too):
+
+  0  done (the job completed)
+  1  the job failed, or the job / webhook named does not exist
+  2  bad input (the field is named)
+  3  submit --wait timed out; the job is still running
+  4  Redis (the broker or the job records) unreachable
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,10 @@ from typing import Any
 
 from worker.errors import LipsyncJobFailed, RequestInvalid
 
+#: Exit codes: done; the job failed or what was named does not exist; bad input; a ``--wait`` ran
+#: out of time while the job goes on; Redis (broker or job records) unreachable; interrupted.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STILL_RUNNING, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -24,13 +37,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args, extra))
     except RequestInvalid as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # the one place a Redis outage becomes one line
+        if not _is_connection_error(exc):
+            raise
+        print(f"error: cannot reach Redis ({_redis_urls()}): {_one_line(exc)}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import kombu.exceptions
+    import redis
+
+    seen: BaseException | None = exc
+    while seen is not None:  # Celery wraps the broker's error in its own
+        if isinstance(seen, redis.ConnectionError | redis.TimeoutError | kombu.exceptions.OperationalError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _redis_urls() -> str:
+    """The Redis URLs in use, passwords masked."""
+    from kombu.utils.url import sanitize_url
+
+    from worker.settings import get_settings
+
+    s = get_settings()
+    urls = {"broker": s.broker_url, "job records": s.effective_redis_url}
+    if urls["broker"] == urls["job records"]:
+        return f"broker and job records at {sanitize_url(s.broker_url)}"
+    return ", ".join(f"{name} at {sanitize_url(url)}" for name, url in urls.items())
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lipsync-worker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="lipsync-worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("worker", help="run a Celery worker (extra arguments go to 'celery worker')")
@@ -190,13 +240,19 @@ def _wait_and_print(result: Any, *, timeout: float) -> int:
             print(line, file=sys.stderr)
             last = line
         time.sleep(0.25)
+    if not result.ready():
+        print(
+            f"job {result.id} still running after {timeout:g} s; see `lipsync-worker status {result.id}`",
+            file=sys.stderr,
+        )
+        return EXIT_STILL_RUNNING
     try:
-        outcome = result.get(timeout=max(0.1, deadline - time.monotonic()))
+        outcome = result.get(timeout=5)
     except LipsyncJobFailed as exc:
         print(json.dumps(exc.failure, indent=2))
-        return 1
+        return EXIT_FAILED
     print(json.dumps(outcome, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _progress_line(result: Any) -> str:
@@ -213,6 +269,12 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
     from worker.jobs.resources import resources
 
     record = job_status(args.job_id)
+    if record is None:
+        print(
+            f"error: no job {args.job_id!r} (never enqueued here, or expired after LIPSYNC_RESULT_TTL)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     celery = app.AsyncResult(args.job_id)
     info = celery.info if isinstance(celery.info, dict) else None
     outbox = resources().outbox
@@ -220,7 +282,7 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
     print(
         json.dumps(
             {
-                "job": record.model_dump(mode="json") if record else None,
+                "job": record.model_dump(mode="json"),
                 "celery": {"state": celery.state, "info": info},
                 # Webhooks not delivered yet (in an attempt, or waiting for the next one).
                 "webhooks_pending": [entry for entry in owed if entry is not None],
@@ -228,7 +290,7 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
             indent=2,
         )
     )
-    return 0 if record else 1
+    return EXIT_OK
 
 
 def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
@@ -263,7 +325,15 @@ def _cmd_callbacks(args: argparse.Namespace, _: list[str]) -> int:
     )
     for msg_id in replayed:
         print(f"replaying {msg_id}")
-    return 0 if replayed else 1
+    unknown = sorted((wanted or set()) - set(replayed))
+    for msg_id in unknown:
+        print(
+            f"error: no dead-lettered webhook {msg_id!r} (see `lipsync-worker callbacks list`)",
+            file=sys.stderr,
+        )
+    if args.all and not replayed:
+        print("no dead-lettered webhooks to replay", file=sys.stderr)
+    return EXIT_FAILED if unknown or not replayed else EXIT_OK
 
 
 def _cmd_sweep(args: argparse.Namespace, _: list[str]) -> int:

@@ -108,12 +108,6 @@ def test_submit_refuses_a_bad_request_naming_the_field(cluster: Cluster) -> None
     assert "audio_resource_id" in bad.stderr
 
 
-def test_status_of_an_unknown_job(cluster: Cluster) -> None:
-    status = run_cli("status", "no-such-job", env=cluster.env)
-    assert status.returncode == 1
-    assert json.loads(status.stdout)["job"] is None
-
-
 def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     demo = subprocess.run(

@@ -1,0 +1,83 @@
+"""The lipsync-worker command's answers to the mistakes people make, run as a user runs it (a
+subprocess), against a real Redis and no worker: one line on stderr, a documented exit code, no
+traceback."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+from worker.cli import EXIT_FAILED, EXIT_STILL_RUNNING, EXIT_UNREACHABLE, _parser
+from worker.dev.embedded_redis import free_port
+
+CLI = [sys.executable, "-m", "worker.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
+    return subprocess.run(
+        [*CLI, *args], cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_help_lists_every_command_and_the_exit_codes() -> None:
+    done = run_cli("--help", env={})
+    assert done.returncode == 0
+    parser = _parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert commands
+    for name in commands:  # type: ignore[union-attr]
+        assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.MULTILINE), f"{name} missing from --help"
+    for code in ("0", "1", "2", "3", "4"):
+        assert re.search(rf"^\s+{code}\s+\w", done.stdout, re.MULTILINE)
+
+
+def test_an_unreachable_redis_is_one_line_naming_the_url_without_its_password() -> None:
+    url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"
+    for args in (
+        ("status", "j1"),
+        ("submit", "--sheet", "1", "--cell", "2", "--video", "3", "--audio", "4"),
+        ("callbacks", "list"),
+        ("cancel", "j1"),
+    ):
+        done = run_cli(*args, env={"LIPSYNC_BROKER_URL": url})
+        assert done.returncode == EXIT_UNREACHABLE, (args, done.stderr)
+        line = one_line_error(done)
+        assert "cannot reach Redis" in line and "127.0.0.1" in line
+        assert "hunter2-secret" not in done.stderr + done.stdout
+
+
+def test_status_of_an_unknown_job_says_so_in_one_line(redis_url: str) -> None:
+    done = run_cli("status", "no-such-job", env={"LIPSYNC_BROKER_URL": redis_url})
+    assert done.returncode == EXIT_FAILED
+    assert "no job 'no-such-job'" in one_line_error(done)
+    assert done.stdout == ""
+
+
+def test_replaying_an_unknown_webhook_names_it(redis_url: str) -> None:
+    done = run_cli("callbacks", "replay", "job-x.outcome", env={"LIPSYNC_BROKER_URL": redis_url})
+    assert done.returncode == EXIT_FAILED
+    assert "no dead-lettered webhook 'job-x.outcome'" in one_line_error(done)
+
+
+def test_submit_wait_past_its_timeout_says_the_job_goes_on(redis_url: str, tmp_path: Path) -> None:
+    # No worker consumes the queue: the job waits, and --wait gives up on waiting, not on the job.
+    env = {"LIPSYNC_BROKER_URL": redis_url, "LIPSYNC_STORAGE_DIR": str(tmp_path)}
+    args = ("submit", "--job-id", "slow-1", "--sheet", "1", "--cell", "2", "--video", "3", "--audio", "4")
+    done = run_cli(*args, "--wait", "--timeout", "1", env=env)
+    assert done.returncode == EXIT_STILL_RUNNING
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "job slow-1 still running after 1 s; see `lipsync-worker status slow-1`"
