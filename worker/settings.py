@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     #: A node whose last heartbeat is this old is dead: the sweeper re-drives every job whose
     #: message it held (reserved, waiting on a countdown, running), at any stage.
     node_dead_after: float = Field(default=20.0, gt=0)
+    #: Queues lipsync workers do not consume where misrouted lipsync messages land (a producer that
+    #: sent ``lipsync.run`` without ``queue="lipsync"`` reaches Celery's default queue): each sweep
+    #: moves them to their own queue and warns (comma separated; empty: leave them alone).
+    misroute_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["celery"])
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 
@@ -135,6 +139,11 @@ class Settings(BaseSettings):
     #: Allow webhook and download URLs on private/loopback/link-local addresses (tests, the demo,
     #: an in-cluster GEN simulator). Off in production: it is the SSRF guard.
     allow_private_urls: bool = False
+    #: The HTTP proxy (``http://host:port``) that downloads and webhooks go through; unset: they
+    #: connect directly. ``HTTP(S)_PROXY`` in the environment is ignored for them, because a proxy
+    #: bypasses the connect-time address check (worker.output.safe_http): the proxy named here is
+    #: then the egress filter. GEN calls are not affected.
+    egress_proxy: str | None = None
 
     @field_validator("webhook_retry_delays", mode="before")
     @classmethod
@@ -143,6 +152,22 @@ class Settings(BaseSettings):
             return [float(part) for part in value.split(",") if part.strip()]
         if isinstance(value, int | float):
             return [float(value)]
+        return value
+
+    @field_validator("egress_proxy")
+    @classmethod
+    def _http_proxy(cls, value: str | None) -> str | None:
+        # Said here, at start-up: requests would take a bare host:port or socks5:// (without
+        # PySocks) and fail on the first finished job instead.
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("LIPSYNC_EGRESS_PROXY must be an http:// or https:// URL")
+        return value
+
+    @field_validator("misroute_queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @classmethod

@@ -24,7 +24,7 @@ from worker.jobs.records import JobStore
 from worker.ops import metrics
 from worker.output.download import DownloadLimits
 from worker.output.s3 import S3Storage
-from worker.output.safe_http import GuardedAdapter
+from worker.output.safe_http import egress_session
 from worker.output.storage import LocalStorage, Storage
 from worker.settings import Settings, get_settings
 
@@ -52,15 +52,10 @@ class Resources:
     @cached_property
     def http(self) -> requests.Session:
         """Session for downloads and webhooks (not GEN: that one carries the API key)."""
-        session = requests.Session()
-        session.headers["User-Agent"] = USER_AGENT
-        if not self.settings.allow_private_urls:
-            # Check addresses where sockets are opened too, not only before the request (DNS
-            # rebinding); output and webhook URLs come from outside.
-            guarded = GuardedAdapter()
-            session.mount("http://", guarded)
-            session.mount("https://", guarded)
-        return session
+        # Output and webhook URLs come from outside: addresses are checked where sockets open
+        # (DNS rebinding), and only LIPSYNC_EGRESS_PROXY, not the environment, may proxy them.
+        s = self.settings
+        return egress_session(allow_private=s.allow_private_urls, proxy=s.egress_proxy, user_agent=USER_AGENT)
 
     @cached_property
     def redis(self) -> redis.Redis:
