@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from pydantic import BaseModel
@@ -59,6 +59,12 @@ return 1
 """
 
 
+#: What became of a stop asked of GEN (at a cancel, or at the deadline): ``stopped`` (GEN confirmed
+#: it: the credits are refunded), ``already_ended`` (GEN refused: the generation had already ended
+#: there), ``failed`` (it may still be running on GEN).
+StopResult = Literal["stopped", "already_ended", "failed"]
+
+
 class JobRecord(BaseModel):
     """A job as the record knows it (``lipsync-worker status JOB_ID`` prints this)."""
 
@@ -77,6 +83,9 @@ class JobRecord(BaseModel):
     updated_at: float
     last_error: str | None = None
     cancel_requested: bool = False
+    #: What GEN said to our stop of the generation, and why it was not confirmed (None: never asked).
+    stop_result: StopResult | None = None
+    stop_error: str | None = None
     #: Celery id of the message that carries the job now (revoked on cancel).
     step_task_id: str | None = None
     #: The latest job state as carried by the chain (what the sweeper re-drives from).
@@ -87,6 +96,11 @@ class JobRecord(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.outcome is not None
+
+    @property
+    def generation_stopped(self) -> bool | None:
+        """Whether GEN confirmed our stop of the generation (None: no stop was asked)."""
+        return None if self.stop_result is None else self.stop_result == "stopped"
 
 
 class JobStore:

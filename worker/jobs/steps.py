@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -35,13 +37,13 @@ from worker.jobs.errors import (
 )
 from worker.jobs.models import Job, LipsyncRequest, LipsyncResult, StoredOutput, Timings
 from worker.jobs.ratelimit import Budget
-from worker.jobs.records import JobRecord
+from worker.jobs.records import JobRecord, StopResult
 from worker.jobs.resources import Resources
 from worker.names import TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
 from worker.ops.failpoints import failpoint
 from worker.output.download import download
 from worker.output.errors import OutputError, OutputInvalid
-from worker.retry import GiveUp, RetryPolicy, decide
+from worker.retry import GiveUp, Retry, RetryPolicy, decide
 from worker.settings import Settings
 
 log = logging.getLogger("lipsync.steps")
@@ -187,7 +189,11 @@ def submit(job: Job, res: Resources, *, record: JobRecord | None) -> Job | Again
     after GEN accepted) returns the same generation instead of paying for a second one.
     """
     if record is not None and record.generation_id:
-        return _submitted(job, record.generation_id, status=record.gen_status, res=res)
+        # A redelivered message can carry the job from before GEN accepted it: the record's job
+        # knows when that was.
+        recorded = (record.job or {}).get("submitted_at")
+        first = job.model_copy(update={"submitted_at": job.submitted_at or recorded})
+        return _submitted(first, record.generation_id, status=record.gen_status, res=res)
     if res.clock() >= job.deadline_at:
         raise JobTimeout("the deadline passed before GEN accepted the generation")
     s = res.settings
@@ -239,8 +245,10 @@ def _throttle(job: Job, res: Resources, budget: Budget) -> Again | None:
     wait = res.limiter.acquire(budget)
     if wait <= 0:
         return None
-    # A little spread, so the processes that were refused do not all return at the same instant.
+    # A little spread, so the processes that were refused do not all return at the same instant;
+    # never past the deadline, which the next run must notice on time.
     countdown = wait + random.uniform(0, min(1.0, wait))
+    countdown = clamp_to_deadline(countdown, now=res.clock(), deadline=job.deadline_at)
     expect_next(job, res, within=countdown)
     return Again(job, countdown, f"fleet {budget} rate limit")
 
@@ -268,12 +276,96 @@ def _again_or_raise(
             raise exc
         message = exhausted.gave_up.format(attempts=counted + 1, cause=exc)
         raise exhausted(message, generation_id=job.generation_id) from exc
-    updated = job.model_copy(update={"step_retries": job.step_retries + 1})
     countdown = verdict.delay
     if until_deadline:
         countdown = clamp_to_deadline(countdown, now=res.clock(), deadline=job.deadline_at)
-    expect_next(updated, res, within=countdown, last_error=str(exc))
-    return Again(updated, countdown, str(exc))
+    return _retry(job, res, countdown, str(exc))
+
+
+def _retry(job: Job, res: Resources, countdown: float, reason: str) -> Again:
+    """Come back in ``countdown`` seconds after a retryable failure (counted in ``step_retries``)."""
+    updated = job.model_copy(update={"step_retries": job.step_retries + 1})
+    expect_next(updated, res, within=countdown, last_error=reason)
+    return Again(updated, countdown, reason)
+
+
+# --------------------------------------------------------------------------------------------
+# stopping a generation on GEN (a cancel, the deadline)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stop:
+    """What GEN said to a stop of the generation (the stop is what refunds its credits)."""
+
+    result: StopResult
+    #: GEN's refusal or the error, when the stop was not confirmed.
+    detail: str | None = None
+    #: A transient failure the retry policy says to try again after this many seconds.
+    retry_in: float | None = None
+
+    def describe(self) -> str:
+        """The stop, as the end of a failure's message."""
+        if self.result == "stopped":
+            return "the generation was stopped on GEN"
+        if self.result == "already_ended":
+            return "the generation had already ended on GEN"
+        return f"stopping it on GEN failed: {self.detail}"
+
+
+def try_stop(res: Resources, job_id: str, generation_id: str, *, retries: int) -> Stop:
+    """Ask GEN once to stop the generation, ``retries`` retries into it.
+
+    A transient failure that :func:`worker.retry.decide` says is worth another try (transient
+    policy) comes back with ``retry_in`` and is not recorded; any other answer is final and is
+    recorded in the job record (``stop_result``), so whoever reports the job's end says the truth.
+    """
+    try:
+        res.gen.stop_generation(generation_id)
+    except GenNotStoppable as exc:
+        stop = Stop("already_ended", str(exc))
+    except GenAPIError as exc:
+        verdict = decide(exc, retries=retries, policy=transient_policy(res.settings))
+        if isinstance(verdict, Retry):
+            return Stop("failed", str(exc), retry_in=verdict.delay)
+        stop = Stop("failed", str(exc))
+    else:
+        stop = Stop("stopped")
+    if stop.result != "stopped":
+        log.warning("job %s: generation %s: %s", job_id, generation_id, stop.describe())
+    res.jobs.update(job_id, stop_result=stop.result, stop_error=stop.detail)
+    return stop
+
+
+def stop_generation(
+    res: Resources, job_id: str, generation_id: str, *, sleep: Callable[[float], None] = time.sleep
+) -> Stop:
+    """Stop the generation on GEN, retrying transient failures here, in between sleeping, as
+    the transient policy allows (for callers that cannot come back later: a cancel)."""
+    retries = 0
+    while True:
+        stop = try_stop(res, job_id, generation_id, retries=retries)
+        if stop.retry_in is None:
+            return stop
+        log.warning(
+            "job %s: stopping generation %s failed (%s); trying again in %.1f s",
+            job_id,
+            generation_id,
+            stop.detail,
+            stop.retry_in,
+        )
+        # Still alive: the sweeper leaves a cancel in progress alone until this is overdue.
+        expect_stop(res, job_id, within=stop.retry_in)
+        sleep(stop.retry_in)
+        retries += 1
+
+
+def expect_stop(res: Resources, job_id: str, *, within: float = 0.0) -> None:
+    """Record that a stop on GEN is under way: due within ``within`` seconds plus one stop call
+    (and the recovery grace), past which the sweeper takes a cancel that died half-way over."""
+    s = res.settings
+    budget = within + s.gen_connect_timeout + s.gen_read_timeout + s.recovery_grace
+    res.jobs.update(job_id, overdue_at=res.clock() + budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,26 +458,48 @@ def _completed(job: Job, generation: Generation, res: Resources) -> Job:
 
 
 def _deadline_passed(job: Job, res: Resources) -> Job | Again:
-    """Stop the generation on GEN (refunding its credits) and fail with ``timeout``.
+    """Stop the generation on GEN (refunding its credits) and fail with ``timeout``, saying whether
+    GEN confirmed the stop. A stop that fails transiently is tried again (transient policy).
 
-    If GEN refuses the stop because the generation just reached a terminal state, that state wins:
-    a video that completed at the last second is still delivered.
+    If GEN refuses the stop because the generation already ended, what GEN reports wins: a video
+    that completed at the last second is still delivered, a generation that failed fails the job
+    with GEN's reason.
     """
     assert job.generation_id is not None
+    stop = try_stop(res, job.job_id, job.generation_id, retries=job.step_retries)
+    if stop.retry_in is not None:
+        return _retry(job, res, stop.retry_in, f"stopping the generation: {stop.detail}")
+    if stop.result == "already_ended":
+        return _ended_before_the_stop(job, res)
+    raise JobTimeout(f"{_timed_out(job, res)}; {stop.describe()}", generation_id=job.generation_id)
+
+
+def _ended_before_the_stop(job: Job, res: Resources) -> Job | Again:
+    """GEN refused the stop: the generation ended. Read how, and end the job as any poll would."""
+    assert job.generation_id is not None
     try:
-        res.gen.stop_generation(job.generation_id)
-    except GenNotStoppable:
         generation = res.gen.get_generation(job.generation_id)
-        if generation.status == GenerationStatus.COMPLETED:
-            return _completed(job, generation, res)
     except GenAPIError as exc:
-        log.warning("job %s: could not stop generation %s: %s", job.job_id, job.generation_id, exc)
+        verdict = decide(exc, retries=job.step_retries, policy=transient_policy(res.settings))
+        if isinstance(verdict, Retry):
+            return _retry(job, res, verdict.delay, str(exc))
+        raise JobTimeout(
+            f"{_timed_out(job, res)}; GEN refused to stop the generation (it had ended) and its"
+            f" status could not be read: {exc}",
+            generation_id=job.generation_id,
+        ) from exc
+    read = job.model_copy(update={"polls": job.polls + 1, "step_retries": 0})
+    if generation.status in (GenerationStatus.PENDING, GenerationStatus.PROCESSING):
+        # Refused, yet still running: we cannot stop it; say so rather than poll past the deadline.
+        refused = Stop("failed", f"GEN refused the stop while reporting the generation {generation.status}")
+        res.jobs.update(job.job_id, stop_result=refused.result, stop_error=refused.detail)
+        raise JobTimeout(f"{_timed_out(read, res)}; {refused.describe()}", generation_id=job.generation_id)
+    return _classify(read, generation, res)
+
+
+def _timed_out(job: Job, res: Resources) -> str:
     last = job.gen_status or "unknown"
-    raise JobTimeout(
-        f"GEN did not finish within {res.settings.job_timeout:.0f} s (last status: {last});"
-        " the generation was stopped",
-        generation_id=job.generation_id,
-    )
+    return f"GEN did not finish within {res.settings.job_timeout:.0f} s (last status: {last})"
 
 
 # --------------------------------------------------------------------------------------------

@@ -430,6 +430,54 @@ def test_a_fleet_rate_limited_submit_waits_without_calling_gen_or_counting_a_ret
     assert record_of(res, "second").generation_id is None
 
 
+def test_a_fleet_rate_limit_wait_never_passes_the_jobs_deadline(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    """The limiter's window can be longer than the job has left: the job comes back at its
+    deadline (and times out then), not after it."""
+    res = make_res(gen_generate_rate=1, gen_rate_window=600.0, job_timeout=20.0)
+    submitted(res, job_id="first")
+    job = new_job(res, job_id="second")
+    clock.advance(15)
+
+    again = as_again(submit(job, res, record=None))
+
+    assert again.countdown == pytest.approx(5.0)
+    due = record_of(res, "second").overdue_at
+    assert due == pytest.approx(clock.now + 5.0 + res.settings.recovery_grace)
+    clock.advance(again.countdown)
+    with pytest.raises(JobTimeout):
+        submit(again.job, res, record=record_of(res, "second"))
+    assert len(requests_to(sim, "generate")) == 1
+
+
+def test_a_fleet_rate_limited_poll_never_waits_past_the_deadline(
+    make_res: ResFactory, clock: FakeClock
+) -> None:
+    res = make_res(gen_status_rate=1, gen_rate_window=600.0, job_timeout=30.0)
+    job = submitted(res, video_resource_id=STUCK_VIDEO)
+    job = as_again(poll(job, res)).job  # uses the window's only status call
+    clock.advance(10)
+
+    again = as_again(poll(job, res))
+
+    assert again.countdown == pytest.approx(job.deadline_at - clock.now)
+
+
+def test_a_redelivered_submit_keeps_the_first_submitted_at(res: Resources, clock: FakeClock) -> None:
+    job = new_job(res)
+    first = as_job(submit(job, res, record=record_of(res)))
+    clock.advance(100)
+
+    # The original message, redelivered: it still carries the job from before GEN accepted it.
+    again = as_job(submit(job, res, record=record_of(res)))
+
+    assert first.submitted_at is not None
+    assert again.submitted_at == first.submitted_at
+    recorded = record_of(res).job
+    assert recorded is not None and Job.model_validate(recorded).submitted_at == first.submitted_at
+
+
 # --------------------------------------------------------------------------------------------
 # poll
 # --------------------------------------------------------------------------------------------
@@ -652,6 +700,90 @@ def test_past_the_deadline_poll_stops_the_generation_and_times_out(
     assert caught.value.generation_id == generation_id
     assert caught.value.status == "timeout"
     assert "last status: pending" in caught.value.message
+    assert caught.value.message.endswith("; the generation was stopped on GEN")
+    assert record_of(res).generation_stopped is True
+
+
+def test_a_stop_that_fails_once_at_the_deadline_is_retried_until_gen_stops_it(
+    res: Resources, sim: GenSimulator, clock: FakeClock, settings: Settings
+) -> None:
+    job = submitted(res, video_resource_id=STUCK_VIDEO)
+    assert job.generation_id is not None
+    clock.advance(settings.job_timeout)
+    sim.add_fault(Fault(endpoint="stop", status=503))
+
+    again = as_again(poll(job, res))
+    assert again.job.step_retries == 1
+    last_error = record_of(res).last_error
+    assert last_error is not None and "HTTP 503" in last_error
+    assert sim.generation(job.generation_id)["status"] in ("pending", "processing")
+
+    clock.advance(again.countdown)
+    with pytest.raises(JobTimeout) as caught:
+        poll(again.job, res)
+
+    assert sim.stats()["counts"]["stop"] == 2
+    assert sim.generation(job.generation_id)["status"] == "stopped"
+    assert caught.value.message.endswith("; the generation was stopped on GEN")
+    assert record_of(res).generation_stopped is True
+
+
+def test_a_stop_that_keeps_failing_at_the_deadline_is_reported_as_failed(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    res = make_res(max_transient_retries=1)
+    job = submitted(res, video_resource_id=STUCK_VIDEO)
+    assert job.generation_id is not None
+    clock.advance(res.settings.job_timeout)
+    sim.add_fault(Fault(endpoint="stop", status=503, times=None))
+
+    again = as_again(poll(job, res))
+    clock.advance(again.countdown)
+    with pytest.raises(JobTimeout) as caught:
+        poll(again.job, res)
+
+    assert sim.stats()["counts"]["stop"] == 2, "the policy's one retry, then the truth"
+    assert sim.generation(job.generation_id)["status"] in ("pending", "processing")
+    message = caught.value.message
+    assert "was stopped" not in message
+    assert "; stopping it on GEN failed: " in message and "HTTP 503" in message
+    record = record_of(res)
+    assert record.generation_stopped is False
+    assert record.stop_error is not None and "HTTP 503" in record.stop_error
+
+
+def test_a_generation_that_failed_on_gen_at_the_deadline_is_reported_as_gen_says(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    """GEN refuses the stop because the generation just failed: the job fails with GEN's reason,
+    not as "stopped"."""
+    res = make_res(job_timeout=GEN_DURATION)
+    job = submitted(res, video_resource_id=FAILING_VIDEO)
+    job = as_again(poll(job, res)).job
+    clock.advance(GEN_DURATION)  # the deadline, and the moment GEN fails it
+
+    with pytest.raises(GenerationFailed) as caught:
+        poll(job, res)
+
+    assert caught.value.message == NO_FACE_REASON
+    assert len(sim.stats()["stops"]) == 1, "the stop was tried, and refused"
+
+
+def test_a_transient_error_reading_the_status_after_a_refused_stop_is_retried(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    res = make_res(job_timeout=GEN_DURATION)
+    job = submitted(res)
+    job = as_again(poll(job, res)).job
+    clock.advance(GEN_DURATION)  # the deadline, and the moment GEN completes
+    sim.add_fault(Fault(endpoint="get_generation", status=503))
+
+    again = as_again(poll(job, res))
+    assert again.job.step_retries == 1
+
+    clock.advance(again.countdown)
+    done = as_job(poll(again.job, res))
+    assert done.output_resource is not None
 
 
 def test_a_generation_completed_at_the_last_second_is_still_delivered(
@@ -671,6 +803,12 @@ def test_a_generation_completed_at_the_last_second_is_still_delivered(
     assert gen["status"] == "completed" and not gen["stopped_by_api"]
     assert done.output_resource is not None and done.output_resource.url == gen["output_url"]
     assert done.generation_completed_at == clock.now
+    # Recorded like any completion: the record knows the output, and the fetch is due.
+    record = record_of(res)
+    assert record.gen_status == "completed"
+    assert record.job is not None and Job.model_validate(record.job).output_resource is not None
+    due = clock.now + res.settings.queued_recovery + res.settings.recovery_grace
+    assert record.overdue_at == pytest.approx(due)
     result = fetch(done, res)
     assert isinstance(result, LipsyncResult)
 
