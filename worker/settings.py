@@ -89,10 +89,6 @@ class Settings(BaseSettings):
     #: A node whose last heartbeat is this old is dead: the sweeper re-drives every job whose
     #: message it held (reserved, waiting on a countdown, running), at any stage.
     node_dead_after: float = Field(default=20.0, gt=0)
-    #: Queues lipsync workers do not consume where misrouted lipsync messages land (a producer that
-    #: sent ``lipsync.run`` without ``queue="lipsync"`` reaches Celery's default queue): each sweep
-    #: moves them to their own queue and warns (comma separated; empty: leave them alone).
-    misroute_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["celery"])
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 
@@ -161,13 +157,6 @@ class Settings(BaseSettings):
         # PySocks) and fail on the first finished job instead.
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("LIPSYNC_EGRESS_PROXY must be an http:// or https:// URL")
-        return value
-
-    @field_validator("misroute_queues", mode="before")
-    @classmethod
-    def _split_queues(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @classmethod
