@@ -267,9 +267,12 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
     from worker.callbacks.delivery import MESSAGE_KINDS, message_id
     from worker.enqueue import job_status
     from worker.jobs.resources import resources
+    from worker.names import Stage
 
+    res = resources()
     record = job_status(args.job_id)
-    if record is None:
+    waiting = _waiting(res, args.job_id) if record is None or record.state == Stage.QUEUED else None
+    if record is None and waiting is None:
         print(
             f"error: no job {args.job_id!r} (never enqueued here, or expired after LIPSYNC_RESULT_TTL)",
             file=sys.stderr,
@@ -277,12 +280,13 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
         return EXIT_FAILED
     celery = app.AsyncResult(args.job_id)
     info = celery.info if isinstance(celery.info, dict) else None
-    outbox = resources().outbox
-    owed = [outbox.pending(message_id(args.job_id, kind)) for kind in MESSAGE_KINDS]
+    owed = [res.outbox.pending(message_id(args.job_id, kind)) for kind in MESSAGE_KINDS]
     print(
         json.dumps(
             {
-                "job": record.model_dump(mode="json"),
+                "job": record.model_dump(mode="json") if record else None,
+                # Where its message waits, when it waits in a queue.
+                "waiting": waiting,
                 "celery": {"state": celery.state, "info": info},
                 # Webhooks not delivered yet (in an attempt, or waiting for the next one).
                 "webhooks_pending": [entry for entry in owed if entry is not None],
@@ -291,6 +295,23 @@ def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
         )
     )
     return EXIT_OK
+
+
+def _waiting(res: Any, job_id: str) -> dict[str, Any] | None:
+    from worker.names import ALL_QUEUES
+    from worker.ops.misrouted import FIX_HINT, find_message
+
+    broker = res.broker_redis
+    found = find_message(broker, job_id, res.settings.misroute_queues) if broker is not None else None
+    if found is None:
+        return None
+    waiting: dict[str, Any] = {"queue": found.queue, "position": found.position, "task": found.task}
+    if found.queue not in ALL_QUEUES:
+        waiting["problem"] = (
+            f"queue {found.queue!r} is not consumed by lipsync workers; a running worker moves it to its "
+            f"own queue at its next sweep. Fix the producer: {FIX_HINT}"
+        )
+    return waiting
 
 
 def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     #: A node whose last heartbeat is this old is dead: the sweeper re-drives every job whose
     #: message it held (reserved, waiting on a countdown, running), at any stage.
     node_dead_after: float = Field(default=20.0, gt=0)
+    #: Queues lipsync workers do not consume where misrouted lipsync messages land (a producer that
+    #: sent ``lipsync.run`` without ``queue="lipsync"`` reaches Celery's default queue): each sweep
+    #: moves them to their own queue and warns (comma separated; ``none``: leave them alone).
+    misroute_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["celery"])
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 
@@ -122,7 +126,11 @@ class Settings(BaseSettings):
 
     # -- callbacks ------------------------------------------------------------------------------
     #: HMAC secret for webhook signatures (Standard Webhooks; ``whsec_`` + base64, or any string).
+    #: Without it a webhook callback is refused (see ``allow_unsigned_webhooks``).
     webhook_secret: SecretStr | None = None
+    #: Send webhooks unsigned when ``webhook_secret`` is unset. Off: a request with a webhook
+    #: callback is refused, so an unset secret cannot silently turn signing off.
+    allow_unsigned_webhooks: bool = False
     webhook_timeout: float = Field(default=15.0, gt=0)
     #: Delays between webhook delivery attempts (seconds, comma separated). Each is a countdown
     #: held unacknowledged in a worker, so each must stay below the visibility timeout; the
@@ -157,6 +165,14 @@ class Settings(BaseSettings):
         # PySocks) and fail on the first finished job instead.
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("LIPSYNC_EGRESS_PROXY must be an http:// or https:// URL")
+        return value
+
+    @field_validator("misroute_queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            return [] if parts == ["none"] else parts
         return value
 
     @classmethod

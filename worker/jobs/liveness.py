@@ -207,6 +207,9 @@ class Recovery:
     released: list[str] = field(default_factory=list)
     jobs: list[str] = field(default_factory=list)
     webhooks: list[str] = field(default_factory=list)
+    #: How many of ``jobs`` were held by dead holders, and by released ones.
+    jobs_of_dead: int = 0
+    jobs_of_released: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.dead or self.released)
@@ -242,8 +245,13 @@ def recover_stopped_holders(
     released = set(recovery.released)
     held_jobs = [item for item in holders.held_jobs(stopped) if _unacked(broker, item[2])]
     for job_id, holder, _tag in held_jobs:
-        if holders.job_overdue(job_id, holder, at=now, released=holder in released):
+        was_released = holder in released
+        if holders.job_overdue(job_id, holder, at=now, released=was_released):
             recovery.jobs.append(job_id)
+            if was_released:
+                recovery.jobs_of_released += 1
+            else:
+                recovery.jobs_of_dead += 1
     held_webhooks = [item for item in holders.held_webhooks(stopped) if _unacked(broker, item[2])]
     for msg_id, holder, _tag in held_webhooks:
         if holders.webhook_overdue(msg_id, holder, at=now):

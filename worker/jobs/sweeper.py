@@ -29,13 +29,15 @@ from typing import Any
 
 from worker.callbacks.delivery import send_delivery
 from worker.callbacks.outbox import EXPIRED
-from worker.jobs.liveness import recover_stopped_holders
+from worker.jobs.liveness import Recovery, recover_stopped_holders
 from worker.jobs.models import Job, LipsyncFailure, LipsyncResult
 from worker.jobs.outcomes import finish
 from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources, resources
 from worker.jobs.steps import remaining_steps
 from worker.names import SWEEPER_LEASE_KEY
+from worker.ops import metrics
+from worker.ops.misrouted import move_misrouted
 from worker.taskqueue import TaskQueue
 
 log = logging.getLogger("lipsync.sweeper")
@@ -201,7 +203,25 @@ def sweep_round(queue: TaskQueue, res: Resources, *, trust_silence: bool) -> Swe
     report = sweep_once(queue, res)
     if report:
         log.warning("sweep: %s", report)
+    broker = res.broker_redis
+    if broker is not None and res.settings.misroute_queues:
+        for wrong_queue, count in move_misrouted(broker, res.settings.misroute_queues).items():
+            metrics.record_misrouted(res.redis, queue=wrong_queue, count=count)
+    _count_recoveries(res, recovery, report)
     return report
+
+
+def _count_recoveries(res: Resources, recovery: Recovery, report: SweepReport) -> None:
+    overdue = len(report.redriven) - recovery.jobs_of_dead - recovery.jobs_of_released
+    for cause, count in (
+        ("dead_worker", recovery.jobs_of_dead),
+        ("released_on_reconnect", recovery.jobs_of_released),
+        ("overdue", max(0, overdue)),
+        ("webhook_overdue", len(report.resent_webhooks)),
+        ("callbacks_redispatched", len(report.redispatched)),
+    ):
+        if count:
+            metrics.record_recoveries(res.redis, cause=cause, count=count)
 
 
 def try_lease(res: Resources, holder: str, ttl: float) -> bool:

@@ -65,12 +65,14 @@ from worker.names import (
     ACTIVE_JOBS_KEY,
     ALL_QUEUES,
     DEAD_LETTERS_KEY,
+    HOLDERS_KEY,
     IN_FLIGHT_STAGES,
     JOB_KEY_PREFIX,
     METRICS_PREFIX,
     WEBHOOKS_PENDING_KEY,
     Stage,
 )
+from worker.ops.misrouted import count_misrouted
 
 __all__ = [
     "CALLBACKS_KEY",
@@ -88,6 +90,8 @@ __all__ = [
     "record_callback",
     "record_gen_call",
     "record_job_finished",
+    "record_misrouted",
+    "record_recoveries",
     "serve",
 ]
 
@@ -103,12 +107,18 @@ JOBS_FINISHED_KEY = METRICS_PREFIX + "jobs_finished"
 JOB_DURATION_KEY = METRICS_PREFIX + "job_duration"
 #: Counter hash, labels (kind, outcome).
 CALLBACKS_KEY = METRICS_PREFIX + "callbacks"
+#: Counter hash, labels (queue,): lipsync messages moved out of a queue we do not consume.
+MISROUTED_KEY = METRICS_PREFIX + "misrouted"
+#: Counter hash, labels (cause,): jobs and webhooks the sweeper re-drove, by why.
+RECOVERIES_KEY = METRICS_PREFIX + "recoveries"
 METRICS_KEYS = (
     GEN_REQUESTS_KEY,
     GEN_REQUEST_DURATION_KEY,
     JOBS_FINISHED_KEY,
     JOB_DURATION_KEY,
     CALLBACKS_KEY,
+    MISROUTED_KEY,
+    RECOVERIES_KEY,
 )
 
 INF = math.inf
@@ -164,18 +174,31 @@ def record_callback(r: redis.Redis, *, kind: str, outcome: str) -> None:
     _record(r, "callback", counters=[(CALLBACKS_KEY, (kind, outcome))])
 
 
+def record_misrouted(r: redis.Redis, *, queue: str, count: int) -> None:
+    """Count lipsync messages moved out of ``queue`` (see worker.ops.misrouted)."""
+    _record(r, "misrouted", counters=[(MISROUTED_KEY, (queue,))], amount=count)
+
+
+def record_recoveries(r: redis.Redis, *, cause: str, count: int) -> None:
+    """Count jobs or webhooks re-driven by the sweeper. ``cause``: ``dead_worker`` or
+    ``released_on_reconnect`` (liveness), ``overdue`` (a job past its due time),
+    ``webhook_overdue``, ``callbacks_redispatched``."""
+    _record(r, "recovery", counters=[(RECOVERIES_KEY, (cause,))], amount=count)
+
+
 def _record(
     r: redis.Redis,
     what: str,
     *,
     counters: Iterable[tuple[str, tuple[str, ...]]],
     observation: _Observation | None = None,
+    amount: int = 1,
 ) -> None:
     # MULTI/EXEC: still one round trip, and a scrape never sees a bucket counted without its sum.
     try:
         pipe = r.pipeline(transaction=True)
         for key, labels in counters:
-            pipe.hincrby(key, _field(labels), 1)
+            pipe.hincrby(key, _field(labels), amount)
         if observation is not None:
             _observe(pipe, observation)
         pipe.execute()
@@ -221,6 +244,11 @@ class _Snapshot:
     dead_letters: int = 0
     webhooks_pending: int = 0
     queue_depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ALL_QUEUES, 0))
+    #: Lipsync messages waiting now in queues we do not consume.
+    misrouted: dict[str, int] = field(default_factory=dict)
+    #: Worker consumers with a recent heartbeat, and those gone silent (not yet recovered).
+    workers_alive: int = 0
+    workers_silent: int = 0
     #: Metric hash key -> its raw fields and values.
     hashes: dict[str, Mapping[Any, Any]] = field(default_factory=dict)
 
@@ -233,11 +261,19 @@ class MetricsCollector:
     """
 
     def __init__(
-        self, r: redis.Redis, *, broker: redis.Redis | None = None, max_scan: int = MAX_ACTIVE_SCAN
+        self,
+        r: redis.Redis,
+        *,
+        broker: redis.Redis | None = None,
+        max_scan: int = MAX_ACTIVE_SCAN,
+        misroute_queues: Sequence[str] = ("celery",),
+        dead_after: float = 20.0,
     ) -> None:
         self.redis = r
         self.broker = broker if broker is not None else r
         self.max_scan = max_scan
+        self.misroute_queues = tuple(misroute_queues)
+        self.dead_after = dead_after
 
     def describe(self) -> Iterator[Metric]:
         # Names only, without touching Redis: the registry calls this at register time.
@@ -264,6 +300,8 @@ class MetricsCollector:
         pipe.zcount(ACTIVE_JOBS_KEY, "-inf", time.time())
         pipe.llen(DEAD_LETTERS_KEY)
         pipe.zcard(WEBHOOKS_PENDING_KEY)
+        pipe.time()
+        pipe.zrange(HOLDERS_KEY, 0, -1, withscores=True)
         for key in METRICS_KEYS:
             pipe.hgetall(key)
         (
@@ -272,11 +310,18 @@ class MetricsCollector:
             snapshot.overdue,
             snapshot.dead_letters,
             snapshot.webhooks_pending,
+            (seconds, micros),
+            holders,
             *hashes,
         ) = pipe.execute()
+        # Heartbeats are stamped with Redis's clock (worker.jobs.liveness); score 0 = released.
+        live_since = seconds + micros / 1e6 - self.dead_after
+        snapshot.workers_alive = sum(1 for _, beat in holders if beat >= live_since)
+        snapshot.workers_silent = sum(1 for _, beat in holders if 0 < beat < live_since)
         snapshot.hashes = dict(zip(METRICS_KEYS, hashes, strict=True))
         snapshot.in_flight = self._in_flight([_text(job_id) for job_id in job_ids])
         snapshot.queue_depth = self._queue_depths()
+        snapshot.misrouted = count_misrouted(self.broker, self.misroute_queues)
         return snapshot
 
     def _in_flight(self, job_ids: Sequence[str]) -> dict[str, int]:
@@ -353,6 +398,22 @@ def _gauges(s: _Snapshot) -> Iterator[Metric]:
     for queue in ALL_QUEUES:
         depth.add_metric([queue], s.queue_depth.get(queue, 0))
     yield depth
+    misrouted = GaugeMetricFamily(
+        "lipsync_misrouted_waiting",
+        "Lipsync messages waiting now in a queue lipsync workers do not consume (moved at the next sweep).",
+        labels=["queue"],
+    )
+    for queue, count in sorted(s.misrouted.items()):
+        misrouted.add_metric([queue], count)
+    yield misrouted
+    workers = GaugeMetricFamily(
+        "lipsync_workers",
+        "Worker consumers by heartbeat: alive, or silent past LIPSYNC_NODE_DEAD_AFTER and not yet recovered.",
+        labels=["state"],
+    )
+    workers.add_metric(["alive"], s.workers_alive)
+    workers.add_metric(["silent"], s.workers_silent)
+    yield workers
     yield GaugeMetricFamily(
         "lipsync_callbacks_dead_letters",
         "Callbacks given up on, waiting in the dead-letter list.",
@@ -398,6 +459,20 @@ def _histories(s: _Snapshot) -> Iterator[Metric]:
         "Callback events by kind (task|webhook) and outcome.",
         ["kind", "outcome"],
         s.hashes.get(CALLBACKS_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_misrouted_messages",
+        "Lipsync messages found in a queue lipsync workers do not consume (LIPSYNC_MISROUTE_QUEUES) and "
+        "moved to their own; the producer should be fixed.",
+        ["queue"],
+        s.hashes.get(MISROUTED_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_recoveries",
+        "Jobs and webhooks the sweeper re-drove, by cause (dead_worker, released_on_reconnect, overdue, "
+        "webhook_overdue, callbacks_redispatched).",
+        ["cause"],
+        s.hashes.get(RECOVERIES_KEY, {}),
     )
 
 
@@ -512,7 +587,13 @@ def serve(redis_url: str, host: str, port: int, *, broker_url: str | None = None
     client = _connect(redis_url)
     broker = _connect(broker_url) if broker_url and broker_url != redis_url else client
     registry = CollectorRegistry()
-    registry.register(MetricsCollector(client, broker=broker))
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    collector = MetricsCollector(
+        client, broker=broker, misroute_queues=settings.misroute_queues, dead_after=settings.node_dead_after
+    )
+    registry.register(collector)
     ProcessCollector(registry=registry)  # this server's own CPU/memory; reads /proc, cheap
     server = _make_server(host, port, _wsgi_app(registry))
     stop = threading.Event()
