@@ -38,7 +38,7 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
     parser = _parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert commands
-    for name in commands:  # type: ignore[union-attr]
+    for name in commands:
         assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.MULTILINE), f"{name} missing from --help"
     for code in ("0", "1", "2", "3", "4"):
         assert re.search(rf"^\s+{code}\s+\w", done.stdout, re.MULTILINE)
