@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import http.server
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,13 @@ def request(**overrides: Any) -> dict[str, Any]:
 
 def failure_of(exc_info: pytest.ExceptionInfo[BaseException]) -> dict[str, Any]:
     exc = exc_info.value
+    assert isinstance(exc, LipsyncJobFailed), repr(exc)
+    return exc.failure
+
+
+def failure_of_result(async_result: Any) -> dict[str, Any]:
+    """The failure JSON of a job's FAILURE result."""
+    exc = async_result.result
     assert isinstance(exc, LipsyncJobFailed), repr(exc)
     return exc.failure
 
@@ -387,19 +396,32 @@ def test_caller_link_and_link_error_keep_working(cluster: Cluster, simulator: An
     ok = request()
     bad = request(video_resource_id=5099)
     link = app.signature("pipeline.on_lipsync", queue="media")
-    enqueue(ok, app=app, link=link).get(timeout=RESULT_TIMEOUT)
+    link_error = app.signature("pipeline.on_lipsync_error", queue="media")
+    enqueue(ok, app=app, link=link, link_error=link_error).get(timeout=RESULT_TIMEOUT)
+    failed = enqueue(bad, app=app, link=link, link_error=link_error)
     with pytest.raises(LipsyncJobFailed):
-        enqueue(bad, app=app, link_error=app.signature("pipeline.on_lipsync", queue="media")).get(
-            timeout=RESULT_TIMEOUT
-        )
-    wait_for(
-        lambda: any(
-            c["payload"].get("job_id") == ok["job_id"]
-            for c in cluster.received_callbacks()
-            if isinstance(c["payload"], dict)
-        ),
-        timeout=20,
-    )
+        failed.get(timeout=RESULT_TIMEOUT)
+
+    def calls(task: str) -> list[Any]:
+        return [c["payload"] for c in cluster.received_callbacks() if c.get("task") == task]
+
+    def linked() -> list[Any]:
+        mine = (ok["job_id"], bad["job_id"])
+        return [p for p in calls("pipeline.on_lipsync") if isinstance(p, dict) and p.get("job_id") in mine]
+
+    with contextlib.suppress(TimeoutError):  # the assertions below say what is missing
+        wait_for(lambda: bool(linked()) and bool(calls("pipeline.on_lipsync_error")), timeout=20)
+    time.sleep(1)  # room for a wrong extra call: a link for the failure, an errback for the success
+    # link: the ok job's result, once. link_error: once, with the id of the step task that failed
+    # (Celery hands an errback the failed task's id); that task's result is the bad job's failure.
+    assert [(p["job_id"], p["status"]) for p in linked()] == [(ok["job_id"], "completed")]
+    errbacks = calls("pipeline.on_lipsync_error")
+    assert len(errbacks) == 1, f"the caller's link_error ran {len(errbacks)} times: {errbacks}"
+    step = app.AsyncResult(errbacks[0])
+    assert step.state == "FAILURE"
+    assert isinstance(step.result, LipsyncJobFailed), step.result
+    assert step.result.failure == failure_of_result(failed)
+    assert step.result.failure["job_id"] == bad["job_id"]
 
 
 def test_progress_states_and_job_record(cluster: Cluster, simulator: Any) -> None:
