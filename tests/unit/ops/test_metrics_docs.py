@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import pytest
 import redis
@@ -152,8 +151,8 @@ def record_everything(redis_url: str, *, round_no: int = 0) -> None:
     worker consumer and a silent one (heartbeats). Call again with another ``round_no`` to make the
     counters grow (the gauges grow too)."""
     r = redis.Redis.from_url(redis_url)
-    for endpoint, status, seconds in GEN_CALLS:
-        record_gen_call(r, endpoint=endpoint, status=status, seconds=seconds)
+    for endpoint, code, seconds in GEN_CALLS:
+        record_gen_call(r, endpoint=endpoint, status=code, seconds=seconds)
     for model, status, seconds in OUTCOMES:
         record_job_finished(r, model=model, status=status, seconds=seconds)
     for kind, outcome in CALLBACKS:
@@ -187,7 +186,7 @@ def record_everything(redis_url: str, *, round_no: int = 0) -> None:
 
     holders = Holders(r)
     assert holders.beat(f"alive@host:{round_no}:1")
-    seconds, _ = cast("tuple[int, int]", r.time())
+    seconds, _ = r.time()
     r.zadd(HOLDERS_KEY, {f"silent@host:{round_no}:1": seconds - 3600})  # its last beat, an hour ago
     r.close()
 
