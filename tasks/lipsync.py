@@ -157,6 +157,9 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
     token = steps.CURRENT_TASK_ID.set(str(self.request.id))
     try:
         outcome = step(job, res)
+    except steps.NothingToDo:
+        # The job ended or moved on while the step ran (a cancel): whoever ended it reports it.
+        raise Ignore() from None
     except Exception as exc:  # noqa: BLE001 - steps raise only what ends the job (or a Redis blink)
         retry_after_redis_error(self, exc)
         _fail(self, job, exc, res)

@@ -3,63 +3,94 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
-from worker.gen.errors import GenAPIError, GenNotStoppable
 from worker.jobs.models import Job, LipsyncFailure
 from worker.jobs.outcomes import finish
+from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources
+from worker.jobs.steps import Stop, stop_due, stop_generation
 from worker.taskqueue import TaskQueue
 
 log = logging.getLogger("lipsync.cancel")
 
+DEFAULT_REASON = "cancelled by request"
+
 
 def cancel_job(
-    queue: TaskQueue, res: Resources, job_id: str, *, reason: str = "cancelled by request"
+    queue: TaskQueue,
+    res: Resources,
+    job_id: str,
+    *,
+    reason: str = DEFAULT_REASON,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any] | None:
     """Cancel ``job_id``. Returns the job's outcome (the cancellation, or an earlier end), or None
     if no such job is known.
 
     1. Bump the drive token: every queued or countdown message of the job becomes stale and does
        nothing when it runs; the queued ones are also revoked.
-    2. ``POST /v1/generations/{id}/stop`` on GEN (credits are refunded). A 422 means it already
-       ended there; the job is still cancelled here.
-    3. Record the ``cancelled`` failure and fire the failure callback once; the caller's AsyncResult
-       resolves as FAILURE.
+    2. ``POST /v1/generations/{id}/stop`` on GEN: the stop is what refunds the credits, so transient
+       failures are retried (transient policy, sleeping with ``sleep`` in between). A 422 means it
+       already ended there; the job is still cancelled here.
+    3. Record the ``cancelled`` failure, saying whether GEN confirmed the stop, and fire the failure
+       callback once; the caller's AsyncResult resolves as FAILURE.
+
+    A canceller that dies between 1 and 3 leaves the rest to the sweeper (:func:`finish_cancel`).
     """
     record = res.jobs.get(job_id)
     if record is None:
         return None
     if record.outcome is not None:
         return record.outcome
-    record = res.jobs.request_cancel(job_id)
-    assert record is not None and record.job is not None
-    job = Job.model_validate(record.job)
-    revoke = [tid for tid in (job.task_id, record.step_task_id) if tid]
+    # Until the stop is due, the sweeper leaves this cancel to us; past it, we are presumed dead.
+    record = res.jobs.request_cancel(job_id, reason=reason, overdue_at=stop_due(res))
+    if record is None:
+        return None
+    job = Job.model_validate(record.job) if record.job is not None else None
+    revoke = [tid for tid in (record.task_id, record.step_task_id) if tid]
     if revoke:
         queue.revoke(revoke)
+    stop = None
     if record.generation_id:
-        _stop_on_gen(res, job_id, record.generation_id)
+        stop = stop_generation(res, job_id, record.generation_id, sleep=sleep)
+    return finish_cancel(queue, res, job_id, job=job, reason=reason, stop=stop)
+
+
+def finish_cancel(
+    queue: TaskQueue, res: Resources, job_id: str, *, job: Job | None, reason: str, stop: Stop | None
+) -> dict[str, Any]:
+    """Record the ``cancelled`` failure (once), deliver it, and resolve the caller's AsyncResult.
+
+    ``stop``: what GEN said to our stop (None: we stopped nothing). A submit that was accepting the
+    generation as the cancel came stops it itself and records what GEN said: that is reported too.
+    """
+    latest = res.jobs.get(job_id)
+    generation_id = latest.generation_id if latest is not None else None
+    if stop is None and latest is not None:
+        stop = _recorded_stop(latest)
     failure = LipsyncFailure(
         job_id=job_id,
-        generation_id=record.generation_id,
+        generation_id=generation_id,
         status="cancelled",
         error_code="cancelled",
-        message=reason,
-        model=job.model,
-        metadata=job.request.metadata,
+        message=reason if stop is None else f"{reason}; {stop.describe()}",
+        model=job.model if job is not None else None,
+        metadata=job.request.metadata if job is not None else {},
+        generation_stopped=None if stop is None else stop.result == "stopped",
     )
-    stored = finish(queue, res, job_id=job_id, callback=job.request.callback, outcome=failure)
-    if stored.get("status") == "cancelled" and job.task_id:
-        queue.resolve(job.task_id, stored)
-    log.info("job %s: %s", job_id, stored.get("status"))
+    callback = job.request.callback if job is not None else None
+    stored = finish(queue, res, job_id=job_id, callback=callback, outcome=failure)
+    task_id = latest.task_id if latest is not None else None
+    if stored.get("status") == "cancelled" and task_id:
+        queue.resolve(task_id, stored)
+    log.info("job %s: %s (%s)", job_id, stored.get("status"), stored.get("message"))
     return stored
 
 
-def _stop_on_gen(res: Resources, job_id: str, generation_id: str) -> None:
-    try:
-        res.gen.stop_generation(generation_id)
-    except GenNotStoppable:
-        log.info("job %s: generation %s had already ended on GEN", job_id, generation_id)
-    except GenAPIError as exc:
-        log.warning("job %s: could not stop generation %s on GEN: %s", job_id, generation_id, exc)
+def _recorded_stop(record: JobRecord) -> Stop | None:
+    if record.generation_id is None or record.stop_result is None:
+        return None
+    return Stop(record.stop_result, record.stop_error)

@@ -186,6 +186,10 @@ class LipsyncFailure(BaseModel):
     model: LipsyncModel | None = None
     timings: Timings | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: For a cancelled job that had a generation on GEN: whether GEN confirmed our stop (its credits
+    #: are refunded). False: it had already ended there, or the stop failed; the message says which.
+    #: None: there was nothing to stop (or a failure other than a cancel).
+    generation_stopped: bool | None = None
 
 
 class StageEventPayload(BaseModel):

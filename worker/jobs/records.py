@@ -49,10 +49,16 @@ return redis.call('HSETNX', KEYS[1], ARGV[1], '1')
 """
 
 # Flag an existing record cancelled and bump its drive token (an unknown id stays unknown: a
-# later job with that id must not start out cancelled). ARGV: updated_at, ttl.
+# later job with that id must not start out cancelled). KEYS: record, active set. ARGV: updated_at,
+# ttl, job id, the reason ('' for none), overdue_at ('' to leave it).
 _REQUEST_CANCEL = """
 if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'cancel_reason', ARGV[4]) end
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[1], 'overdue_at', ARGV[5])
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[3])
+end
 redis.call('HINCRBY', KEYS[1], 'drive', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
@@ -83,6 +89,7 @@ class JobRecord(BaseModel):
     updated_at: float
     last_error: str | None = None
     cancel_requested: bool = False
+    cancel_reason: str | None = None
     #: What GEN said to our stop of the generation, and why it was not confirmed (None: never asked).
     stop_result: StopResult | None = None
     stop_error: str | None = None
@@ -272,11 +279,18 @@ class JobStore:
                 return None
         return self.get(job_id)
 
-    def request_cancel(self, job_id: str) -> JobRecord | None:
+    def request_cancel(
+        self, job_id: str, *, reason: str | None = None, overdue_at: float | None = None
+    ) -> JobRecord | None:
         """Flag the job cancelled and invalidate every message of its current chain. None (and
-        nothing written) for an unknown job."""
-        args: list[str | int] = [repr(time.time()), self.ttl]
-        if not self._request_cancel(keys=[self.key(job_id)], args=args):
+        nothing written) for an unknown job.
+
+        ``reason`` is kept for whoever finishes the cancel (the sweeper, if the canceller dies);
+        ``overdue_at`` is when the canceller, still working on it, should be presumed dead.
+        """
+        due = "" if overdue_at is None else repr(overdue_at)
+        args: list[str | int] = [repr(time.time()), self.ttl, job_id, reason or "", due]
+        if not self._request_cancel(keys=[self.key(job_id), ACTIVE_JOBS_KEY], args=args):
             return None
         return self.get(job_id)
 

@@ -12,7 +12,6 @@ life is due (:func:`expect_next`), which is what the sweeper re-drives by.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -104,10 +103,14 @@ def create(request: LipsyncRequest | Any, *, task_id: str, res: Resources) -> St
     message) and by ``lipsync.run`` (for producers that send the message by hand).
 
     Raises:
-        RequestInvalid: the request is not valid; nothing was recorded.
+        RequestInvalid: the request is not valid, or names a webhook that could only go out
+            unsigned here; nothing was recorded.
     """
+    from worker.callbacks.webhooks import refuse_unsigned
+
     if not isinstance(request, LipsyncRequest):
         request = LipsyncRequest.parse(request)
+    refuse_unsigned(request.callback, res.settings)
     model = request.model or res.settings.default_model
     now = res.clock()
     job = Job(
@@ -180,13 +183,19 @@ def remaining_steps(job: Job) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def submit(job: Job, res: Resources, *, record: JobRecord | None) -> Job | Again:
+def submit(
+    job: Job, res: Resources, *, record: JobRecord | None, sleep: Callable[[float], None] = time.sleep
+) -> Job | Again:
     """Start the generation on GEN, once per job.
 
     ``record`` is the job record as the task just read it. If it holds a generation id (a
     redelivered or duplicate submit), nothing is sent. Otherwise generate is called with an
     Idempotency-Key derived from the job id, so even a retry after an ambiguous failure (timeout
     after GEN accepted) returns the same generation instead of paying for a second one.
+
+    Raises:
+        NothingToDo: the job was cancelled while GEN accepted it; the generation was stopped
+            (retrying transient failures, sleeping with ``sleep``) and the cancel reports the end.
     """
     if record is not None and record.generation_id:
         # A redelivered message can carry the job from before GEN accepted it: the record's job
@@ -217,9 +226,10 @@ def submit(job: Job, res: Resources, *, record: JobRecord | None) -> Job | Again
     failpoint("submit.after_generate")
     generation_id = res.jobs.set_generation(job.job_id, accepted.generation_id)
     if res.jobs.cancel_requested(job.job_id):
-        # Cancelled while GEN was accepting: do not leave a paid generation running.
-        with contextlib.suppress(GenAPIError):
-            res.gen.stop_generation(generation_id)
+        # Cancelled while GEN was accepting: do not leave a paid generation running. The record
+        # says whether GEN confirmed the stop; the cancel (or the sweeper) reports the job's end.
+        stop = stop_generation(res, job.job_id, generation_id, sleep=sleep)
+        raise NothingToDo(f"job {job.job_id} was cancelled while GEN accepted it; {stop.describe()}")
     return _submitted(job, generation_id, status=accepted.status, res=res)
 
 
@@ -355,17 +365,16 @@ def stop_generation(
             stop.retry_in,
         )
         # Still alive: the sweeper leaves a cancel in progress alone until this is overdue.
-        expect_stop(res, job_id, within=stop.retry_in)
+        res.jobs.update(job_id, overdue_at=stop_due(res, within=stop.retry_in))
         sleep(stop.retry_in)
         retries += 1
 
 
-def expect_stop(res: Resources, job_id: str, *, within: float = 0.0) -> None:
-    """Record that a stop on GEN is under way: due within ``within`` seconds plus one stop call
-    (and the recovery grace), past which the sweeper takes a cancel that died half-way over."""
+def stop_due(res: Resources, *, within: float = 0.0) -> float:
+    """When a stop on GEN that starts within ``within`` seconds is over (one call, plus the recovery
+    grace): past it, the sweeper takes over a cancel whose process died half-way."""
     s = res.settings
-    budget = within + s.gen_connect_timeout + s.gen_read_timeout + s.recovery_grace
-    res.jobs.update(job_id, overdue_at=res.clock() + budget)
+    return res.clock() + within + s.gen_connect_timeout + s.gen_read_timeout + s.recovery_grace
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ def test_cancelling_a_submitted_job_stops_it_on_gen_and_fails_the_caller(
 
     assert stored is not None
     assert stored["status"] == "cancelled" and stored["error_code"] == "cancelled"
-    assert stored["message"] == "the editor changed the take"
+    assert stored["message"] == "the editor changed the take; the generation was stopped on GEN"
+    assert stored["generation_stopped"] is True
     assert stored["generation_id"] == job.generation_id and stored["metadata"] == {"shot": 7}
 
     assert sim.stats()["stops"] == [int(job.generation_id)]
@@ -47,6 +48,7 @@ def test_cancelling_a_submitted_job_stops_it_on_gen_and_fails_the_caller(
     assert record is not None
     assert record.state == "cancelled" and record.cancel_requested
     assert record.outcome == stored and record.callbacks_dispatched
+    assert record.generation_stopped is True
     assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is None
 
     [callback] = queued(res, CALLBACK_QUEUE)
@@ -83,7 +85,8 @@ def test_cancelling_twice_stops_and_notifies_once(
     submitted(res, callback=TASK_CALLBACK)
     first = cancel_job(queue, res, "j1", reason="first")
     second = cancel_job(queue, res, "j1", reason="second")
-    assert second == first and first is not None and first["message"] == "first"
+    assert second == first and first is not None
+    assert first["message"] == "first; the generation was stopped on GEN"
     assert len(sim.stats()["stops"]) == 1
     assert len(queued(res, CALLBACK_QUEUE)) == 1
 
@@ -132,6 +135,8 @@ def test_a_generation_that_already_completed_on_gen_still_cancels(
     clock.advance(11)  # the "gen" model's simulated generation takes 10 s: GEN answers 422
     stored = cancel_job(queue, res, "j1")
     assert stored is not None and stored["status"] == "cancelled"
+    assert stored["message"] == "cancelled by request; the generation had already ended on GEN"
+    assert stored["generation_stopped"] is False
     assert sim.stats()["stops"] == [int(job.generation_id)], "the stop was asked for"
     assert sim.generation(job.generation_id)["status"] == "completed"
     [callback] = queued(res, CALLBACK_QUEUE)
@@ -139,15 +144,74 @@ def test_a_generation_that_already_completed_on_gen_still_cancels(
     assert queue.app.AsyncResult(TASK_ID).state == "FAILURE"
 
 
-def test_gen_failing_the_stop_still_cancels(res: Resources, queue: CeleryQueue, sim: GenSimulator) -> None:
+class Sleeper:
+    """The sleeps a cancel takes between stop attempts, on the fake clock (nothing really sleeps)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.slept: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.clock.advance(seconds)
+
+
+def test_a_stop_that_fails_transiently_is_retried_until_gen_confirms_it(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator, clock: FakeClock
+) -> None:
+    """The stop is what refunds the credits: a 503 or a dropped connection is not the end of it."""
     job = submitted(res, callback=TASK_CALLBACK)
     assert job.generation_id is not None
-    sim.add_fault(Fault(endpoint="stop", status=503))
-    stored = cancel_job(queue, res, "j1")
+    sim.add_fault(Fault(endpoint="stop", status=503, times=2))
+    sleep = Sleeper(clock)
+
+    stored = cancel_job(queue, res, "j1", reason="changed the take", sleep=sleep)
+
+    assert sim.stats()["counts"]["stop"] == 3 and len(sleep.slept) == 2
+    assert sim.generation(job.generation_id)["status"] == "stopped"
     assert stored is not None and stored["status"] == "cancelled"
-    # Not retried: the generation keeps running on GEN (see the report on this behaviour).
-    assert sim.stats()["counts"]["stop"] == 1
-    assert sim.generation(job.generation_id)["status"] in ("pending", "processing")
+    assert stored["message"] == "changed the take; the generation was stopped on GEN"
+    assert stored["generation_stopped"] is True
+    record = res.jobs.get("j1")
+    assert record is not None and record.generation_stopped is True
+    [callback] = queued(res, CALLBACK_QUEUE)
+    assert callback["args"] == [stored]
+
+
+def test_gen_failing_the_stop_still_cancels_and_says_the_stop_failed(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator, clock: FakeClock
+) -> None:
+    job = submitted(res, callback=TASK_CALLBACK)
+    assert job.generation_id is not None
+    sim.add_fault(Fault(endpoint="stop", status=503, times=None))
+
+    stored = cancel_job(queue, res, "j1", sleep=Sleeper(clock))
+
+    assert stored is not None and stored["status"] == "cancelled"
+    # Retried as far as the transient policy allows, then the truth: it may still be running.
+    assert sim.stats()["counts"]["stop"] == res.settings.max_transient_retries + 1
+    assert not sim.generation(job.generation_id)["stopped_by_api"]
+    assert stored["message"].startswith("cancelled by request; stopping it on GEN failed: GEN HTTP 503")
+    assert stored["generation_stopped"] is False
+    record = res.jobs.get("j1")
+    assert record is not None and record.generation_stopped is False
+    assert record.stop_result == "failed" and record.stop_error is not None
+    [callback] = queued(res, CALLBACK_QUEUE)
+    assert callback["args"] == [stored]
+
+
+def test_a_stop_gen_refuses_for_good_is_not_retried(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator, clock: FakeClock
+) -> None:
+    submitted(res)
+    sim.add_fault(Fault(endpoint="stop", status=403))
+    sleep = Sleeper(clock)
+
+    stored = cancel_job(queue, res, "j1", sleep=sleep)
+
+    assert sim.stats()["counts"]["stop"] == 1 and sleep.slept == []
+    assert stored is not None and stored["generation_stopped"] is False
+    assert "stopping it on GEN failed: GEN HTTP 403" in stored["message"]
 
 
 def test_cancelling_a_job_not_yet_submitted_asks_gen_nothing(
@@ -156,6 +220,7 @@ def test_cancelling_a_job_not_yet_submitted_asks_gen_nothing(
     job = created(res, callback=TASK_CALLBACK)
     stored = cancel_job(queue, res, "j1")
     assert stored is not None and stored["status"] == "cancelled" and stored["generation_id"] is None
+    assert stored["message"] == "cancelled by request" and stored["generation_stopped"] is None
     assert sim.stats()["stops"] == [] and sim.stats()["counts"]["stop"] == 0
     with pytest.raises(steps.NothingToDo):
         steps.guard(job, res)

@@ -326,11 +326,32 @@ def test_submit_of_a_job_cancelled_meanwhile_stops_the_generation_it_started(
     job = new_job(res)
     res.jobs.request_cancel(JOB_ID)
 
-    accepted = as_job(submit(job, res, record=None))
+    with pytest.raises(NothingToDo):  # the cancel reports the job's end
+        submit(job, res, record=None)
 
-    assert accepted.generation_id is not None
-    assert sim.stats()["stops"] == [int(accepted.generation_id)]
-    assert sim.generation(accepted.generation_id)["status"] == "stopped"
+    record = record_of(res)
+    assert record.generation_id is not None
+    assert sim.stats()["stops"] == [int(record.generation_id)]
+    assert sim.generation(record.generation_id)["status"] == "stopped"
+    assert record.generation_stopped is True
+    assert record.state == "submitting", "a cancelled job does not move on to polling"
+
+
+def test_submit_of_a_job_cancelled_meanwhile_retries_a_stop_that_fails(
+    res: Resources, sim: GenSimulator, clock: FakeClock
+) -> None:
+    job = new_job(res)
+    res.jobs.request_cancel(JOB_ID)
+    sim.add_fault(Fault(endpoint="stop", status=503))
+
+    with pytest.raises(NothingToDo):
+        submit(job, res, record=None, sleep=clock.advance)
+
+    record = record_of(res)
+    assert record.generation_id is not None
+    assert sim.stats()["counts"]["stop"] == 2
+    assert sim.generation(record.generation_id)["status"] == "stopped"
+    assert record.generation_stopped is True
 
 
 def test_a_rate_limited_submit_comes_back_after_retry_after(
