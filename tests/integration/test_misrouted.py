@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from tests.conftest import Cluster, wait_for
@@ -37,7 +38,8 @@ def test_a_job_sent_to_celerys_default_queue_still_completes_and_is_reported(
     assert outcome["status"] == "completed" and outcome["job_id"] == "misrouted-1"
     wait_for(lambda: "sent to queue 'celery'" in worker.log(), timeout=10)
     assert "queue='lipsync'" in worker.log()
-    collector = MetricsCollector(cluster.redis(), broker=producer.connection().default_channel.client)
+    broker = redis.Redis.from_url(cluster.env["LIPSYNC_BROKER_URL"])
+    collector = MetricsCollector(cluster.redis(), broker=broker)
     samples = {s.name: s for family in collector.collect() for s in family.samples if "misrouted" in s.name}
     assert samples["lipsync_misrouted_messages_total"].value == 1
     assert samples["lipsync_misrouted_messages_total"].labels == {"queue": "celery"}

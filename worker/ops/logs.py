@@ -1,4 +1,10 @@
-"""Optional JSON logs (``LIPSYNC_LOG_JSON=true``): one object per line, with the job's ids.
+"""Worker log lines: short at INFO, optionally JSON (``LIPSYNC_LOG_JSON=true``) with the job's ids.
+
+At INFO, Celery logs each task's return value and each failure's exception in full ("Task
+lipsync.poll[…] succeeded in 0.01s: {…the whole job…}", ~1 KB a line, request, metadata and any
+URL included). :class:`ShortTaskLines` turns those into one short line — job id, step, generation
+id, GEN status, outcome — and strips query strings from any URL left; the full text is kept for
+DEBUG (a worker started with ``-l DEBUG`` sees everything).
 
 Inside a task, every line carries ``job_id`` and, once GEN accepted the job, ``generation_id``
 (set from the task's arguments before it runs). Celery's own lines about a message (received,
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -51,6 +58,58 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+#: The keys a short line keeps from a task's return value or a failure (never URLs or metadata).
+SUMMARY_KEYS = ("job_id", "status", "error_code", "generation_id", "gen_status", "polls", "drive")
+#: Celery's loggers whose task lines carry whole return values and exceptions.
+TASK_LINE_LOGGERS = ("celery.app.trace", "celery.worker.request")
+_URL_QUERY = re.compile(r"(https?://[^\s'\"?#]+)[?#][^\s'\"]*")
+
+
+def summarize(value: Any) -> str:
+    """A short, URL-safe one-line summary of a task's return value or exception."""
+    if isinstance(value, BaseException):
+        inner = value.args[0] if len(value.args) == 1 and isinstance(value.args[0], dict) else None
+        if inner is not None:
+            return f"{type(value).__name__}({summarize(inner)})"
+        return strip_url_queries(f"{type(value).__name__}: {value}")[:300]
+    if isinstance(value, dict):
+        fields = dict(value)
+        request = fields.get("request")
+        if isinstance(request, dict) and "job_id" not in fields:
+            fields["job_id"] = request.get("job_id")
+        kept = {k: fields[k] for k in SUMMARY_KEYS if fields.get(k) not in (None, "")}
+        return " ".join(f"{k}={v}" for k, v in kept.items()) or "{…}"
+    if isinstance(value, str):
+        # Celery hands over the return value already repr'd (and cut at 1 KB): read the ids back.
+        found = {k: m.group(1) for k in SUMMARY_KEYS if (m := re.search(rf"'{k}': '?([^',}}]+)", value))}
+        if found:
+            return " ".join(f"{k}={v}" for k, v in found.items())
+    text = value if isinstance(value, str) else repr(value)
+    return strip_url_queries(text)[:300]
+
+
+def strip_url_queries(text: str) -> str:
+    """``https://host/path?token=…`` → ``https://host/path?…``: query strings carry tokens."""
+    return _URL_QUERY.sub(r"\1?…", text)
+
+
+class ShortTaskLines(logging.Filter):
+    """Shortens Celery's per-task INFO lines (see the module docstring); DEBUG passes untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO or logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return True
+        if isinstance(record.args, dict):
+            short = dict(record.args)
+            for key in ("return_value", "exc"):
+                if key in short:
+                    short[key] = summarize(short[key])
+            for key in ("args", "kwargs"):
+                short.pop(key, None)
+            record.args = short
+        return True
 
 
 def ids_from_arguments(args: Any, kwargs: Any) -> tuple[str | None, str | None]:
@@ -97,6 +156,12 @@ def install(*, json_logs: bool) -> None:
     """Connect the signals (idempotent: dispatch uids)."""
     signals.task_prerun.connect(_on_prerun, weak=False, dispatch_uid="lipsync-log-prerun")
     signals.task_postrun.connect(_on_postrun, weak=False, dispatch_uid="lipsync-log-postrun")
+    # On the loggers themselves, not on handlers: Celery replaces handlers when it sets up logging
+    # (and pool processes inherit loggers), so a handler filter can miss lines.
+    for name in TASK_LINE_LOGGERS:
+        task_logger = logging.getLogger(name)
+        if not any(isinstance(f, ShortTaskLines) for f in task_logger.filters):
+            task_logger.addFilter(ShortTaskLines())
     if json_logs:
         signals.after_setup_logger.connect(_use_json, weak=False, dispatch_uid="lipsync-log-json")
         signals.after_setup_task_logger.connect(_use_json, weak=False, dispatch_uid="lipsync-log-json-task")
