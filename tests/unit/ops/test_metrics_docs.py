@@ -291,3 +291,24 @@ def test_the_old_metrics_list_points_here() -> None:
     for path in (ROOT / "docs" / "operations.md", ROOT / "README.md", ROOT / "deploy" / "README.md"):
         mentioned = set(NAME.findall(path.read_text()))
         assert sorted(mentioned - documented) == [], path.name
+
+
+def test_the_example_queries_parse_and_name_exported_metrics(exported: list[Family]) -> None:
+    # The page's "questions operators ask" table, read with the dashboard's PromQL subset.
+    from deploy.grafana.promql_subset import parse, selectors
+
+    labels: dict[str, set[str]] = {}
+    for family in exported:
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    text = DOC.read_text()
+    table = text[text.index("| question | query |") : text.index("Alerts worth having")]
+    # The question column holds no code: every code span of a row is a query.
+    queries = [
+        q for line in table.splitlines()[2:] if line.startswith("| ") for q in re.findall(r"`([^`]+)`", line)
+    ]
+    assert len(queries) >= 10
+    for query in queries:
+        for selector in selectors(parse(query)):
+            assert selector.name in labels, query
+            assert {m.label for m in selector.matchers} <= labels[selector.name], query
