@@ -93,6 +93,8 @@ class JobRecord(BaseModel):
     #: What GEN said to our stop of the generation, and why it was not confirmed (None: never asked).
     stop_result: StopResult | None = None
     stop_error: str | None = None
+    #: Stops the sweeper tried for a cancel whose canceller died, that failed transiently.
+    stop_attempts: int = 0
     #: Celery id of the message that carries the job now (revoked on cancel).
     step_task_id: str | None = None
     #: The latest job state as carried by the chain (what the sweeper re-drives from).

@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from worker.callbacks.delivery import send_delivery
 from worker.callbacks.outbox import EXPIRED
+from worker.jobs.cancel import DEFAULT_REASON, finish_cancel
 from worker.jobs.liveness import Recovery, recover_stopped_holders
 from worker.jobs.models import Job, LipsyncFailure, LipsyncResult
 from worker.jobs.outcomes import finish
 from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources, resources
-from worker.jobs.steps import remaining_steps
+from worker.jobs.steps import remaining_steps, try_stop
 from worker.names import SWEEPER_LEASE_KEY
 from worker.ops import metrics
 from worker.ops.misrouted import move_misrouted
@@ -50,53 +51,138 @@ class SweepReport:
     failed: list[str] = field(default_factory=list)
     resent_webhooks: list[str] = field(default_factory=list)
     expired_webhooks: list[str] = field(default_factory=list)
+    #: Cancels whose canceller died half-way, finished here.
+    cancelled: list[str] = field(default_factory=list)
+    #: Jobs this round could not sweep (an unreadable record, a refused send); tried next round.
+    broken: list[str] = field(default_factory=list)
     skipped: int = 0
 
     def __bool__(self) -> bool:
         """Whether the sweep did anything worth a log line."""
         return bool(
-            self.redriven or self.redispatched or self.failed or self.resent_webhooks or self.expired_webhooks
+            self.redriven
+            or self.redispatched
+            or self.failed
+            or self.resent_webhooks
+            or self.expired_webhooks
+            or self.cancelled
+            or self.broken
         )
+
+
+#: Overdue jobs read from the active set at a time.
+PAGE = 100
 
 
 def sweep_once(queue: TaskQueue, res: Resources, *, now: float | None = None) -> SweepReport:
-    """One pass over the overdue jobs and the overdue webhooks."""
+    """One pass over every overdue job and the overdue webhooks."""
     now = res.clock() if now is None else now
     report = SweepReport()
-    for job_id in res.jobs.overdue(now):
-        record = res.jobs.get(job_id)
-        if record is None or record.job is None:
-            res.jobs.forget_active(job_id)
-            report.skipped += 1
-            continue
-        if record.outcome is not None:
-            _redispatch(queue, res, record, report)
-            continue
-        if record.cancel_requested:
-            # cancel() ends the job itself; a crash in the middle of it lands here.
-            report.skipped += 1
-            continue
-        if record.redrives >= res.settings.max_redrives:
-            _give_up(queue, res, record, report)
-            continue
-        taken = res.jobs.take_over(job_id, now=now, overdue_at=now + res.settings.queued_recovery)
-        if taken is None or taken.job is None:
-            report.skipped += 1
-            continue
-        job = Job.model_validate(taken.job).model_copy(
-            update={"drive": taken.drive, "step_retries": 0, "generation_id": taken.generation_id}
-        )
-        log.warning(
-            "job %s: no progress since %s (state %s); re-driving (drive %d)",
-            job_id,
-            _ago(record.overdue_at, now),
-            record.state,
-            taken.drive,
-        )
-        redrive(queue, job)
-        report.redriven.append(job_id)
+    for job_id in _overdue_jobs(res, now):
+        try:
+            _sweep_job(queue, res, job_id, now, report)
+        except Exception:
+            # One job's trouble must not end the round for all the others.
+            log.exception("job %s: could not sweep it; will try again next round", job_id)
+            report.broken.append(job_id)
     _resend_overdue_webhooks(queue, res, now, report)
     return report
+
+
+def _overdue_jobs(res: Resources, now: float) -> Iterator[str]:
+    """Every job overdue at ``now``, each once, a page at a time (the longest overdue first).
+
+    Sweeping a job normally takes it out of the overdue range (re-driven: due later; ended: gone).
+    One that stays (an unreadable record, a job another sweeper holds) would come back at the head
+    of every page: each page reads past the ones this round has seen, so however many there are,
+    they cannot keep the round from the jobs behind them.
+    """
+    seen: set[str] = set()
+    held = 0  # ids seen this round, still in the range, in the last page
+    while True:
+        limit = PAGE + held
+        page = res.jobs.overdue(now, limit=limit)
+        fresh = [job_id for job_id in page if job_id not in seen]
+        held = len(page) - len(fresh)
+        for job_id in fresh:
+            seen.add(job_id)
+            yield job_id
+        if len(page) < limit:
+            return
+
+
+def _sweep_job(queue: TaskQueue, res: Resources, job_id: str, now: float, report: SweepReport) -> None:
+    record = res.jobs.get(job_id)
+    if record is None:
+        res.jobs.forget_active(job_id)
+        report.skipped += 1
+        return
+    if record.outcome is not None:
+        # First: an outcome whose callbacks were not confirmed is owed to the caller, whether or
+        # not the record holds a job (a request refused at the edge has none).
+        _redispatch(queue, res, record, report)
+        return
+    if record.job is None:
+        res.jobs.forget_active(job_id)
+        report.skipped += 1
+        return
+    if record.cancel_requested:
+        # The canceller flags the job before it stops the generation and records the outcome;
+        # one that died in between lands here once its stop is overdue.
+        _finish_cancel(queue, res, record, now, report)
+        return
+    if record.redrives >= res.settings.max_redrives:
+        _give_up(queue, res, record, report)
+        return
+    taken = res.jobs.take_over(job_id, now=now, overdue_at=now + res.settings.queued_recovery)
+    if taken is None or taken.job is None:
+        report.skipped += 1
+        return
+    job = Job.model_validate(taken.job).model_copy(
+        update={"drive": taken.drive, "step_retries": 0, "generation_id": taken.generation_id}
+    )
+    log.warning(
+        "job %s: no progress since %s (state %s); re-driving (drive %d)",
+        job_id,
+        _ago(record.overdue_at, now),
+        record.state,
+        taken.drive,
+    )
+    try:
+        redrive(queue, job)
+    except Exception:
+        # The broker refused: due again now, for the next round (not after the queued recovery).
+        res.jobs.update(job_id, overdue_at=now)
+        raise
+    report.redriven.append(job_id)
+
+
+def _finish_cancel(
+    queue: TaskQueue, res: Resources, record: JobRecord, now: float, report: SweepReport
+) -> None:
+    """Finish a cancel whose canceller died: stop the generation on GEN (unless the record says
+    what GEN answered already), then record and deliver the cancellation, once.
+
+    One stop request per round, so a GEN that keeps failing cannot hold the round up: a transient
+    failure is tried again in a later round, as the transient policy allows (counted in the record).
+    """
+    stop = None
+    if record.generation_id and record.stop_result is None:
+        stop = try_stop(res, record.job_id, record.generation_id, retries=record.stop_attempts)
+        if stop.retry_in is not None:
+            res.jobs.update(
+                record.job_id,
+                stop_attempts=record.stop_attempts + 1,
+                last_error=stop.detail,
+                overdue_at=now + stop.retry_in,
+            )
+            report.skipped += 1
+            return
+    log.warning("job %s: its cancel did not finish; finishing it", record.job_id)
+    job = Job.model_validate(record.job) if record.job is not None else None
+    reason = record.cancel_reason or DEFAULT_REASON
+    finish_cancel(queue, res, record.job_id, job=job, reason=reason, stop=stop)
+    report.cancelled.append(record.job_id)
 
 
 def _resend_overdue_webhooks(queue: TaskQueue, res: Resources, now: float, report: SweepReport) -> None:
@@ -129,19 +215,19 @@ def _redispatch(queue: TaskQueue, res: Resources, record: JobRecord, report: Swe
     if record.callbacks_dispatched:
         res.jobs.forget_active(record.job_id)
         return
-    assert record.outcome is not None and record.job is not None
-    job = Job.model_validate(record.job)
+    assert record.outcome is not None
+    job = Job.model_validate(record.job) if record.job is not None else None
     log.warning("job %s: outcome recorded but callbacks not confirmed; re-dispatching", record.job_id)
     stored = finish(
         queue,
         res,
         job_id=record.job_id,
-        callback=job.request.callback,
+        callback=job.request.callback if job is not None else None,
         outcome=_outcome_model(record.outcome),
     )
     # The chain's last task died before storing its result: resolve the caller's AsyncResult.
-    if job.task_id:
-        queue.resolve(job.task_id, stored)
+    if record.task_id:
+        queue.resolve(record.task_id, stored)
     report.redispatched.append(record.job_id)
 
 
@@ -157,8 +243,10 @@ def _give_up(queue: TaskQueue, res: Resources, record: JobRecord, report: SweepR
         model=job.model,
         metadata=job.request.metadata,
     )
-    res.jobs.request_cancel(job.job_id)  # invalidate whatever message may still resurface
     stored = finish(queue, res, job_id=job.job_id, callback=job.request.callback, outcome=failure)
+    # Invalidate whatever message may still resurface: after the outcome, so that a sweeper dying
+    # in between leaves a job to give up again, not a cancel to finish.
+    res.jobs.request_cancel(job.job_id)
     if job.task_id:
         queue.resolve(job.task_id, stored)
     log.error("job %s: failed after %d re-drives", job.job_id, record.redrives)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gensim import GenSimulator
+from gensim import Fault, GenSimulator
 from tests.unit.conftest import FakeClock, queued, unit_settings
 from tests.unit.jobs.builders import (
     CALLBACK_QUEUE,
@@ -28,6 +28,7 @@ from worker.errors import LipsyncJobFailed
 from worker.jobs import steps
 from worker.jobs.models import Job
 from worker.jobs.outcomes import finish
+from worker.jobs.records import JobStore
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import SweeperThread, SweepReport, sweep_once, try_lease
 from worker.names import (
@@ -302,23 +303,158 @@ def test_a_finished_and_dispatched_job_left_in_the_active_set_is_just_forgotten(
     assert all_messages(res) == []
 
 
-def test_a_cancel_requested_job_without_outcome_is_skipped(
-    res: Resources, queue: CeleryQueue, clock: FakeClock
+def test_a_cancel_that_died_before_its_outcome_is_finished_by_the_sweeper(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator
 ) -> None:
-    """Current behaviour: a cancel that died between request_cancel and finish is left alone by the
-    sweeper, round after round (nothing finishes it, nothing re-drives it; it stays in the active
-    set until its record expires)."""
+    """The canceller flagged the job (its messages are stale from then on) and died before it
+    stopped the generation and recorded the outcome: the sweeper does the rest, once."""
+    job = submitted(res, callback=TASK_CALLBACK)
+    assert job.generation_id is not None
+    res.jobs.request_cancel("j1", reason="changed the take")
+    now = overdue_at(res, "j1") + 1
+
+    report = sweep_once(queue, res, now=now)
+
+    assert sim.stats()["stops"] == [int(job.generation_id)]
+    assert sim.generation(job.generation_id)["status"] == "stopped"
+    record = res.jobs.get("j1")
+    assert record is not None and record.outcome is not None
+    assert record.outcome["status"] == "cancelled" and record.outcome["error_code"] == "cancelled"
+    assert record.outcome["message"] == "changed the take; the generation was stopped on GEN"
+    assert record.outcome["generation_stopped"] is True
+    assert record.outcome["generation_id"] == job.generation_id
+    assert record.callbacks_dispatched and res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is None
+    [callback] = queued(res, CALLBACK_QUEUE)
+    assert callback["id"] == "j1.outcome" and callback["args"] == [record.outcome]
+    result = queue.app.AsyncResult(TASK_ID)
+    assert result.state == "FAILURE" and isinstance(result.result, LipsyncJobFailed)
+    assert result.result.failure == record.outcome
+    assert queued(res, QUEUE_JOBS) == [], "a cancelled job is never re-driven"
+    assert report.cancelled == ["j1"] and report.redriven == [] and report
+
+    assert not sweep_once(queue, res, now=now + 10_000)
+    assert len(queued(res, CALLBACK_QUEUE)) == 1
+    assert len(sim.stats()["stops"]) == 1
+
+
+def test_a_half_cancelled_job_without_a_generation_is_finished_without_asking_gen(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator
+) -> None:
     created(res, callback=TASK_CALLBACK)
     res.jobs.request_cancel("j1")
-    now = overdue_at(res, "j1") + 1
-    for later in (0, 10_000):
-        report = sweep_once(queue, res, now=now + later)
-        assert report.skipped == 1 and not report
+
+    report = sweep_once(queue, res, now=overdue_at(res, "j1") + 1)
+
+    assert report.cancelled == ["j1"]
+    assert sim.stats()["counts"]["stop"] == 0
     record = res.jobs.get("j1")
-    assert record is not None
-    assert record.outcome is None and record.redrives == 0 and record.drive == 2
-    assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is not None
-    assert all_messages(res) == []
+    assert record is not None and record.outcome is not None
+    assert record.outcome["message"] == "cancelled by request"
+    assert record.outcome["generation_stopped"] is None
+    assert len(queued(res, CALLBACK_QUEUE)) == 1
+
+
+def test_a_cancel_in_progress_is_left_to_its_canceller_until_its_stop_is_overdue(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator, clock: FakeClock
+) -> None:
+    submitted(res, callback=TASK_CALLBACK)
+    res.jobs.request_cancel("j1", overdue_at=steps.stop_due(res))
+    assert not sweep_once(queue, res, now=clock() + 1)
+    assert sim.stats()["counts"]["stop"] == 0
+    assert sweep_once(queue, res, now=overdue_at(res, "j1")).cancelled == ["j1"]
+
+
+def test_the_sweeper_retries_a_failing_stop_over_rounds_then_says_it_failed(
+    redis_url: str, sim: GenSimulator, tmp_path: Path, clock: FakeClock
+) -> None:
+    settings = unit_settings(redis_url, sim.base_url, tmp_path / "outputs", max_transient_retries=1)
+    res = Resources(settings, clock=clock)
+    queue = CeleryQueue(create_app(settings))
+    try:
+        job = submitted(res, callback=TASK_CALLBACK)
+        assert job.generation_id is not None
+        res.jobs.request_cancel("j1")
+        sim.add_fault(Fault(endpoint="stop", status=503, times=None))
+        now = overdue_at(res, "j1") + 1
+
+        first = sweep_once(queue, res, now=now)
+        assert first.cancelled == [], "not before the transient policy gives up"
+        record = res.jobs.get("j1")
+        assert record is not None and record.outcome is None and record.stop_attempts == 1
+        retry_at = overdue_at(res, "j1")
+        assert now < retry_at <= now + settings.retry_max_delay
+
+        second = sweep_once(queue, res, now=retry_at)
+        assert second.cancelled == ["j1"]
+        assert sim.stats()["counts"]["stop"] == 2
+        record = res.jobs.get("j1")
+        assert record is not None and record.outcome is not None
+        assert record.outcome["generation_stopped"] is False
+        assert "; stopping it on GEN failed: GEN HTTP 503" in record.outcome["message"]
+        assert len(queued(res, CALLBACK_QUEUE)) == 1
+    finally:
+        res.redis.close()
+
+
+def test_a_half_cancel_whose_generation_was_already_stopped_is_not_stopped_again(
+    res: Resources, queue: CeleryQueue, sim: GenSimulator
+) -> None:
+    """A submit that found its job cancelled stopped the generation itself (and the canceller
+    never saw the generation): the record says so, and the sweeper reports it."""
+    job = submitted(res, callback=TASK_CALLBACK)
+    assert job.generation_id is not None
+    res.jobs.request_cancel("j1")
+    steps.stop_generation(res, "j1", job.generation_id)
+
+    assert sweep_once(queue, res, now=overdue_at(res, "j1") + 1).cancelled == ["j1"]
+
+    assert sim.stats()["counts"]["stop"] == 1
+    record = res.jobs.get("j1")
+    assert record is not None and record.outcome is not None
+    assert record.outcome["message"] == "cancelled by request; the generation was stopped on GEN"
+
+
+# --------------------------------------------------------------------------------------------
+# a round covers every overdue job
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_overdue_job_is_swept_in_one_round_however_many(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    ids = [f"j{n:03d}" for n in range(250)]
+    for job_id in ids:
+        created(res, job_id)
+    clock.advance(res.settings.queued_recovery + 1)
+
+    report = sweep_once(queue, res)
+
+    assert sorted(report.redriven) == ids
+    assert len(queued(res, QUEUE_JOBS)) == 250
+    assert res.jobs.overdue(clock()) == []
+
+
+def test_records_that_cannot_be_swept_do_not_starve_the_others(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    """More unreadable records than a page, all due before a healthy job: the round reads past
+    them (each once) and still re-drives the healthy one."""
+    broken = [f"broken{n:03d}" for n in range(150)]
+    for job_id in broken:
+        created(res, job_id)
+        res.redis.hset(JobStore.key(job_id), "job", "{not json")
+    clock.advance(1)
+    created(res, "healthy")
+    clock.advance(res.settings.queued_recovery + 1)
+
+    report = sweep_once(queue, res)
+
+    assert report.redriven == ["healthy"]
+    assert sorted(report.broken) == broken
+    [message] = queued(res, QUEUE_JOBS)
+    assert message["args"][0]["request"]["job_id"] == "healthy"
+    # Still listed: an operator can look at them; they cost one read per round.
+    assert set(broken) <= set(res.jobs.overdue(clock() + 1, limit=1000))
 
 
 def test_a_record_without_job_state_is_dropped_from_the_active_set(
