@@ -14,6 +14,13 @@
   webhook never loops forever.
 * Redirects are never followed (a 3xx is a failed attempt, as Standard Webhooks says): following one
   would let a receiver bounce us to an internal address.
+* Webhooks go out signed (``LIPSYNC_WEBHOOK_SECRET``), or unsigned only if
+  ``LIPSYNC_ALLOW_UNSIGNED_WEBHOOKS`` says so: a request with a webhook callback is refused
+  otherwise (:func:`refuse_unsigned`), and a webhook owed anyway (the secret went missing since)
+  is dead-lettered, to be replayed once the secret is back.
+
+Delivery is at least once: an attempt whose answer is lost (a timeout, a worker killed after the
+POST) is made again with the same ``webhook-id``, which receivers dedupe on.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from typing import Any
 
 import requests
 
+from worker.callbacks.models import Callback
 from worker.callbacks.outbox import Attempt, Outbox
 from worker.callbacks.signing import signed_headers
-from worker.errors import LipsyncError
+from worker.errors import LipsyncError, RequestInvalid
 from worker.ops import metrics
 from worker.output.urlguard import check_url
 from worker.retry import GiveUp, RetryPolicy, decide, is_retryable
@@ -45,6 +53,34 @@ class WebhookFailed(LipsyncError):
 
 class WebhookRejected(LipsyncError):
     """The receiver answered in a way that retrying will not fix (HTTP 410 Gone)."""
+
+
+#: Why a webhook is not sent when it could only go out unsigned, naming what fixes it.
+UNSIGNED_REFUSED = (
+    "webhooks must be signed with LIPSYNC_WEBHOOK_SECRET, which is not set: set it "
+    "(or LIPSYNC_ALLOW_UNSIGNED_WEBHOOKS=true to send webhooks unsigned)"
+)
+
+
+def signing_secret(settings: Settings) -> str | None:
+    """The secret webhooks are signed with; None when there is none (an empty value is none)."""
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else ""
+    return secret or None
+
+
+def webhooks_allowed(settings: Settings) -> bool:
+    """Whether webhooks may go out: signed, or unsigned because that was asked for explicitly."""
+    return signing_secret(settings) is not None or settings.allow_unsigned_webhooks
+
+
+def refuse_unsigned(callback: Callback | None, settings: Settings) -> None:
+    """Refuse a request whose webhook could only go out unsigned, before anything is recorded.
+
+    Raises:
+        RequestInvalid: naming ``callback.webhook_url``.
+    """
+    if callback is not None and callback.webhook_url is not None and not webhooks_allowed(settings):
+        raise RequestInvalid([{"field": "callback.webhook_url", "message": UNSIGNED_REFUSED}])
 
 
 def attempt_time_limits(webhook_timeout: float) -> tuple[float, float]:
@@ -107,7 +143,10 @@ def attempt(
         # Attempts that never reported back (their workers died) count too: do not loop forever.
         _dead_letter(outbox, claimed, f"webhook {msg_id}: {claimed.number - 1} attempts did not succeed")
         return None
-    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if not webhooks_allowed(settings):
+        _dead_letter(outbox, claimed, f"webhook {msg_id}: {UNSIGNED_REFUSED}")
+        return None
+    secret = signing_secret(settings)
     try:
         (post or post_webhook)(
             session,
@@ -187,11 +226,15 @@ def post_webhook(
 
 
 __all__ = [
+    "UNSIGNED_REFUSED",
     "WebhookFailed",
     "WebhookRejected",
     "attempt",
     "attempt_time_limits",
     "outbox_ttl",
     "post_webhook",
+    "refuse_unsigned",
     "retry_policy",
+    "signing_secret",
+    "webhooks_allowed",
 ]

@@ -134,8 +134,29 @@ def test_a_2xx_delivers_one_signed_post_and_clears_the_entry(
     assert attempt(fast, drive) is None and receiver.attempts == 1, "a redelivered message sends nothing"
 
 
-def test_without_a_secret_the_post_is_unsigned(make_res: MakeRes, receiver: WebhookReceiver) -> None:
+def test_without_a_secret_no_webhook_goes_out_it_is_dead_lettered_saying_why(
+    make_res: MakeRes, receiver: WebhookReceiver
+) -> None:
+    """A webhook owed before the secret went missing (or the failure of a request refused for
+    that very reason) is not sent unsigned behind anyone's back: an operator sees it, sets the
+    secret and replays it."""
     res = make_res(webhook_secret=None)
+    drive = owe(res, receiver.url)
+
+    assert attempt(res, drive) is None
+
+    assert receiver.attempts == 0
+    (dead,) = res.outbox.dead_letters()
+    assert dead["msg_id"] == MSG_ID
+    assert "LIPSYNC_WEBHOOK_SECRET" in dead["error"] and "LIPSYNC_ALLOW_UNSIGNED_WEBHOOKS" in dead["error"]
+    assert not is_owed(res)
+    assert callbacks_counted(res.redis) == {("webhook", "dead_lettered"): 1}
+
+
+def test_unsigned_webhooks_go_out_only_when_allowed_explicitly(
+    make_res: MakeRes, receiver: WebhookReceiver
+) -> None:
+    res = make_res(webhook_secret=None, allow_unsigned_webhooks=True)
     drive = owe(res, receiver.url)
 
     # This receiver insists on a signature (401), which makes the attempt a failed one.
