@@ -51,8 +51,10 @@ class Settings(BaseSettings):
     gen_api_key: SecretStr | None = None
     #: GEN agent whose sheets the jobs run on (``agent_id`` query parameter).
     gen_agent_id: str | None = None
-    #: Which of GEN's two documented request bodies to send (see worker.names.Dialect).
-    gen_dialect: Dialect = "autocontentengine"
+    #: Which of GEN's two documented request bodies to send (see worker.names.Dialect). GEN's
+    #: current documentation, SDK and MCP server use ``vidsheet`` (migrated from
+    #: ``autocontentengine`` on 2026-06-01); the older dialect is kept for GENs that still want it.
+    gen_dialect: Dialect = "vidsheet"
     gen_connect_timeout: float = Field(default=5.0, gt=0)
     gen_read_timeout: float = Field(default=30.0, gt=0)
     #: Model used when a request names none (GEN's ``lipSyncModel`` card setting).

@@ -49,8 +49,9 @@ def _same_setting(documented: str, actual: object) -> bool:
         return documented == str(actual).lower()
     if isinstance(actual, int | float):
         return float(documented) == actual
-    if isinstance(actual, list):
-        return [float(part) for part in documented.split(",")] == actual
+    if isinstance(actual, list):  # comma separated, each item of the list's own type
+        parts = [part.strip() for part in documented.split(",")]
+        return len(parts) == len(actual) and all(type(a)(p) == a for a, p in zip(actual, parts, strict=True))
     if isinstance(actual, AnyUrl):
         return AnyUrl(documented) == actual  # pydantic adds the trailing slash
     return documented == str(actual)

@@ -163,6 +163,8 @@ def test_every_key_written_is_under_the_metrics_prefix(r: redis.Redis) -> None:
     record_gen_call(r, endpoint="generate", status=202, seconds=0.1)
     record_job_finished(r, model="gen", status="completed", seconds=10.0)
     record_callback(r, kind="task", outcome="sent")
+    metrics.record_misrouted(r, queue="celery", count=2)
+    metrics.record_recoveries(r, cause="dead_worker", count=3)
     keys = sorted(k.decode() for k in cast(list[bytes], r.keys("*")))
     assert keys == sorted(metrics.METRICS_KEYS)
     assert all(k.startswith(METRICS_PREFIX) for k in keys)
