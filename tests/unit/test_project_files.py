@@ -6,11 +6,12 @@ import json
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import AnyUrl
 
+from worker.jobs.models import LipsyncFailure
 from worker.jobs.schemas import PUBLISHED, schema_of
 from worker.settings import Settings
 
@@ -113,3 +114,27 @@ def test_monitoring_and_licence_need_no_extra() -> None:
     assert any(re.match(r"flower\b", dep) for dep in project["dependencies"])
     # An SPDX expression, not the deprecated {text = ...} table.
     assert project["license"] == "MIT"
+
+
+def test_local_links_in_the_docs_resolve_inside_the_repository() -> None:
+    documents = [
+        ROOT / "README.md",
+        *ROOT.glob("docs/*.md"),
+        *ROOT.glob("deploy/**/*.md"),
+        *ROOT.glob("examples/**/*.md"),
+    ]
+    broken = []
+    for document in documents:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text()):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            resolved = (document.parent / target).resolve()
+            if not resolved.exists() or ROOT.resolve() not in resolved.parents:
+                broken.append(f"{document.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_every_failure_status_is_in_the_readmes_status_table() -> None:
+    table = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
+    statuses = set(get_args(LipsyncFailure.model_fields["status"].annotation))
+    assert statuses <= table, statuses - table
