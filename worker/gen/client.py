@@ -18,6 +18,9 @@ Design rules, each for a reason:
   redirect, not ``X-API-Key``.
 * **Bodies are read with a cap** (:data:`MAX_BODY_BYTES`), so a broken proxy streaming gigabytes
   cannot exhaust a worker's memory.
+* **Pacing is the caller's** (:data:`Pacer`): a hook asked before every request, with the endpoint's
+  name, may hold it (a fleet-wide rate limit) or refuse it by raising. The client knows nothing of
+  the job layer that wires it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from worker.gen.retry_after import parse_retry_after
 from worker.names import Dialect, LipsyncModel
 from worker.settings import Settings
 
-__all__ = ["MAX_BODY_BYTES", "GenClient", "idempotency_key_for"]
+__all__ = ["MAX_BODY_BYTES", "CallObserver", "GenClient", "Pacer", "idempotency_key_for"]
 
 logger = logging.getLogger("lipsync.gen")
 
@@ -101,6 +104,10 @@ class _Reply(NamedTuple):
 
 #: Observer of GEN calls: (endpoint name, HTTP status or None for transport errors, seconds).
 CallObserver = Callable[[str, int | None, float], None]
+#: Asked before every request with its endpoint name (``generate``, ``get_generation``,
+#: ``stop_generation``, ``get_cell``, ``get_layer``, ``get_content_resource``); it may block until
+#: the request may go, or raise (e.g. :class:`~worker.gen.errors.GenRateLimited`) to refuse it.
+Pacer = Callable[[str], None]
 
 
 class GenClient:
@@ -128,6 +135,7 @@ class GenClient:
         session: requests.Session | None = None,
         user_agent: str | None = None,
         on_call: CallObserver | None = None,
+        pace: Pacer | None = None,
     ) -> None:
         """Raises :class:`ConfigurationError` for an unusable base URL, key, agent id or dialect."""
         base_url = str(base_url).strip()
@@ -156,6 +164,8 @@ class GenClient:
         self._timeout = (float(connect_timeout), float(read_timeout))
         #: Told about every call (endpoint, HTTP status or None, seconds), e.g. for metrics.
         self._on_call = on_call
+        #: Asked before every request (endpoint), e.g. to keep a fleet-wide rate limit.
+        self._pace = pace
         self._owns_session = session is None
         self._session = session if session is not None else requests.Session()
         # Headers are added per request rather than to session.headers, so that a caller's shared
@@ -167,7 +177,9 @@ class GenClient:
         }
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, on_call: CallObserver | None = None) -> GenClient:
+    def from_settings(
+        cls, settings: Settings, *, on_call: CallObserver | None = None, pace: Pacer | None = None
+    ) -> GenClient:
         """Build a client from :class:`Settings`.
 
         Raises :class:`ConfigurationError` (not retryable) naming ``LIPSYNC_GEN_API_KEY`` and/or
@@ -189,6 +201,7 @@ class GenClient:
             connect_timeout=settings.gen_connect_timeout,
             read_timeout=settings.gen_read_timeout,
             on_call=on_call,
+            pace=pace,
         )
 
     def __repr__(self) -> str:
@@ -381,6 +394,8 @@ class GenClient:
         headers: dict[str, str] | None = None,
     ) -> _Reply:
         """Send one request, read its body (capped) and raise for anything but a 2xx."""
+        if self._pace is not None:
+            self._pace(endpoint)
         request_headers = {**self._headers, "X-API-Key": self._api_key.get_secret_value()}
         if headers:
             request_headers.update(headers)

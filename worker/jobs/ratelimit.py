@@ -6,14 +6,19 @@ set of call times per budget) that admits at most ``limit`` calls in any ``windo
 check and the admission are one Lua script, and time is Redis's own clock, so nodes with skewed
 clocks still share one window.
 
-A call that is not admitted is not waited for in the worker: the step comes back as "again in N
-seconds" (the wait the window says) and the worker slot is free meanwhile.
+A call that is not admitted is not waited for in the worker where the step can come back later: the
+step comes back as "again in N seconds" (the wait the window says) and the worker slot is free
+meanwhile (generate, and the poll's status read). The other GEN calls (stops, content-resource
+lookups, cells and layers) are made in the middle of a step, which cannot come back half-way: they
+wait for room in the status budget (:meth:`FleetRateLimiter.wait`), a bounded time.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 import redis
@@ -59,3 +64,18 @@ class FleetRateLimiter:
             self._script(keys=[RATELIMIT_KEY_PREFIX + budget], args=[self._window_ms, limit, member])
         )
         return wait_ms / 1000.0
+
+    def wait(self, budget: Budget, *, max_wait: float, sleep: Callable[[float], None] = time.sleep) -> float:
+        """Block until a call of ``budget`` is admitted (0.0), sleeping at most ``max_wait`` seconds
+        in all. When the window has no room that soon, return the wait still ahead, not admitted
+        (nothing is taken from the budget)."""
+        waited = 0.0
+        while True:
+            wait = self.acquire(budget)
+            if wait <= 0:
+                return 0.0
+            if waited + wait > max_wait:
+                return wait
+            # Others may take the freed room first: then the next acquire names a new wait.
+            sleep(wait)
+            waited += wait

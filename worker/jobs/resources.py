@@ -18,6 +18,7 @@ import requests
 from worker.callbacks.outbox import Outbox
 from worker.callbacks.webhooks import outbox_ttl
 from worker.gen.client import GenClient
+from worker.gen.errors import GenRateLimited
 from worker.jobs.liveness import Holders
 from worker.jobs.ratelimit import Budget, FleetRateLimiter
 from worker.jobs.records import JobStore
@@ -33,6 +34,11 @@ BrokerRedis = redis.Redis
 
 USER_AGENT = "lipsync-worker/0.1 (+python-requests)"
 
+#: GEN endpoints (GenClient's names) whose calls the steps pace themselves, against their own
+#: budgets, coming back later rather than waiting (worker.jobs.steps): the client's pacer must not
+#: count them a second time.
+PACED_BY_THE_STEPS = frozenset({"generate", "get_generation"})
+
 
 @dataclass
 class Resources:
@@ -47,7 +53,21 @@ class Resources:
         def observe(endpoint: str, status: int | None, seconds: float) -> None:
             metrics.record_gen_call(redis_client, endpoint=endpoint, status=status, seconds=seconds)
 
-        return GenClient.from_settings(self.settings, on_call=observe)
+        return GenClient.from_settings(self.settings, on_call=observe, pace=self._pace_gen_call)
+
+    def _pace_gen_call(self, endpoint: str) -> None:
+        """Hold a GEN call the steps do not pace (a stop, a content-resource lookup...) until the
+        fleet's status budget has room, for at most one GEN read timeout; past that, refuse it as
+        rate limited (retryable, Retry-After the window's wait) rather than hold the worker."""
+        if endpoint in PACED_BY_THE_STEPS:
+            return
+        wait = self.limiter.wait("status", max_wait=self.settings.gen_read_timeout)
+        if wait > 0:
+            raise GenRateLimited(
+                f"no room in the fleet's GEN call budget (LIPSYNC_GEN_STATUS_RATE) for {wait:.1f} s",
+                retry_after=wait,
+                endpoint=endpoint,
+            )
 
     @cached_property
     def http(self) -> requests.Session:

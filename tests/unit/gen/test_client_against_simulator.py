@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from worker.gen.client import GenClient, idempotency_key_for
-from worker.gen.errors import GenAuthError, GenNotFound, GenNotStoppable, GenRejected
+from worker.gen.errors import GenAuthError, GenNotFound, GenNotStoppable, GenRateLimited, GenRejected
 from worker.gen.models import TERMINAL_STATUSES, Generation
 from worker.names import Dialect, LipsyncModel
 
@@ -131,3 +131,47 @@ def test_error_mapping_against_the_simulator(sim: Any, dialect: Dialect) -> None
         intruder.get_generation("1")
     assert auth.value.status_code == 401
     assert "wrong-key" not in str(auth.value)
+
+
+# --------------------------------------------------------------------------------------------
+# pacing: the caller's hook runs before every request (the job layer wires the fleet rate limit)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_pacer_is_asked_before_every_request_with_its_endpoint(sim: Any) -> None:
+    asked: list[str] = []
+    seen_before = len(sim.stats()["requests"])
+    cell = _cell()
+    with GenClient(
+        base_url=sim.base_url, api_key=KEY, agent_id=AGENT, dialect="vidsheet", pace=asked.append
+    ) as client:
+        generation_id = _submit(client, cell, layer=False)
+        client.get_generation(generation_id)
+        client.stop_generation(generation_id)
+        client.get_cell(SHEET, cell)
+        client.get_layer(SHEET, cell, str(int(cell) + 1000))
+
+    assert asked == [
+        "get_content_resource",  # the vidsheet body takes URLs: two lookups, then generate
+        "get_content_resource",
+        "generate",
+        "get_generation",
+        "stop_generation",
+        "get_cell",
+        "get_layer",
+    ]
+    assert len(sim.stats()["requests"]) - seen_before == len(asked), "one request per pacer call"
+
+
+def test_a_pacer_that_says_no_sends_nothing(sim: Any) -> None:
+    def no_room(endpoint: str) -> None:
+        raise GenRateLimited("no room in the fleet's budget", retry_after=3.0, endpoint=endpoint)
+
+    seen_before = len(sim.stats()["requests"])
+    with (
+        GenClient(base_url=sim.base_url, api_key=KEY, agent_id=AGENT, pace=no_room) as client,
+        pytest.raises(GenRateLimited) as info,
+    ):
+        client.get_content_resource("5001")
+    assert info.value.retry_after == 3.0 and info.value.endpoint == "get_content_resource"
+    assert len(sim.stats()["requests"]) == seen_before
