@@ -184,15 +184,22 @@ def test_redis_restarted_mid_run(fault_cluster: Any, simulator: Any, run_on: Any
     for job_id in job_ids:
         run.wait_state(job_id, "polling", min_polls=1)
     cluster.redis_server.restart()
-    # A worker may exit on a broker restart (see docs/guarantees.md); a supervisor restarts it.
+    # Nothing restarts a worker here: the one that was running rides the restart out (reconnects)
+    # and finishes the jobs itself. A worker that exits fails the test at once.
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not all(r.ready() for r in run.results.values()):
-        if cluster.workers[-1].process.poll() is not None:
-            cluster.start_worker()
+        if any(w.process.poll() is not None for w in cluster.workers):
+            break
         time.sleep(0.5)
+    exited = {w.name: w.process.returncode for w in cluster.workers if w.process.poll() is not None}
+    assert not exited, (
+        f"worker(s) exited across the Redis restart: {exited}\n{cluster.workers[0].log()[-3000:]}"
+    )
     outcomes = run.outcomes(timeout=30)
     assert {o["status"] for o in outcomes.values()} == {"completed"}
     run.check_invariants(outcomes)
+    assert len(cluster.workers) == 1
+    assert all(w.process.poll() is None for w in cluster.workers), "a worker exited after the jobs ended"
 
 
 def test_lost_retry_message_is_recovered_by_the_sweeper(
@@ -509,19 +516,37 @@ def test_duplicate_enqueue_joins_the_running_job(fault_cluster: Any, simulator: 
 def test_cancel_stops_the_generation_and_fires_the_failure_callback_once(
     fault_cluster: Any, simulator: Any, run_on: Any
 ) -> None:
-    simulator.durations = {"gen": 5.0}
-    cluster = fault_cluster()
+    simulator.durations = {"gen": 8.0}
+    # Polls 1.5 s apart: the cancel lands while the next poll waits on its countdown (a message the
+    # worker holds), not while a poll is on its way to GEN.
+    cluster = fault_cluster(
+        LIPSYNC_POLL_INITIAL_DELAY="1.5", LIPSYNC_POLL_MAX_DELAY="1.5", LIPSYNC_POLL_JITTER="0"
+    )
     cluster.start_worker()
     run = run_on(cluster)
     (job_id,) = run.submit()
     record = run.wait_state(job_id, "polling", min_polls=1)
+    poll_task = f"lipsync.poll[{record.step_task_id}]"  # its countdown retries keep this task id
     cancelled = json.loads(_cli(cluster, "cancel", job_id))
     assert (cancelled["status"], cancelled["error_code"]) == ("cancelled", "cancelled")
     outcomes = run.outcomes()
     assert outcomes[job_id] == cancelled
     assert simulator.generation(record.generation_id)["status"] == "stopped"
     assert str(record.generation_id) in [str(g) for g in simulator.stats()["stops"]]
-    time.sleep(3)  # the stale poll message runs and must do nothing
+
+    # The poll message that waited on its countdown comes due after the cancel, stale: the worker
+    # ends it without a retry (drops it as revoked, or the guard ignores it) ...
+    def stale_poll_ended() -> bool:
+        lines = [line for line in cluster.workers[0].log().splitlines() if poll_task in line]
+        return any(" received" not in line and " retry: " not in line for line in lines)
+
+    wait_for(stale_poll_ended, timeout=20)
+    # ... and it does nothing: after the stop, GEN hears nothing more of the job (no status poll,
+    # no download).
+    seen = simulator.stats()["requests"]
+    stopped_at = min(r["t"] for r in seen if r["endpoint"] == "stop")
+    late = [(r["method"], r["path"]) for r in seen if r["t"] > stopped_at and r["endpoint"] != "stop"]
+    assert late == [], f"GEN was called after the stop: {late}"
     run.check_invariants(outcomes)
     assert not (cluster.storage / f"{job_id}.mp4").exists()
     # Cancelling again reports the same end and sends nothing new.
