@@ -1,10 +1,11 @@
 """Handing outcomes and stage events to the caller: a Celery task by name, and/or a webhook.
 
-Every message has an id derived from the job id and the message kind (``<job_id>.outcome``,
-``<job_id>.event.submitted``...). It is the Celery task id of a task callback and the
-``webhook-id`` of a webhook, so a re-send after a crash carries the same id and receivers can
-dedupe on it. A webhook is owed from the outbox (:mod:`worker.callbacks.outbox`) until it is
-delivered; :mod:`worker.callbacks.webhooks` makes the attempts.
+Delivery is at least once, never "exactly once": every message has an id derived from the job id
+and the message kind (``<job_id>.outcome``, ``<job_id>.event.submitted``...). It is the Celery task
+id of a task callback and the ``webhook-id`` of a webhook, so a re-send after a crash (or a webhook
+retried after a lost answer) carries the same id, and receivers dedupe on it. A webhook is owed from
+the outbox (:mod:`worker.callbacks.outbox`) until it is delivered; :mod:`worker.callbacks.webhooks`
+makes the attempts.
 """
 
 from __future__ import annotations
