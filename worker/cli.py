@@ -12,6 +12,7 @@ Every error is one line on stderr, with one of these exit codes (the README list
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -174,14 +175,46 @@ def _cmd_simulator(args: argparse.Namespace, _: list[str]) -> int:
 
     api_key = args.api_key or os.environ.get("LIPSYNC_GEN_API_KEY") or "sim-key"
     agent = args.agent_id or os.environ.get("LIPSYNC_GEN_AGENT_ID") or "42"
+
+    class Announce(io.StringIO):
+        """The simulator writes its base URL first (stdout, for programs that start it); people
+        get, on stderr, the environment that points a worker at it."""
+
+        line = ""
+
+        def write(self, text: str) -> int:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            self.line += text
+            if "\n" in self.line:
+                url, self.line = self.line.split("\n", 1)
+                if url.startswith("http"):
+                    print(simulator_environment(url.strip(), api_key, agent), file=sys.stderr, flush=True)
+            return len(text)
+
     serve(
         args.host,
         args.port,
+        out=Announce(),
         api_key=api_key,
         agent_ids=(agent,),
         durations={"gen": args.gen_seconds, "sync_so": args.sync_so_seconds},
     )
     return 0
+
+
+def simulator_environment(base_url: str, api_key: str, agent: str) -> str:
+    """What to paste into the shell of a worker (and of `lipsync-worker submit`) to use a simulator."""
+    return "\n".join(
+        [
+            f"GEN simulator listening on {base_url}. Point a worker at it with:",
+            f"  export LIPSYNC_GEN_BASE_URL={base_url}",
+            f"  export LIPSYNC_GEN_API_KEY={api_key}",
+            f"  export LIPSYNC_GEN_AGENT_ID={agent}",
+            "  export LIPSYNC_ALLOW_PRIVATE_URLS=true   # its outputs are served from this loopback address",
+            "Seeded: sheet 101, cells 3000-3099 (layer = cell + 1000), videos 5001-5099, audios 6001-6099.",
+        ]
+    )
 
 
 def _cmd_submit(args: argparse.Namespace, _: list[str]) -> int:

@@ -17,8 +17,14 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker.errors import ConfigurationError
+
+
+class _PortTaken(Exception):
+    pass
 
 
 def find_redis_server() -> str:
@@ -50,6 +56,9 @@ class EmbeddedRedis:
     """``with EmbeddedRedis() as r: r.url`` — stopped (and its files removed) on exit."""
 
     def __init__(self, port: int | None = None, *, persistent: bool = False) -> None:
+        #: A port we picked may be taken by someone else before redis-server binds it (the probe
+        #: socket is closed first): then we pick another one. A port the caller named is kept.
+        self._pick_port = port is None
         self.port = port or free_port()
         #: Keep data across :meth:`restart` (an fsync-always append-only file), as a production
         #: broker with AOF would.
@@ -63,6 +72,17 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
+        for _attempt in range(5):
+            try:
+                self._start_once()
+                return self
+            except _PortTaken:
+                if not self._pick_port:
+                    raise RuntimeError(f"port {self.port} is taken") from None
+                self.port = free_port()
+        raise RuntimeError("could not find a free port for redis-server")
+
+    def _start_once(self) -> None:
         command = [
             self.binary,
             "--port",
@@ -84,19 +104,33 @@ class EmbeddedRedis:
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self._wait_ready()
-        return self
 
     def _wait_ready(self, timeout: float = 10.0) -> None:
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        assert self._process is not None
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.port,
+            socket_connect_timeout=0.2,
+            socket_timeout=0.5,
+            retry=Retry(NoBackoff(), 0),  # this loop is the retry
+        )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with code {self._process.returncode}")
-            try:
-                if client.ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    # The usual reason: someone bound the port between our probe and redis-server.
+                    raise _PortTaken()
+                try:
+                    # Only our own server counts: another Redis may already answer on this port.
+                    if int(client.info("server")["process_id"]) == self._process.pid:
+                        return
+                    self._process.kill()
+                    self._process.wait()
+                    raise _PortTaken()
+                except redis.RedisError:  # not listening yet, or not a Redis answering
+                    time.sleep(0.05)
+        finally:
+            client.close()
         raise RuntimeError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
     def stop(self) -> None:
@@ -126,3 +160,20 @@ class EmbeddedRedis:
 
 
 __all__ = ["EmbeddedRedis", "find_redis_server", "free_port"]
+
+
+def main() -> None:
+    """``python -m worker.dev.embedded_redis [PORT]``: a throwaway Redis in the foreground (for running
+    the worker by hand on a machine without one; see the README). Ctrl-C stops it and removes its data."""
+    import sys
+
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 6379
+    with EmbeddedRedis(port) as server:
+        print(server.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while server._process is not None and server._process.poll() is None:
+                time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    main()
