@@ -48,7 +48,9 @@ from worker.ops.progress import report
 log = logging.getLogger("lipsync.tasks")
 
 
-@app.task(name=TASK_RUN, **STEP_OPTIONS)
+# No STARTED state: Celery would store it with this task's arguments, the caller's request with its
+# callback (see _without_callback).
+@app.task(name=TASK_RUN, **{**STEP_OPTIONS, "track_started": False})
 def run(self: AnyTask, request: Any = None) -> Any:
     """Validate ``request`` and replace this task with the chain submit → poll → fetch_output.
 
@@ -62,15 +64,22 @@ def run(self: AnyTask, request: Any = None) -> Any:
         started = steps.create(request, task_id=task_id, res=res)
     except Exception as exc:  # noqa: BLE001 - the retry decision tells a Redis blink from a bad request
         retry_after_redis_error(self, exc)
-        raise LipsyncJobFailed(reject(_queue(self), res, request, exc, task_id=task_id)) from None
+        failure = reject(_queue(self), res, request, exc, task_id=task_id)
+        _without_callback(self)
+        raise LipsyncJobFailed(failure) from None
+    _without_callback(self)
     job = started.job
+    if job.request.callback is not None:
+        # A record from before the callback had its own field holds it in its job only; the chain
+        # carries none.
+        res.jobs.keep_callback(job.job_id, job.request.callback.model_dump(mode="json"))
     if started.record.outcome is not None:
         return _deliver_recorded(started.record.outcome)
     if not res.jobs.mark_once(job.job_id, "chain_started"):
         log.info("job %s: already running; this enqueue joins it", job.job_id)
         return self.replace(await_job.s(job.job_id))
     log.info("job %s: starting (%s, %s)", job.job_id, job.model, _target(job))
-    return self.replace(_queue(self).chain_of(CHAIN, job.model_dump(mode="json"), last_task_id=None))
+    return self.replace(_queue(self).chain_of(CHAIN, job.for_message(), last_task_id=None))
 
 
 @app.task(name=TASK_SUBMIT, **STEP_OPTIONS)
@@ -84,7 +93,7 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     _report(self, outcome, Stage.POLLING)
     emit_event(_queue(self), res, outcome, StageEvent.SUBMITTED, {"gen_status": outcome.gen_status})
     log.info("job %s: GEN generation %s accepted", outcome.job_id, outcome.generation_id)
-    return outcome.model_dump(mode="json")
+    return outcome.for_message()
 
 
 @app.task(name=TASK_POLL, **STEP_OPTIONS)
@@ -96,7 +105,7 @@ def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     assert isinstance(outcome, Job) and outcome.output_resource is not None
     data = {"url": outcome.output_resource.url, "execution_cost": outcome.execution_cost}
     emit_event(_queue(self), res, outcome, StageEvent.GENERATION_COMPLETED, data)
-    return outcome.model_dump(mode="json")
+    return outcome.for_message()
 
 
 @app.task(name=TASK_FETCH, **STEP_OPTIONS)
@@ -107,12 +116,24 @@ def fetch_output(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     if record is not None and record.outcome is not None:
         return _deliver_recorded(record.outcome)
     _report(self, current, Stage.FETCHING)
-    result = _run_step(self, current, res, steps.fetch)
+    try:
+        result = _run_step(self, current, res, steps.fetch)
+    except Ignore:
+        # The job ended during the download (a cancel); nothing was published. This task runs
+        # under the caller's id: it ends with the recorded outcome, once there is one.
+        ended = res.jobs.get(current.job_id)
+        if ended is not None and ended.outcome is not None:
+            return _deliver_recorded(ended.outcome)
+        raise
     assert not isinstance(result, Job | steps.Again)
     queue = _queue(self)
-    emit_event(
-        queue, res, current, StageEvent.OUTPUT_FETCHED, {"output": result.output.model_dump(mode="json")}
-    )
+    try:
+        steps.guard(current, res)
+    except steps.NothingToDo:
+        pass  # ended while the output was stored: no event; finish hands back the recorded end
+    else:
+        output = {"output": result.output.model_dump(mode="json")}
+        emit_event(queue, res, current, StageEvent.OUTPUT_FETCHED, output)
     stored = finish(queue, res, job_id=current.job_id, callback=current.request.callback, outcome=result)
     log.info("job %s: completed, output at %s", current.job_id, result.output.uri)
     return _deliver_recorded(stored)
@@ -145,6 +166,21 @@ def _guard(job: Job, res: Resources, *, final: bool = False) -> JobRecord | None
         raise Ignore() from None
 
 
+def _without_callback(task: AnyTask) -> None:
+    """Drop the callback from the request Celery keeps of this ``lipsync.run`` (it stores a task's
+    arguments with its result): its webhook URL can carry a receiver's token, and the job record
+    has it. The request itself was read already."""
+    request = task.request
+
+    def scrub(value: Any) -> Any:
+        return {k: v for k, v in value.items() if k != "callback"} if isinstance(value, dict) else value
+
+    if isinstance(request.kwargs, dict) and "request" in request.kwargs:
+        request.kwargs = {**request.kwargs, "request": scrub(request.kwargs["request"])}
+    if request.args:
+        request.args = [scrub(arg) for arg in request.args]
+
+
 def _deliver_recorded(outcome: dict[str, Any]) -> dict[str, Any]:
     """Return a recorded result, or raise a recorded failure, as the chain's last task does."""
     if outcome.get("status") == "completed":
@@ -172,7 +208,7 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
         # `exc` travels in the retry event, which is what Flower shows for the whole wait; the
         # short argsrepr keeps callback URLs and metadata out of monitoring.
         raise self.retry(  # type: ignore[call-arg]  # Celery passes **options on
-            args=(outcome.job.model_dump(mode="json"),),
+            args=(outcome.job.for_message(),),
             countdown=outcome.countdown,
             exc=StillRunning(f"{line}; {outcome.reason}; next try in {outcome.countdown:.1f} s"),
             argsrepr=f"({line})",

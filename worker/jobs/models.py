@@ -96,6 +96,14 @@ class Job(BaseModel):
     def job_id(self) -> str:
         return self.request.job_id
 
+    def for_message(self) -> dict[str, Any]:
+        """The job as it travels in task messages (and so in Celery's results, which keep the
+        arguments): without the request's callback. Its webhook URL can carry a receiver's token;
+        the callback stays in the job record (:meth:`worker.jobs.records.JobStore.callback`)."""
+        data = self.model_dump(mode="json")
+        data["request"]["callback"] = None
+        return data
+
 
 # --------------------------------------------------------------------------------------------
 # What callers get back

@@ -30,11 +30,24 @@ def finish(
     callback: Callback | None,
     outcome: LipsyncResult | LipsyncFailure,
 ) -> dict[str, Any]:
-    """Record the outcome (unless one is recorded) and deliver it. Returns the recorded outcome."""
+    """Record the outcome (unless one is recorded) and deliver it. Returns the recorded outcome.
+
+    The outcome goes to the callback in the job record; ``callback`` is the caller's knowledge of
+    it, used (and recorded) only when the record has none: a request refused before it became a job,
+    or a job whose message carried its callback.
+    """
     payload = outcome.model_dump(mode="json")
+    recorded = _callback_of(res, job_id)
     # Until the callbacks are marked dispatched, the sweeper will re-dispatch them after the grace.
     due = res.clock() + res.settings.recovery_grace
-    first, stored = res.jobs.finish(job_id, payload, state=payload["status"], overdue_at=due)
+    first, stored = res.jobs.finish(
+        job_id,
+        payload,
+        state=payload["status"],
+        overdue_at=due,
+        callback=None if recorded is not None or callback is None else callback.model_dump(mode="json"),
+    )
+    callback = recorded or callback
     if first:
         timings = payload.get("timings") or {}
         metrics.record_job_finished(
@@ -65,6 +78,11 @@ def finish(
     return stored
 
 
+def _callback_of(res: Resources, job_id: str) -> Callback | None:
+    raw = res.jobs.callback(job_id)
+    return None if raw is None else Callback.model_validate(raw)
+
+
 def _dispatched(res: Resources, job_id: str) -> bool:
     record = res.jobs.get(job_id)
     return record is not None and record.callbacks_dispatched
@@ -72,7 +90,7 @@ def _dispatched(res: Resources, job_id: str) -> bool:
 
 def emit_event(queue: TaskQueue, res: Resources, job: Job, event: StageEvent, data: dict[str, Any]) -> None:
     """Send a stage event to subscribers, once per job and event."""
-    callback = job.request.callback
+    callback = _callback_of(res, job.job_id) or job.request.callback
     if callback is None or event not in callback.events:
         return
     if not res.jobs.mark_once(job.job_id, f"event:{event.value}"):

@@ -13,6 +13,11 @@ the paid API and no job is forgotten:
   nothing. So at most one chain drives a job at a time, however many messages resurface later.
 * ``overdue_at`` (also the score in the ``lipsync:jobs:active`` sorted set) is when the job should
   have shown its next sign of life. The sweeper re-drives jobs past it (see :mod:`worker.jobs.sweeper`).
+* ``callback`` is where the outcome and events go. It lives here only: a webhook URL can carry a
+  receiver's token, and task messages and Celery's results (arguments included) are kept where
+  monitors read them, so the job travels without it (:meth:`worker.jobs.models.Job.for_message`).
+  Records written before it had a field of its own keep it in ``job``: read with
+  :meth:`JobStore.callback`, and moved into the field before a job without it replaces ``job``.
 
 Records live ``job_timeout + result_ttl`` seconds after their last update.
 """
@@ -21,10 +26,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import redis
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from worker.names import ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, Stage
 
@@ -71,6 +76,20 @@ return 1
 StopResult = Literal["stopped", "already_ended", "failed"]
 
 
+# Set the record's callback unless it has one; never create a record. ARGV: the callback's JSON.
+_KEEP_CALLBACK = """
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'callback', ARGV[1])
+"""
+
+
+def _callback_in(job: Any) -> dict[str, Any] | None:
+    """The callback a job's JSON carries (jobs in messages carry none)."""
+    request = job.get("request") if isinstance(job, dict) else None
+    callback = request.get("callback") if isinstance(request, dict) else None
+    return callback if isinstance(callback, dict) else None
+
+
 class JobRecord(BaseModel):
     """A job as the record knows it (``lipsync-worker status JOB_ID`` prints this)."""
 
@@ -99,6 +118,9 @@ class JobRecord(BaseModel):
     step_task_id: str | None = None
     #: The latest job state as carried by the chain (what the sweeper re-drives from).
     job: dict[str, Any] | None = None
+    #: Where the outcome and events go (see the module's docstring). Not shown (``status``): its
+    #: webhook URL can carry a receiver's token.
+    callback: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
     outcome: dict[str, Any] | None = None
     callbacks_dispatched: bool = False
 
@@ -119,6 +141,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._mark_once = client.register_script(_MARK_ONCE)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
+        self._keep_callback = client.register_script(_KEEP_CALLBACK)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -132,7 +155,7 @@ class JobStore:
             return None
         # Empty strings mean "cleared" (a hash cannot hold None).
         fields: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items() if v != b""}
-        for name in ("outcome", "job"):
+        for name in ("outcome", "job", "callback"):
             if name in fields:
                 fields[name] = json.loads(fields[name])
         fields.setdefault("job_id", job_id)
@@ -141,6 +164,14 @@ class JobStore:
         fields["callbacks_dispatched"] = fields.get("callbacks_dispatched") == "1"
         fields["cancel_requested"] = fields.get("cancel_requested") == "1"
         return JobRecord.model_validate(fields)
+
+    def callback(self, job_id: str) -> dict[str, Any] | None:
+        """The job's callback as JSON, or None (no callback, or no such job)."""
+        raw = cast("list[bytes | None]", self.redis.hmget(self.key(job_id), ["callback", "job"]))
+        callback, job = raw
+        if callback:
+            return cast("dict[str, Any]", json.loads(callback))
+        return _callback_in(json.loads(job)) if job else None
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.key(job_id), "cancel_requested") == b"1"
@@ -171,6 +202,11 @@ class JobStore:
             "overdue_at": repr(overdue_at),
         }
         if job is not None:
+            callback = _callback_in(job)
+            if callback is not None:
+                # One place for it: the job is kept as it travels, without.
+                fields["callback"] = json.dumps(callback)
+                job = {**job, "request": {**job["request"], "callback": None}}
             fields["job"] = json.dumps(job)
         pairs = [item for name_value in fields.items() for item in name_value]
         args: list[str | int] = [job_id, self.ttl, repr(overdue_at), *pairs]
@@ -200,10 +236,19 @@ class JobStore:
         mapping["updated_at"] = repr(time.time())
         pipe = self.redis.pipeline()
         pipe.hset(key, mapping=mapping)
+        callback = _callback_in(job) if job is not None else None
+        if callback is not None:
+            # A job from a message written before the callback had its own field: move it there.
+            pipe.hsetnx(key, "callback", json.dumps(callback))
         pipe.expire(key, self.ttl)
         if overdue_at is not None:
             pipe.zadd(ACTIVE_JOBS_KEY, {key.removeprefix(JOB_KEY_PREFIX): overdue_at})
         pipe.execute()
+
+    def keep_callback(self, job_id: str, callback: dict[str, Any]) -> None:
+        """Make ``callback`` the job's callback unless it has one (a record from before the field).
+        Nothing is written for an unknown job."""
+        self._keep_callback(keys=[self.key(job_id)], args=[json.dumps(callback)])
 
     def set_generation(self, job_id: str, generation_id: str) -> str:
         """Record GEN's generation id; if one is already recorded, that one wins and is returned."""
@@ -215,15 +260,26 @@ class JobStore:
         return generation_id
 
     def finish(
-        self, job_id: str, outcome: dict[str, Any], *, state: str, overdue_at: float
+        self,
+        job_id: str,
+        outcome: dict[str, Any],
+        *,
+        state: str,
+        overdue_at: float,
+        callback: dict[str, Any] | None = None,
     ) -> tuple[bool, dict[str, Any]]:
         """Record the job's outcome once. Returns (this call decided it, the recorded outcome).
 
         The job stays in the active set, due at ``overdue_at``, until its callbacks are marked
-        dispatched: a crash between the two leaves it for the sweeper to re-dispatch.
+        dispatched: a crash between the two leaves it for the sweeper to re-dispatch, to
+        ``callback`` if the record had none (a request refused before it became a job).
         """
         key = self.key(job_id)
-        first = bool(self.redis.hsetnx(key, "outcome", json.dumps(outcome)))
+        pipe = self.redis.pipeline()
+        pipe.hsetnx(key, "outcome", json.dumps(outcome))
+        if callback is not None:
+            pipe.hsetnx(key, "callback", json.dumps(callback))
+        first = bool(pipe.execute()[0])
         if first:
             self.update(job_id, state=state, next_poll_at=None, overdue_at=overdue_at)
             return True, outcome
@@ -257,8 +313,8 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
-                raw = pipe.hmget(key, ["overdue_at", "outcome", "created_at"])
-                overdue_raw, outcome, created = raw
+                raw = pipe.hmget(key, ["overdue_at", "outcome", "created_at", "callback", "job"])
+                overdue_raw, outcome, created, callback, job = raw
                 if created is None or outcome is not None:
                     return None
                 if not force and (overdue_raw is None or float(overdue_raw) > now):
@@ -274,6 +330,10 @@ class JobStore:
                         "flag:chain_started": "1",
                     },
                 )
+                old_callback = None if callback or not job else _callback_in(json.loads(job))
+                if old_callback is not None:
+                    # A record from before the field: the re-driven messages carry no callback.
+                    pipe.hset(key, "callback", json.dumps(old_callback))
                 pipe.expire(key, self.ttl)
                 pipe.zadd(ACTIVE_JOBS_KEY, {job_id: overdue_at})
                 pipe.execute()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from worker.errors import LipsyncError
@@ -517,7 +518,12 @@ def _timed_out(job: Job, res: Resources) -> str:
 
 
 def fetch(job: Job, res: Resources) -> LipsyncResult | Again:
-    """Download GEN's output into storage and build the result."""
+    """Download GEN's output into storage and build the result.
+
+    Raises:
+        NothingToDo: the job was cancelled (or ended, or re-driven) during the download; nothing
+            was published and the downloaded file is gone.
+    """
     resource = job.output_resource
     assert resource is not None and job.generation_id is not None, "fetch needs a completed generation"
     expect_next(job, res, within=res.settings.download_timeout, state=Stage.FETCHING)
@@ -529,6 +535,8 @@ def fetch(job: Job, res: Resources) -> LipsyncResult | Again:
             limits=res.download_limits,
             session=res.http,
         )
+        # A download takes a while: a cancel meanwhile must not see the output published after it.
+        _still_current(job, res, staged=downloaded.path)
         published = res.storage.publish(
             job.job_id, downloaded.path, content_type=downloaded.content_type, sha256=downloaded.sha256
         )
@@ -555,3 +563,13 @@ def fetch(job: Job, res: Resources) -> LipsyncResult | Again:
         timings=Timings.of(job, finished, fetch_seconds=finished - started),
         metadata=job.request.metadata,
     )
+
+
+def _still_current(job: Job, res: Resources, *, staged: Path) -> None:
+    """Raise :class:`NothingToDo` (dropping the staged file) if the job ended or this message went
+    stale since the step began."""
+    try:
+        guard(job, res)
+    except NothingToDo:
+        staged.unlink(missing_ok=True)
+        raise

@@ -208,7 +208,7 @@ def _resend_overdue_webhooks(queue: TaskQueue, res: Resources, now: float, repor
 def redrive(queue: TaskQueue, job: Job) -> None:
     """Send a fresh chain for ``job`` from the step it is at. Its last task takes the caller's task
     id, so the caller's AsyncResult resolves when it ends."""
-    queue.send_chain(remaining_steps(job), job.model_dump(mode="json"), last_task_id=job.task_id)
+    queue.send_chain(remaining_steps(job), job.for_message(), last_task_id=job.task_id)
 
 
 def _redispatch(queue: TaskQueue, res: Resources, record: JobRecord, report: SweepReport) -> None:

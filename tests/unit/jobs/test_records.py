@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, cast
 
@@ -388,3 +389,36 @@ def test_take_over_marks_the_chain_started(jobs: JobStore) -> None:
     assert jobs.take_over("j1", now=now, overdue_at=now + 60) is not None
 
     assert not jobs.mark_once("j1", "chain_started")
+
+
+# -- the callback ------------------------------------------------------------------------------
+
+CALLBACK: dict[str, Any] = {"webhook_url": "https://hooks.example.com/x?token=T0K3N", "events": []}
+
+
+def test_the_callback_has_one_place_in_the_record_and_is_not_shown(jobs: JobStore) -> None:
+    job = {"request": {"job_id": "j1", "callback": CALLBACK}}
+    jobs.claim("j1", task_id="t-1", model="gen", job=job, overdue_at=time.time() + 60)
+
+    assert jobs.callback("j1") == CALLBACK
+    record = jobs.get("j1")
+    assert record is not None and record.job == {"request": {"job_id": "j1", "callback": None}}
+    assert "T0K3N" not in json.dumps(record.model_dump(mode="json")), "status prints this"
+    assert jobs.callback("nobody") is None
+
+
+@pytest.mark.parametrize("how", ["a message carrying it", "a re-drive"])
+def test_a_record_from_before_keeps_its_callback_in_its_job_until_it_moves(jobs: JobStore, how: str) -> None:
+    now = time.time()
+    old_job = {"request": {"job_id": "j1", "callback": CALLBACK}}
+    claim(jobs, overdue_at=now - 1)
+    jobs.redis.hset(JobStore.key("j1"), "job", json.dumps(old_job))  # as written before the field
+    assert jobs.callback("j1") == CALLBACK
+
+    if how == "a message carrying it":
+        jobs.update("j1", job=old_job)
+    else:
+        assert jobs.take_over("j1", now=now, overdue_at=now + 60) is not None
+    jobs.update("j1", job={"request": {"job_id": "j1", "callback": None}})  # what travels now
+
+    assert jobs.callback("j1") == CALLBACK

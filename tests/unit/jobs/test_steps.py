@@ -475,7 +475,10 @@ def test_a_fleet_rate_limit_wait_never_passes_the_jobs_deadline(
 def test_a_fleet_rate_limited_poll_never_waits_past_the_deadline(
     make_res: ResFactory, clock: FakeClock
 ) -> None:
-    res = make_res(gen_status_rate=1, gen_rate_window=600.0, job_timeout=30.0)
+    # The dialect whose submit makes no status call: the window's only one is the first poll's.
+    res = make_res(
+        gen_status_rate=1, gen_rate_window=600.0, job_timeout=30.0, gen_dialect="autocontentengine"
+    )
     job = submitted(res, video_resource_id=STUCK_VIDEO)
     job = as_again(poll(job, res)).job  # uses the window's only status call
     clock.advance(10)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kombu.exceptions import OperationalError
 
 from gensim import Fault, GenSimulator
 from tests.unit.conftest import FakeClock, queued, unit_settings
@@ -19,14 +20,16 @@ from tests.unit.jobs.builders import (
     TASK_ID,
     all_messages,
     created,
+    request,
     result,
     submitted,
 )
 from worker.app import create_app
 from worker.celery_queue import CeleryQueue
-from worker.errors import LipsyncJobFailed
+from worker.errors import LipsyncJobFailed, RequestInvalid
 from worker.jobs import steps
-from worker.jobs.models import Job
+from worker.jobs.failures import reject
+from worker.jobs.models import Job, LipsyncRequest
 from worker.jobs.outcomes import finish
 from worker.jobs.records import JobStore
 from worker.jobs.resources import Resources
@@ -455,6 +458,29 @@ def test_records_that_cannot_be_swept_do_not_starve_the_others(
     assert message["args"][0]["request"]["job_id"] == "healthy"
     # Still listed: an operator can look at them; they cost one read per round.
     assert set(broken) <= set(res.jobs.overdue(clock() + 1, limit=1000))
+
+
+def test_a_refused_requests_undelivered_failure_is_redispatched_to_its_callback(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    """A request refused at the edge has a record without a job; its failure is owed all the same."""
+    raw = request("bad-1", sheet_id=None, callback=TASK_CALLBACK)
+    with pytest.raises(RequestInvalid) as invalid:
+        LipsyncRequest.parse(raw)
+    res.redis.set(CALLBACK_QUEUE, "not a list")  # the broker refuses the callback (WRONGTYPE)
+    with pytest.raises(OperationalError):
+        reject(queue, res, raw, invalid.value, task_id="t-run-1")
+    res.redis.delete(CALLBACK_QUEUE)
+
+    report = sweep_once(queue, res, now=clock() + res.settings.recovery_grace + 1)
+
+    assert report.redispatched == ["bad-1"]
+    [callback] = queued(res, CALLBACK_QUEUE)
+    assert callback["id"] == "bad-1.outcome" and callback["task"] == TASK_CALLBACK["task"]
+    assert callback["args"][0]["status"] == "rejected"
+    assert queue.app.AsyncResult("t-run-1").state == "FAILURE"
+    record = res.jobs.get("bad-1")
+    assert record is not None and record.callbacks_dispatched
 
 
 def test_a_record_without_job_state_is_dropped_from_the_active_set(
