@@ -95,7 +95,10 @@ class Node:
                     res.holders.hold_job(job_id, holder, str(tag), drive=int(job.get("drive", 1)))
         elif name == TASK_RUN:
             payload = _argument(args, kwargs, 0, "request")
-            job_id = payload.get("job_id") if isinstance(payload, dict) else None
+            if not isinstance(payload, dict):
+                return
+            # Without a job id, the task id is the job id (worker.jobs.steps.create).
+            job_id = payload.get("job_id") or str(request.id)
             if not isinstance(job_id, str):
                 return
             if res.holders.hold_job(job_id, holder, str(tag), drive=None) == -1:

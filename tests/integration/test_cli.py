@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from celery import Celery
 
 from tests.conftest import API_KEY, REPO, Cluster, wait_for
 from worker.dev.embedded_redis import free_port
@@ -100,6 +101,21 @@ def test_submit_wait_and_status(cluster: Cluster, simulator: object) -> None:
     assert shown["job"]["generation_id"] == result["generation_id"]
     assert shown["celery"]["state"] == "SUCCESS"
     assert API_KEY not in submitted.stdout + submitted.stderr + status.stdout + status.stderr
+
+
+def test_a_raw_send_task_without_a_job_id_is_found_by_its_task_id(
+    cluster: Cluster, simulator: object
+) -> None:
+    producer = Celery(
+        "producer", broker=cluster.env["LIPSYNC_BROKER_URL"], backend=cluster.env["LIPSYNC_RESULT_BACKEND"]
+    )
+    request = {"sheet_id": 101, "cell_id": 3006, "video_resource_id": 5001, "audio_resource_id": 6001}
+    sent = producer.send_task("lipsync.run", kwargs={"request": request}, queue="lipsync")
+    assert sent.get(timeout=60)["job_id"] == sent.id
+    status = run_cli("status", sent.id, env=cluster.env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["job"]["state"] == "completed"
+    producer.close()
 
 
 def test_submit_refuses_a_bad_request_naming_the_field(cluster: Cluster) -> None:

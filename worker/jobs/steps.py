@@ -110,6 +110,10 @@ def create(request: LipsyncRequest | Any, *, task_id: str, res: Resources) -> St
     from worker.callbacks.webhooks import refuse_unsigned
 
     if not isinstance(request, LipsyncRequest):
+        if isinstance(request, dict) and request.get("job_id") is None:
+            # A producer that sent lipsync.run by hand without a job id: the task id is the job id,
+            # so `lipsync-worker status <task id>` and AsyncResult(<task id>) find the job.
+            request = {**request, "job_id": task_id}
         request = LipsyncRequest.parse(request)
     refuse_unsigned(request.callback, res.settings)
     model = request.model or res.settings.default_model

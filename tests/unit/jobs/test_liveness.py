@@ -254,3 +254,12 @@ def test_trust_needs_an_unbroken_link_for_the_whole_window(res: Resources) -> No
     assert not node.trusts_silence(0.0)
     node.beat()
     assert node.trusts_silence(0.0) and not node.trusts_silence(60)
+
+
+def test_a_raw_run_message_without_a_job_id_gets_its_task_id_as_job_id(res: Resources) -> None:
+    node = Node("n1", resources=lambda: res)
+    raw = {"sheet_id": 1, "cell_id": 2, "video_resource_id": 3, "audio_resource_id": 4}
+    node.took(request(TASK_RUN, "t-anon", request=raw))
+    record = res.jobs.get("id-t-anon")
+    assert record is not None and record.task_id == "id-t-anon"
+    assert held_by(res, "id-t-anon") == node.holder
