@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     storage_backend: Literal["local", "s3"] = "local"
     #: Where outputs are stored (local storage backend), and where downloads are staged.
     storage_dir: Path = Path("lipsync-output")
+    #: Permissions of a stored output (octal). Readable by everyone by default: the consumer of a
+    #: shared volume often runs under another uid. ``0640`` or ``0600`` to restrict.
+    output_file_mode: str = Field(default="0644", pattern=r"^0?[0-7]{3}$")
     #: Bucket and key prefix for the s3 backend; outputs are ``<prefix><job_id>.mp4``.
     s3_bucket: str | None = None
     s3_prefix: str = "lipsync/"
@@ -207,6 +210,11 @@ class Settings(BaseSettings):
                 f"LIPSYNC_HEARTBEAT_INTERVAL ({self.heartbeat_interval:g} s)"
             )
         return self
+
+    @property
+    def output_mode(self) -> int:
+        """:attr:`output_file_mode` as a number for ``os.chmod``."""
+        return int(self.output_file_mode, 8)
 
     @property
     def effective_result_backend(self) -> str:

@@ -129,7 +129,7 @@ class Resources:
                 endpoint_url=s.s3_endpoint_url,
                 region=s.s3_region,
             )
-        return LocalStorage(s.storage_dir)
+        return LocalStorage(s.storage_dir, file_mode=s.output_mode)
 
     @property
     def download_limits(self) -> DownloadLimits:

@@ -43,6 +43,19 @@ class UnsafeURL(OutputError):
     error_code = "unsafe_url"
 
 
+#: What an operator needs to read next to "resolves to a private address": the setting that allows
+#: it, and when that is right.
+PRIVATE_URLS_HINT = (
+    "set LIPSYNC_ALLOW_PRIVATE_URLS=true only where private addresses are expected "
+    "(a GEN simulator, an in-cluster receiver); it is the SSRF guard"
+)
+
+
+def private_address(host: str, address: object) -> UnsafeURL:
+    """The error for a host that resolves to a non-public address, naming the setting."""
+    return UnsafeURL(f"host {host!r} resolves to non-public address {address}; {PRIVATE_URLS_HINT}")
+
+
 class HostUnresolved(OutputError):
     """The URL's host name did not resolve just now. Retryable: a DNS blip says nothing about where
     the host points, and only an address in a non-public range makes a URL unsafe."""

@@ -25,7 +25,7 @@ from urllib3 import HTTPConnectionPool, HTTPSConnectionPool, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.util import connection as urllib3_connection
 
-from worker.output.errors import UnsafeURL
+from worker.output.errors import private_address
 from worker.output.urlguard import is_public, resolve_addresses
 
 
@@ -43,7 +43,7 @@ class _GuardedConnect:
         addresses = resolve_addresses(host, self.port)
         refused = [a for a in addresses if not is_public(a)]
         if refused:
-            raise UnsafeURL(f"host {host!r} resolves to non-public address {refused[0]}")
+            raise private_address(host, refused[0])
         return urllib3_connection.create_connection(
             (str(addresses[0]), self.port),
             self.timeout,

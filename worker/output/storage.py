@@ -66,8 +66,10 @@ def local_disk(directory: Path) -> Iterator[None]:
 class LocalStorage:
     """Outputs as ``<root>/<job_id>.mp4``, written by atomic rename."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, file_mode: int = 0o644) -> None:
         self.root = root.resolve()
+        #: Temp files are created ``0600`` (mkstemp): the published file gets this mode instead.
+        self.file_mode = file_mode
 
     def staging_dir(self) -> Path:
         return self.root / PARTIAL_DIR
@@ -86,6 +88,7 @@ class LocalStorage:
         try:
             with local_disk(final.parent):
                 final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp_path, self.file_mode)
                 os.replace(tmp_path, final)
                 _fsync_dir(final.parent)
         except StorageError:

@@ -18,7 +18,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from worker.output.errors import HostUnresolved, UnsafeURL
+from worker.output.errors import HostUnresolved, UnsafeURL, private_address
 
 #: Redirect hops followed at most, each one re-checked.
 MAX_REDIRECTS = 3
@@ -95,5 +95,5 @@ def check_url(url: str, *, allow_private: bool) -> str:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     for address in resolve_addresses(parts.hostname, port):
         if not is_public(address):
-            raise UnsafeURL(f"host {parts.hostname!r} resolves to non-public address {address}")
+            raise private_address(parts.hostname, address)
     return url

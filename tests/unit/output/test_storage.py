@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import stat
 import sys
 import uuid
 from collections.abc import Iterator
@@ -272,3 +273,20 @@ def test_resources_pick_the_configured_backend(tmp_path: Path, aws_env: None) ->
     assert s3.uri_for("job-9") == "s3://media/videos/job-9.mp4"
     with pytest.raises(ConfigurationError, match="LIPSYNC_S3_BUCKET"):
         _ = Resources(Settings.from_environ({"LIPSYNC_STORAGE_BACKEND": "s3"})).storage
+
+
+def test_a_published_output_is_readable_by_a_consumer_under_another_uid(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "out")
+    published = storage.publish("j-mode", staged(storage), content_type="video/mp4")
+    assert published.path is not None
+    assert stat.S_IMODE(os.stat(published.path).st_mode) == 0o644
+
+
+def test_the_output_mode_is_a_setting(tmp_path: Path) -> None:
+    settings = Settings(storage_dir=tmp_path / "out", output_file_mode="0640")
+    storage = Resources(settings).storage
+    published = storage.publish("j-mode", staged(storage), content_type="video/mp4")
+    assert published.path is not None
+    assert stat.S_IMODE(os.stat(published.path).st_mode) == 0o640
+    with pytest.raises(ValueError, match="output_file_mode"):
+        Settings(output_file_mode="rw-r--r--")

@@ -191,3 +191,14 @@ def test_a_name_answering_a_nat64_loopback_address_is_refused_at_connect(
     session.mount("http://", GuardedAdapter())
     with pytest.raises(UnsafeURL, match=r"64:ff9b::7f00:1"):
         session.get(f"http://internal.example:{loopback_port}/", timeout=2)
+
+
+def test_a_private_address_refusal_names_the_setting_that_allows_it() -> None:
+    # Met first by whoever runs the worker against a simulator on loopback: the message must say
+    # what to set, and that it is the SSRF guard.
+    with pytest.raises(UnsafeURL, match=r"LIPSYNC_ALLOW_PRIVATE_URLS=true.*SSRF guard"):
+        check_url("http://127.0.0.1:8700/cdn/x.mp4", allow_private=False)
+    session = requests.Session()
+    session.mount("http://", GuardedAdapter())
+    with pytest.raises(UnsafeURL, match="LIPSYNC_ALLOW_PRIVATE_URLS"):
+        session.get("http://localhost:9/x", timeout=2)
