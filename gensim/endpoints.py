@@ -13,4 +13,6 @@ ENDPOINT_KINDS = (
     "patch_cell",
     "content_resource",
     "cdn",
+    "me",
+    "automation_config",
 )

@@ -52,6 +52,8 @@ ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
     (frozenset({"POST"}), re.compile(_GEN + "/stop"), "stop"),
     (frozenset({"POST"}), re.compile(_GEN + "/continue"), "continue"),
     (frozenset({"GET"}), re.compile(r"/v1/content_resources/(?P<resource>[^/]+)"), "content_resource"),
+    (frozenset({"GET"}), re.compile(r"/v1/me"), "me"),
+    (frozenset({"GET"}), re.compile(r"/v1/agents/(?P<agent>[^/]+)/automation_config"), "automation_config"),
     (
         frozenset({"GET", "HEAD"}),
         re.compile(r"/cdn/(?P<folder>outputs|thumbnails|uploads)/(?P<name>[^/]+)\.(?P<ext>mp4|jpg|mp3)"),
@@ -363,6 +365,10 @@ class SimHandler(BaseHTTPRequestHandler):
             return Reply.json(200, state.continue_(params["gen"]))
         if kind == "unknown":
             return Reply.error(404, "not_found", "Not found")
+        if kind == "me":
+            return Reply.json(200, state.me())
+        if kind == "automation_config":
+            return Reply.json(200, state.automation_config(params["agent"]))
         body = _parse_json(raw_body) if kind in ("generate", "patch_cell") else None
         # agent_id may come in the query (documented) or in the JSON body (what GEN's MCP sends).
         agent: object = query.get("agent_id", [None])[0]

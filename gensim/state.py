@@ -228,6 +228,17 @@ class SimState:
 
     # ------------------------------------------------------------------ lookups (lock held)
 
+    def me(self) -> dict[str, Any]:
+        """``GET /v1/me``: who the key belongs to (documented shape: id, email, name)."""
+        return {"id": "user_sim", "email": "simulator@example.com", "name": "GEN simulator"}
+
+    def automation_config(self, raw_agent: str) -> dict[str, Any]:
+        """``GET /v1/agents/{agent_id}/automation_config``: 404 for an agent the key cannot see."""
+        agent_id = as_id(raw_agent)
+        if agent_id is None or agent_id not in self.agent_ids:
+            raise ApiError(404, "not_found", "Agent not found")
+        return {"automation_config": {"webhook_url": None, "callback_url": None, "polling_enabled": True}}
+
     def _check_agent(self, agent: object) -> str:
         agent_id = as_id(agent)
         if agent_id is None or agent_id not in self.agent_ids:
