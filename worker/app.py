@@ -8,17 +8,21 @@ why it differs from Celery's default.
 from __future__ import annotations
 
 import socket
+import sys
 from typing import Any
 
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 from kombu import Queue
 
 from worker.callbacks.webhooks import attempt_time_limits
 from worker.celery_queue import CeleryQueue
+from worker.errors import ConfigurationError
+from worker.jobs.resources import resources
 from worker.jobs.sweeper import SweeperThread
 from worker.names import ALL_QUEUES, QUEUE_JOBS, ROUTES, TASK_DELIVER_WEBHOOK
 from worker.node import ConnectionStep, Node, NodeStep
 from worker.ops import kombu_fixes, logs
+from worker.preflight import preflight, refuse_to_start
 from worker.settings import Settings, get_settings
 
 #: The modules that define the tasks (named explicitly: no auto-discovery).
@@ -103,6 +107,19 @@ class SweeperStep(bootsteps.StartStopStep):
             self.thread.stopping.set()
 
 
+def _preflight(sender: Any = None, **_: Any) -> None:
+    """Celery's ``worker_init``: refuse to start a worker GEN would not serve (worker.preflight)."""
+    settings: Settings = getattr(getattr(sender, "app", None), "lipsync_settings", None) or get_settings()
+
+    def say(line: str) -> None:
+        print(f"lipsync-worker: {line}", file=sys.stderr, flush=True)
+
+    try:
+        preflight(settings, resources().redis, say=say)
+    except ConfigurationError as exc:
+        refuse_to_start(str(exc))
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     kombu_fixes.install()
@@ -111,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     celery.conf.update(celery_config(settings))
     # Producers using worker.enqueue with this app find the job-record Redis through it.
     celery.lipsync_settings = settings  # type: ignore[attr-defined]
+    signals.worker_init.connect(_preflight, weak=False, dispatch_uid="lipsync-preflight")
     celery.steps["worker"].add(NodeStep)
     celery.steps["worker"].add(SweeperStep)
     celery.steps["consumer"].add(ConnectionStep)

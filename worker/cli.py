@@ -142,7 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("metrics", help="serve Prometheus metrics (--host, --port...)", add_help=False)
     p.set_defaults(handler=_cmd_metrics)
 
-    p = sub.add_parser("health", help="exit 0 when the broker and the job-record Redis answer")
+    p = sub.add_parser(
+        "health", help="exit 0 when the broker and job-record Redis answer and GEN accepts the key and agent"
+    )
     p.set_defaults(handler=_cmd_health)
 
     p = sub.add_parser("schema", help="write the JSON Schemas of the request, result, failure and events")
@@ -411,17 +413,27 @@ def _cmd_metrics(args: argparse.Namespace, extra: list[str]) -> int:
 def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:
     import redis
 
+    from worker.preflight import cached_check, check_gen_now
     from worker.settings import get_settings
 
     settings = get_settings()
+    clients = {}
     for name, url in (("broker", settings.broker_url), ("job records", settings.effective_redis_url)):
         try:
-            redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+            clients[name] = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+            clients[name].ping()
         except redis.RedisError as exc:
             print(f"unhealthy: {name} Redis does not answer: {type(exc).__name__}", file=sys.stderr)
-            return 1
-    print("ok")
-    return 0
+            return EXIT_FAILED
+    # GEN's verdict on the key and agent, as the last check left it (cached a few minutes).
+    records = clients["job records"]
+    check = cached_check(records) or check_gen_now(settings, records)
+    if not check.ok and not check.detail.startswith("GEN unreachable"):
+        print(f"unhealthy: {check.detail}", file=sys.stderr)
+        return EXIT_FAILED
+    # GEN being down is not this worker's fault: restarting it would not help (it waits and retries).
+    print("ok" if check.ok else f"ok (degraded: {check.detail})")
+    return EXIT_OK
 
 
 def _cmd_schema(args: argparse.Namespace, _: list[str]) -> int:

@@ -102,6 +102,8 @@ JOB_KEY_PREFIX = "lipsync:job:"
 #: Sorted set of unfinished jobs (and finished ones whose callbacks are not yet dispatched),
 #: scored by ``overdue_at``.
 ACTIVE_JOBS_KEY = "lipsync:jobs:active"
+#: The last verdict of GEN on the workers' key and agent (worker.preflight), read by ``health``.
+GEN_CHECK_KEY = "lipsync:gen_check"
 #: The sweeper's fleet-wide lease (one sweep per round).
 SWEEPER_LEASE_KEY = "lipsync:sweeper:lease"
 #: Sorted set of worker consumers ("holders"), scored by their last heartbeat in Redis server time;

@@ -327,6 +327,18 @@ class GenClient:
         )
         return self._parse_object(reply, "get_layer")
 
+    def check_credentials(self) -> None:
+        """Prove the key and the agent before taking work: ``GET /v1/me`` (the key is valid), then
+        ``GET /v1/agents/{agent_id}/automation_config`` (the key can see the agent).
+
+        Raises :class:`GenAuthError` (401), :class:`GenNotFound` (404: an agent the key cannot see),
+        :class:`GenRejected` (422) - the configuration is wrong; retryable errors while GEN is
+        unreachable or busy.
+        """
+        self._request("GET", "/v1/me", endpoint="me")
+        path = f"/v1/agents/{_segment(self._agent_id)}/automation_config"
+        self._request("GET", path, endpoint="agent")
+
     def get_content_resource(self, resource_id: str) -> ContentResource:
         """``GET /v1/content_resources/{id}?agent_id=`` → the ``content_resource`` part of the answer.
 

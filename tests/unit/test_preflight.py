@@ -1,0 +1,79 @@
+"""What a worker checks before it takes work, against the GEN simulator over HTTP and a real Redis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from gensim import GenSimulator
+from tests.unit.conftest import unit_settings
+from worker.dev.embedded_redis import free_port
+from worker.errors import ConfigurationError
+from worker.gen.client import GenClient
+from worker.gen.errors import GenTransportError
+from worker.preflight import (
+    cached_check,
+    check_gen_now,
+    preflight,
+    private_gen_warning,
+    require_gen_settings,
+    verify_gen,
+)
+
+
+def test_missing_credentials_are_named(redis_url: str, sim: GenSimulator, tmp_path: Path) -> None:
+    settings = unit_settings(redis_url, sim.base_url, tmp_path, gen_api_key=None, gen_agent_id=None)
+    with pytest.raises(ConfigurationError, match="LIPSYNC_GEN_API_KEY and LIPSYNC_GEN_AGENT_ID are not set"):
+        require_gen_settings(settings)
+
+
+def test_a_key_gen_refuses_stops_the_worker(redis_url: str, sim: GenSimulator, tmp_path: Path) -> None:
+    settings = unit_settings(redis_url, sim.base_url, tmp_path, gen_api_key="sk-wrong")
+    with pytest.raises(ConfigurationError, match=r"GEN refused LIPSYNC_GEN_API_KEY \(401\)"):
+        preflight(settings, redis.Redis.from_url(redis_url), say=print)
+    check = cached_check(redis.Redis.from_url(redis_url))
+    assert check is not None and not check.ok and "401" in check.detail
+
+
+def test_an_agent_the_key_cannot_see_stops_the_worker(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    settings = unit_settings(redis_url, sim.base_url, tmp_path, gen_agent_id="777")
+    with pytest.raises(ConfigurationError, match="LIPSYNC_GEN_AGENT_ID=777"):
+        verify_gen(GenClient.from_settings(settings), say=print)
+
+
+def test_good_credentials_pass_and_are_remembered_for_health(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    settings = unit_settings(redis_url, sim.base_url, tmp_path)
+    r = redis.Redis.from_url(redis_url)
+    preflight(settings, r, say=print)
+    check = cached_check(r)
+    assert check is not None and check.ok
+    assert sim.stats()["counts"]["me"] == 1 and sim.stats()["counts"]["automation_config"] == 1
+
+
+def test_an_unreachable_gen_is_waited_for_not_a_refusal(redis_url: str, tmp_path: Path) -> None:
+    settings = unit_settings(redis_url, f"http://127.0.0.1:{free_port()}", tmp_path, gen_connect_timeout=0.2)
+    said: list[str] = []
+    slept: list[float] = []
+    with pytest.raises(GenTransportError):
+        verify_gen(GenClient.from_settings(settings), say=said.append, sleep=slept.append, attempts=4)
+    assert len(said) == 3 and all(line.startswith("waiting for GEN at http://127.0.0.1:") for line in said)
+    assert len(slept) == 3 and all(0 <= s <= 60 for s in slept)
+    # health does not cache "unreachable" as a verdict
+    r = redis.Redis.from_url(redis_url)
+    assert not check_gen_now(settings, r).ok
+    assert cached_check(r) is None
+
+
+def test_a_loopback_gen_with_private_urls_refused_is_warned_about(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    refused = unit_settings(redis_url, sim.base_url, tmp_path, allow_private_urls=False)
+    warning = private_gen_warning(refused)
+    assert warning is not None and "LIPSYNC_ALLOW_PRIVATE_URLS=true" in warning and "unsafe_url" in warning
+    assert private_gen_warning(unit_settings(redis_url, sim.base_url, tmp_path)) is None
