@@ -1,9 +1,10 @@
 """HTTP in front of :class:`~gensim.state.SimState`: routing, auth, faults, the CDN, /_sim.
 
-One request goes: read it fully -> route it to an endpoint kind -> take the first matching fault ->
-(delay) -> answer for real or as the fault says -> log it in the stats -> send. The log entry is
-written before the first response byte, so a client that has its answer already finds it in
-``stats()``. The /_sim admin API is neither faulted nor logged: it is how tests steer the simulator.
+One request goes: read it fully -> route it to an endpoint kind -> note its arrival -> take the first
+matching fault -> (delay) -> answer for real or as the fault says -> log it in the stats -> send. The
+log entry is written before the first response byte, so a client that has its answer already finds
+it in ``stats()``. The /_sim admin API is neither faulted nor logged: it is how tests steer the
+simulator.
 
 Standard library only. HTTP/1.1 with keep-alive, because the worker's ``requests`` session pools
 connections and the faults have to behave the way they would on a real pooled connection.
@@ -256,6 +257,7 @@ class SimHandler(BaseHTTPRequestHandler):
             if match and method in methods:
                 kind, params = route_kind, match.groupdict()
                 break
+        self.ctx.stats.request_arrived(method=method, path=path, endpoint=kind)
         fault = self.ctx.faults.take(kind)
         if fault is not None and fault.delay > 0:
             self.ctx.stopping.wait(fault.delay)

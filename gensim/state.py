@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from gensim import media
 from gensim.bodies import BodyInvalid, LipsyncInputs, as_id, parse_lipsync
-from gensim.stats import Stats
+from gensim.stats import Stats, target_key
 
 SHEET_IDS = (101, 102)
 CELL_IDS = range(3000, 3100)
@@ -326,7 +326,9 @@ class SimState:
             response = {"generation_id": gen.id, "status": "pending"}
             if idempotency_key is not None:
                 self._keys[idempotency_key] = _KeyEntry(fingerprint, dict(response), now + IDEMPOTENCY_TTL)
-            self._stats.generation_created(gen.id, idempotency_key)
+            self._stats.generation_created(
+                gen.id, idempotency_key, target=target_key(sheet_id, cell_id, layer_id)
+            )
             return response, False
 
     def _expire_keys(self, now: float) -> None:
@@ -585,9 +587,13 @@ class SimState:
             gen = self._generations.get(number) if number is not None else None
             if gen is None:
                 raise KeyError(gen_id)
-            view = self._view(gen, self._clock())
+            now = self._clock()
+            view = self._view(gen, now)
+            ends = not gen.stopped and gen.outcome != "stuck"
             return {
                 **view,
+                # Wall-clock time at which it reaches (or reached) its outcome; None if it never will.
+                "ready_at": time.time() + (gen.started_at + gen.duration - now) if ends else None,
                 "model": gen.inputs.model,
                 "dialect": gen.inputs.dialect,
                 "prefix": gen.prefix,
