@@ -354,3 +354,17 @@ def test_enqueue_through_flowers_rest_api(cluster: Cluster, flower: Flower, hist
     uuid.UUID(task_id)
     result = cluster.app().AsyncResult(task_id).get(timeout=RESULT_TIMEOUT)
     assert result["job_id"] == req["job_id"]
+
+
+def test_the_compose_healthcheck_of_flower_passes_on_a_real_flower(flower: Flower) -> None:
+    import yaml
+
+    test = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["flower"]["healthcheck"][
+        "test"
+    ]
+    assert test[:3] == ["CMD", "python", "-c"]
+    port = flower.base.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [sys.executable, "-c", test[3].replace("5555", port)], timeout=30, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr

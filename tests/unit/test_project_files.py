@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, get_args
@@ -11,6 +13,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import AnyUrl
 
+from gensim import GenSimulator
 from worker.jobs.models import LipsyncFailure
 from worker.jobs.schemas import PUBLISHED, schema_of
 from worker.settings import Settings
@@ -80,6 +83,35 @@ def test_docker_compose_is_valid_and_scalable() -> None:
         build = service.get("build")
         if build:
             assert (ROOT / build["context"] / build["dockerfile"]).exists()
+
+
+def test_every_compose_service_has_a_healthcheck_of_its_own() -> None:
+    # The image's HEALTHCHECK pings a Celery worker: inherited by the simulator or Flower it would
+    # mark them unhealthy forever.
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    tests = {
+        name: json.dumps(service.get("healthcheck", {}).get("test")) for name, service in services.items()
+    }
+    assert all(test != "null" for test in tests.values()), tests
+    assert len(set(tests.values())) == len(tests), "two services share a healthcheck"
+    assert "inspect ping" in tests["worker"] and "lipsync-worker health" in tests["worker"]
+
+
+def test_the_simulators_compose_healthcheck_passes_on_a_running_simulator_only() -> None:
+    command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["simulator"][
+        "healthcheck"
+    ]
+    assert command["test"][:3] == ["CMD", "python", "-c"]
+    code = command["test"][3]
+    with GenSimulator(api_key="k", agent_ids=("42",)) as sim:
+        port = str(sim.base_url.rsplit(":", 1)[1])
+        assert subprocess.run([sys.executable, "-c", code.replace("8700", port)], timeout=30).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code.replace("8700", port)], timeout=30, capture_output=True
+        ).returncode
+        != 0
+    )
 
 
 def test_dockerfile_runs_commands_that_exist() -> None:
