@@ -73,7 +73,8 @@ def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | Non
 def cancel(
     job_id: str, *, app: Celery | None = None, reason: str = "cancelled by request"
 ) -> dict[str, Any] | None:
-    """Cancel a job: stop its messages and its generation on GEN, fire the failure callback once.
+    """Cancel a job: stop its messages and its generation on GEN, fire the failure callback (at least
+    once, under one id).
 
     Returns the job's outcome (``status: "cancelled"``, or how it ended before), or None if unknown.
     """
