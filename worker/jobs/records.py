@@ -313,15 +313,20 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
-                raw = pipe.hmget(key, ["overdue_at", "outcome", "created_at", "callback", "job"])
-                overdue_raw, outcome, created, callback, job = raw
+                raw = pipe.hmget(key, ["overdue_at", "outcome", "created_at", "callback", "job", "released"])
+                overdue_raw, outcome, created, callback, job, released = raw
                 if created is None or outcome is not None:
                     return None
                 if not force and (overdue_raw is None or float(overdue_raw) > now):
                     return None
                 pipe.multi()
                 pipe.hincrby(key, "drive", 1)
-                pipe.hincrby(key, "redrives", 1)
+                if released:
+                    # Its worker lost the broker and dropped it (worker.jobs.liveness): not the job's
+                    # doing, so it does not count toward LIPSYNC_MAX_REDRIVES (a poison-input guard).
+                    pipe.hdel(key, "released")
+                else:
+                    pipe.hincrby(key, "redrives", 1)
                 pipe.hset(
                     key,
                     mapping={

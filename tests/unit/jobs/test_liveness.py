@@ -263,3 +263,33 @@ def test_a_raw_run_message_without_a_job_id_gets_its_task_id_as_job_id(res: Reso
     record = res.jobs.get("id-t-anon")
     assert record is not None and record.task_id == "id-t-anon"
     assert held_by(res, "id-t-anon") == node.holder
+
+
+def test_a_job_dropped_by_a_reconnecting_worker_is_redriven_without_counting_toward_the_limit(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    # Five Redis restarts must not fail a healthy job with redrive_limit; five worker deaths may.
+    job = submitted(res)
+    for round_ in range(res.settings.max_redrives + 2):
+        holder = f"reconnected-{round_}"
+        current = res.jobs.get(job.job_id)
+        assert current is not None and current.outcome is None
+        res.holders.hold_job(job.job_id, holder, f"t-{round_}", drive=current.drive)
+        unacked(res, f"t-{round_}")
+        res.holders.release(holder)
+        recover(res)
+        assert sweep_once(queue, res).redriven == [job.job_id]
+    record = res.jobs.get(job.job_id)
+    assert record is not None and record.redrives == 0 and record.outcome is None
+
+
+def test_a_job_held_by_dead_workers_counts_toward_the_limit(res: Resources, queue: CeleryQueue) -> None:
+    job = submitted(res)
+    res.holders.beat("dead")
+    res.holders.hold_job(job.job_id, "dead", "t1", drive=job.drive)
+    unacked(res, "t1")
+    go_silent()
+    recover(res)
+    sweep_once(queue, res)
+    record = res.jobs.get(job.job_id)
+    assert record is not None and record.redrives == 1
