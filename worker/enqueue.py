@@ -51,11 +51,13 @@ def enqueue(
         options["link"] = link
     if link_error is not None:
         options["link_error"] = link_error
-    payload = parsed.model_dump(mode="json", exclude_none=True)
     # Record the job before sending it: from here on the sweeper knows the job, so even a message
     # lost before any worker started it (a broker restart at the wrong moment) is re-driven.
     res = resources_of(app)
     created = steps.create(parsed, task_id=parsed.job_id, res=res).created
+    # The callback is in the record now; a webhook URL (which may carry a receiver's token) stays
+    # out of the message, and so out of Flower and of the result Celery stores with its arguments.
+    payload = parsed.model_dump(mode="json", exclude_none=True, exclude={"callback"})
     try:
         return app.send_task(TASK_RUN, kwargs={"request": payload}, **options)
     except BaseException:

@@ -96,3 +96,12 @@ def test_a_second_enqueue_of_a_recorded_job_keeps_the_first_record(res: Resource
     assert again.created_at == first.created_at
     assert again.model == first.model  # the recorded job wins; lipsync.run joins it
     assert len(queued(res, QUEUE_JOBS)) == 2
+
+
+def test_a_webhook_url_stays_in_the_record_not_in_the_message(res: Resources, queue: Any) -> None:
+    hook = "https://hooks.example/lipsync?token=receiver-secret-81f2"
+    enqueue({**REQUEST, "callback": {"webhook_url": hook}}, app=queue.app)
+    (message,) = queued(res, QUEUE_JOBS)
+    assert "receiver-secret-81f2" not in str(message)
+    callback = res.jobs.callback("episode-42")
+    assert callback is not None and callback["webhook_url"] == hook
