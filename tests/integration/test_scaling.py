@@ -3,13 +3,17 @@ GEN rate limit for all of them."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import pytest
+import redis
 
+from gensim import Fault
 from tests.conftest import Cluster
 from tests.harness import Run
 
@@ -48,8 +52,43 @@ def test_three_workers_share_a_few_hundred_jobs(make_cluster: Any, simulator: An
         run.close()
 
 
+#: How late GEN answers each generate in the added-worker test: a submit holds its process this long.
+SUBMIT_DELAY = 0.3
+
+
+def most_at_once(ends: list[float], duration: float) -> int:
+    """The most of these requests GEN was busy with at one moment, each taken as the ``duration``
+    before its answer (it was read a little earlier still, so this never overcounts)."""
+    events = sorted([(t - duration, 1) for t in ends] + [(t, -1) for t in ends])
+    busy = best = 0
+    for _, step in events:
+        busy += step
+        best = max(best, busy)
+    return best
+
+
+def steps_done_by(cluster: Cluster, task: str, *, since: float) -> Counter[str]:
+    """Which worker ran each ``task`` that finished after ``since`` (from the results' worker)."""
+    backend = redis.Redis.from_url(cluster.env["LIPSYNC_RESULT_BACKEND"])
+    done: Counter[str] = Counter()
+    for key in backend.scan_iter("celery-task-meta-*"):
+        raw = backend.get(key)
+        meta = json.loads(raw) if raw else {}
+        if meta.get("name") != task or meta.get("status") != "SUCCESS":
+            continue
+        if datetime.fromisoformat(meta["date_done"]).timestamp() > since:
+            done[str(meta["worker"]).split("@")[0]] += 1
+    backend.close()
+    return done
+
+
 def test_a_worker_added_mid_run_takes_work(make_cluster: Any, simulator: Any) -> None:
+    """Capacity grows with the fleet, counted rather than timed: each submit holds a process while
+    GEN answers late, so the submits GEN has in flight at once are the processes at work (1 with
+    w1 alone, 3 once w2's two join), and w2 takes its share of the submits still waiting (more
+    than w1, as it has more processes)."""
     simulator.durations = {"gen": 0.5}
+    simulator.add_fault(Fault(endpoint="generate", delay=SUBMIT_DELAY, times=None))
     cluster: Cluster = make_cluster(**FAST_POLLS)
     cluster.start_worker(concurrency=1)
     run = Run(cluster, simulator)
@@ -57,11 +96,22 @@ def test_a_worker_added_mid_run_takes_work(make_cluster: Any, simulator: Any) ->
         run.submit(60)
         time.sleep(1.0)
         cluster.start_worker(concurrency=2)
+        joined = time.time()
         outcomes = run.outcomes(timeout=180)
         assert all(o["status"] == "completed" for o in outcomes.values())
         run.check_invariants(outcomes, callbacks=False)
+        ends = [r["t"] for r in simulator.stats()["requests"] if r["endpoint"] == "generate"]
+        before, after = [t for t in ends if t <= joined], [t for t in ends if t > joined]
+        assert len(after) >= 20, f"too little left for w2 to take: {len(before)} submits before it joined"
+        assert most_at_once(before, SUBMIT_DELAY) <= 1, "one process cannot submit twice at once"
+        assert most_at_once(after, SUBMIT_DELAY) == 3, "w2's processes did not add to w1's"
+        shares = steps_done_by(cluster, "lipsync.submit", since=joined)
+        print(
+            f"\nsubmits before w2 joined: {len(before)}, after: {len(after)}, after by worker {dict(shares)}"
+        )
+        # Its fair share is 2 of the 3 processes: more than w1, which has 1.
+        assert shares["w2"] > shares["w1"], f"w2 ran fewer of the waiting submits than w1: {shares}"
         assert finished_by(run)["w2"] > 0
-        assert "lipsync.poll" in cluster.workers[1].log()
     finally:
         run.close()
 
