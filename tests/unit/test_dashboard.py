@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 
@@ -293,3 +294,26 @@ def test_share_and_quantile_panels(scraped: Scraped) -> None:
     assert 0.25 < latency["p95 generate"] <= 0.5
     durations = values("Job duration", scraped, "B")
     assert 60 < durations["p50 sync_so"] <= 1800
+
+
+# -- the preview in the docs ------------------------------------------------------------------------
+
+
+def svg_texts(svg: str) -> set[str]:
+    root = ElementTree.fromstring(svg)
+    return {element.text or "" for element in root.iter("{http://www.w3.org/2000/svg}text")}
+
+
+def test_the_preview_draws_every_panel_from_real_scrapes(scraped: Scraped) -> None:
+    from deploy.grafana.render_preview import draw
+
+    texts = svg_texts(draw(DASHBOARD, scraped.history, interval=1.0))
+    assert {panel["title"] for panel in all_panels()} <= texts
+    assert "No data" not in texts
+
+
+def test_the_committed_preview_shows_the_current_panels() -> None:
+    # Redraw it after changing the panels: .venv/bin/python deploy/grafana/render_preview.py
+    texts = svg_texts((ROOT / "docs" / "dashboard.svg").read_text())
+    assert {panel["title"] for panel in all_panels()} <= texts
+    assert any(text.startswith("Preview, not a Grafana screenshot") for text in texts)
