@@ -66,6 +66,22 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # message is redelivered elsewhere: the same step twice, in parallel (celery#4671).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
+        # A Redis restart or failover takes seconds (docs/redis-restart-crash.md). Publishing
+        # (retries, chain steps, callbacks) keeps retrying for ~15 s instead of Celery's ~0.6 s,
+        # after which Task.retry drops the step's message and the job waits for the sweeper.
+        "task_publish_retry_policy": {
+            "max_retries": 10,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
+        # Result reads retry too (by default only the SET of a store does; the read before it fails
+        # at once): a step cancelled at a reconnect is then marked RETRY, not REVOKED, so a caller
+        # waiting on the job sees no false "terminated". Bounded (10 retries, 15 s at most).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 10,
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 2000,
         # Flower and operators: events for every task, including "sent" before a worker has it,
         # STARTED states, and names/args/queues stored with results.
         "worker_send_task_events": True,

@@ -1,0 +1,207 @@
+"""Redis restarts five times under three running workers: no worker exits, every job completes.
+
+Nothing restarts a worker here (unlike a deployment's supervisor): a worker process that exits on a
+broker restart fails the test (kombu 5.7 made them exit: docs/redis-restart-crash.md). Redis keeps
+its data across each restart (append-only file, fsync always), as a production broker with AOF
+does. Recovery runs with the production defaults (LIPSYNC_RECOVERY_GRACE, LIPSYNC_QUEUED_RECOVERY,
+LIPSYNC_SWEEP_INTERVAL), so a job whose message a worker dropped at its reconnect completes through
+the reconnect's own re-drive (worker.jobs.liveness), not through a shortened overdue timer.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from gensim import Fault
+from tests.conftest import Cluster, WorkerProcess
+from tests.harness import Run
+from worker.names import Stage
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+WORKERS = 3
+
+
+def _default(field: str) -> str:
+    return str(Settings.model_fields[field].default)
+
+
+ENV = {
+    # The GEN timeouts of the fault matrix (tests/integration/test_faults.py).
+    "LIPSYNC_GEN_CONNECT_TIMEOUT": "1",
+    "LIPSYNC_GEN_READ_TIMEOUT": "3",
+    "LIPSYNC_DOWNLOAD_TIMEOUT": "10",
+    # Undo the test cluster's shortened recovery timers: production defaults.
+    "LIPSYNC_RECOVERY_GRACE": _default("recovery_grace"),
+    "LIPSYNC_QUEUED_RECOVERY": _default("queued_recovery"),
+    "LIPSYNC_SWEEP_INTERVAL": _default("sweep_interval"),
+}
+
+RECEIVED = re.compile(r"Task \S+\[[^\]]+\] received")
+CONNECTED = "Connected to redis://"
+UNRECOVERABLE = "Unrecoverable error"
+
+
+@pytest.fixture
+def run(make_cluster: Callable[..., Cluster], simulator: Any) -> Iterator[Run]:
+    cluster = make_cluster(persistent=True, **ENV)
+    for _ in range(WORKERS):
+        cluster.start_worker()
+    r = Run(cluster, simulator)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+class Restarts:
+    """Restarts the cluster's Redis, keeping its data; remembers where each worker's log stood at
+    the latest restart."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.count = 0
+        self.marks: dict[str, int] = {}
+
+    def restart(self, *, down: float = 0.0) -> None:
+        """Down for the time a stop and a start take (~0.1-0.3 s), plus ``down`` seconds."""
+        for worker in self.run.cluster.workers:
+            self.marks[worker.name] = len(worker.log())
+        server = self.run.cluster.redis_server
+        server.stop()
+        time.sleep(down)
+        server.start()
+        self.count += 1
+
+    def since_last(self, worker: WorkerProcess) -> str:
+        return worker.log()[self.marks[worker.name] :]
+
+
+def assert_all_alive(run: Run) -> None:
+    dead = {w.name: w.process.returncode for w in run.cluster.workers if w.process.poll() is not None}
+    if dead:
+        tails = "\n".join(f"--- {w.name}\n{w.log()[-4000:]}" for w in run.cluster.workers if w.name in dead)
+        pytest.fail(f"worker process(es) exited: {dead}\n{tails}")
+
+
+def wait_any_state(run: Run, job_ids: list[str], *states: str, timeout: float = 60) -> str:
+    """The first of ``job_ids`` whose record is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job_id in job_ids:
+            record = run.record(job_id)
+            if record is not None and record.state in states:
+                return job_id
+        time.sleep(0.02)
+    raise TimeoutError(f"none of {job_ids} reached {states}")
+
+
+def wait_all_finished(run: Run, timeout: float) -> None:
+    """Every job's record holds an outcome; else fail naming each unfinished job and its stage."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert_all_alive(run)
+        if all((r := run.record(job_id)) is not None and r.outcome is not None for job_id in run.results):
+            return
+        time.sleep(0.5)
+    unfinished = {}
+    for job_id in run.results:
+        record = run.record(job_id)
+        if record is None or record.outcome is None:
+            unfinished[job_id] = record.model_dump(include={"state", "polls", "redrives"}) if record else None
+    pytest.fail(f"{len(unfinished)} job(s) unfinished {timeout:.0f} s after the last restart: {unfinished}")
+
+
+def collect_outcomes(run: Run, timeout: float) -> dict[str, dict[str, Any]]:
+    """What each job's caller gets from its AsyncResult; else fail naming each job whose result is
+    not ready, with its result state and its record's."""
+    try:
+        return run.outcomes(timeout=timeout)
+    except CeleryTimeoutError:
+        pending = {}
+        for job_id, result in run.results.items():
+            if not result.ready():
+                record = run.record(job_id)
+                state = record.state if record else None
+                pending[job_id] = {"result": result.state, "record": state}
+        pytest.fail(f"AsyncResult not ready {timeout:.0f} s after every record had its outcome: {pending}")
+
+
+def test_workers_survive_five_redis_restarts(run: Run, simulator: Any) -> None:
+    cluster = run.cluster
+    simulator.durations = {"gen": 3.0}
+    restarts = Restarts(run)
+    started = time.monotonic()
+
+    # 1. Jobs waiting on GEN: each holds a countdown poll in some worker's memory.
+    first = run.submit(6)
+    for job_id in first:
+        run.wait_state(job_id, Stage.POLLING.value, min_polls=1)
+    restarts.restart()
+    assert_all_alive(run)
+
+    # 2. While downloads are running: the CDN trickles every output (~2.4 s for 48 kB) until then.
+    simulator.add_fault(Fault(endpoint="cdn", trickle=0.05, times=None))
+    fetching = wait_any_state(run, first, Stage.FETCHING.value)
+    time.sleep(0.5)
+    record = run.record(fetching)
+    assert record is not None and record.state == Stage.FETCHING.value, record
+    restarts.restart()
+    simulator.clear_faults()
+    assert_all_alive(run)
+
+    # 3. During a burst of polls: a dozen jobs polling every 0.2-0.5 s.
+    burst = run.submit(12)
+    for job_id in burst:
+        run.wait_state(job_id, Stage.POLLING.value, min_polls=2, timeout=60)
+    restarts.restart()
+    assert_all_alive(run)
+
+    # 4. A failover-length outage (3 s), with polls in the middle of slow GEN calls.
+    more = run.submit(4)
+    wait_any_state(run, more, Stage.POLLING.value)
+    simulator.add_fault(Fault(endpoint="get_generation", delay=1.5, times=4))
+    time.sleep(0.5)
+    restarts.restart(down=3.0)
+    assert_all_alive(run)
+
+    # 5. Again before the workers settled.
+    time.sleep(1.0)
+    restarts.restart()
+    last_restart = time.monotonic()
+    assert restarts.count == 5
+
+    # Every worker reconnects and takes work again.
+    after = run.submit(6)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert_all_alive(run)
+        if all(RECEIVED.search(restarts.since_last(w)) for w in cluster.workers):
+            break
+        time.sleep(0.5)
+    for worker in cluster.workers:
+        log = restarts.since_last(worker)
+        assert CONNECTED in log, f"{worker.name} did not reconnect after the last restart"
+        assert RECEIVED.search(log), f"{worker.name} took no task after the last restart"
+
+    wait_all_finished(run, timeout=120)
+    finished = time.monotonic()
+    outcomes = collect_outcomes(run, timeout=30)
+    assert_all_alive(run)
+    assert {job_id: o["status"] for job_id, o in outcomes.items()} == dict.fromkeys(run.results, "completed")
+    run.check_invariants(outcomes)
+    for worker in cluster.workers:
+        assert UNRECOVERABLE not in worker.log(), worker.name
+    jobs = len(first) + len(burst) + len(more) + len(after)
+    took = finished - started
+    print(
+        f"{jobs} jobs, {restarts.count} restarts, {WORKERS} workers alive: {took:.1f} s in all; "
+        f"{finished - last_restart:.1f} s from the last restart to the last outcome"
+    )
