@@ -72,6 +72,7 @@ from worker.names import (
     WEBHOOKS_PENDING_KEY,
     Stage,
 )
+from worker.ops.broker import queue_lists
 from worker.ops.misrouted import count_misrouted
 
 __all__ = [
@@ -127,10 +128,6 @@ GEN_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 #: A job takes seconds to minutes; LIPSYNC_JOB_TIMEOUT is 30 min by default.
 JOB_DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, INF)
 
-#: kombu's Redis transport keeps a message with priority n in a list named ``<queue>\x06\x16<n>``
-#: (``Channel.sep``, ``PRIORITY_STEPS``; priority 0 is the plain list).
-PRIORITY_SEPARATOR = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
 #: Most active jobs whose records are read per scrape (see the module docstring for the cost).
 MAX_ACTIVE_SCAN = 50_000
 
@@ -345,14 +342,10 @@ class MetricsCollector:
     def _queue_depths(self) -> dict[str, int]:
         pipe = self.broker.pipeline(transaction=False)
         for queue in ALL_QUEUES:
-            for name in _queue_lists(queue):
+            for name in queue_lists(queue):
                 pipe.llen(name)
         lengths = iter(pipe.execute())
-        return {queue: sum(next(lengths) for _ in _queue_lists(queue)) for queue in ALL_QUEUES}
-
-
-def _queue_lists(queue: str) -> list[str]:
-    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+        return {queue: sum(next(lengths) for _ in queue_lists(queue)) for queue in ALL_QUEUES}
 
 
 def _present(value: bytes | str | None) -> bool:

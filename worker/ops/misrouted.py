@@ -16,16 +16,15 @@ in ``headers``; a move is atomic (it happens only if the message is still there)
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
 from worker.names import ALL_QUEUES, queue_of
+from worker.ops.broker import drives, is_lipsync, messages_in
 
 log = logging.getLogger("lipsync.misrouted")
 
@@ -56,27 +55,11 @@ class Waiting:
     task_id: str
 
 
-def _messages(
-    broker: redis.Redis, queue: str, limit: int = SCAN_LIMIT
-) -> Iterator[tuple[Any, dict[str, Any]]]:
-    """(raw entry, parsed message) for the ``limit`` entries nearest to being taken, oldest last."""
-    for raw in broker.lrange(queue, -limit, -1):
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(message, dict) and isinstance(message.get("headers"), dict):
-            yield raw, message
-
-
-def _is_ours(message: dict[str, Any]) -> bool:
-    task = message["headers"].get("task")
-    return isinstance(task, str) and task.startswith("lipsync.")
-
-
 def count_misrouted(broker: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
     """Lipsync messages waiting in each of ``queues`` now."""
-    return {queue: sum(1 for _, m in _messages(broker, queue) if _is_ours(m)) for queue in queues}
+    return {
+        queue: sum(1 for _, m in messages_in(broker, queue, SCAN_LIMIT) if is_lipsync(m)) for queue in queues
+    }
 
 
 def move_misrouted(broker: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
@@ -84,8 +67,8 @@ def move_misrouted(broker: redis.Redis, queues: Iterable[str]) -> dict[str, int]
     moved: dict[str, int] = {}
     move = broker.register_script(_MOVE)
     for queue in queues:
-        for raw, message in list(_messages(broker, queue)):
-            if not _is_ours(message):
+        for raw, message in list(messages_in(broker, queue, SCAN_LIMIT)):
+            if not is_lipsync(message):
                 continue
             task = str(message["headers"]["task"])
             target = queue_of(task)
@@ -110,23 +93,9 @@ def find_message(broker: redis.Redis, job_id: str, queues: Iterable[str]) -> Wai
     """Where a job's message waits, if in the first :data:`SCAN_LIMIT` entries of our queues or of
     ``queues``: by task id (the helper uses the job id) or by the job id in a ``lipsync.run`` body."""
     for queue in (*ALL_QUEUES, *queues):
-        entries = list(_messages(broker, queue))
+        entries = list(messages_in(broker, queue, SCAN_LIMIT))
         for index, (_raw, message) in enumerate(reversed(entries)):
-            if _is_ours(message) and job_id in (message["headers"].get("id"), _job_id_in(message)):
+            if is_lipsync(message) and job_id in (message["headers"].get("id"), drives(message).job_id):
                 headers = message["headers"]
                 return Waiting(queue, index, str(headers.get("task")), str(headers.get("id")))
-    return None
-
-
-def _job_id_in(message: dict[str, Any]) -> str | None:
-    try:
-        body = json.loads(base64.b64decode(message.get("body", "")))
-        args, kwargs = body[0], body[1]
-        request = kwargs.get("request") or (args[0] if args else None)
-        job = kwargs.get("job") or (args[0] if args else None)
-    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
-        return None
-    for candidate in (request, job.get("request") if isinstance(job, dict) else None):
-        if isinstance(candidate, dict) and isinstance(candidate.get("job_id"), str):
-            return str(candidate["job_id"])
     return None

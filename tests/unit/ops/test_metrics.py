@@ -271,10 +271,11 @@ def test_queue_names_match_the_app_and_kombu() -> None:
     from kombu.transport.redis import PRIORITY_STEPS, Channel
 
     from worker.app import app
+    from worker.ops import broker
 
     assert tuple(queue.name for queue in app.conf.task_queues) == ALL_QUEUES
-    assert Channel.sep == metrics.PRIORITY_SEPARATOR
-    assert tuple(step for step in PRIORITY_STEPS if step) == metrics.PRIORITY_STEPS
+    assert Channel.sep == broker.PRIORITY_SEPARATOR
+    assert tuple(step for step in PRIORITY_STEPS if step) == broker.PRIORITY_STEPS
 
 
 # -- Redis unreachable --------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""Reading what waits in the broker, in kombu's Redis format, without consuming anything.
+
+A queue is a Redis list (``<queue>``, and ``<queue>\\x06\\x16<n>`` for priority n) of JSON messages,
+task name and id in ``headers``, arguments in a base64 ``body``; a message a worker has taken but not
+acknowledged sits in the ``unacked`` hash as ``[message, exchange, routing_key]``. Used to find
+misrouted messages (:mod:`worker.ops.misrouted`) and messages that are nowhere any more
+(:mod:`worker.jobs.audit`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from worker.names import BROKER_UNACKED_KEY, TASK_AWAIT, TASK_DELIVER_WEBHOOK
+
+#: kombu's Redis transport keeps a message with priority n in a list named ``<queue>\x06\x16<n>``
+#: (``Channel.sep``, ``PRIORITY_STEPS``; priority 0 is the plain list).
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages, all priorities."""
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def messages_in(
+    broker: redis.Redis, queue: str, limit: int | None = None
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(raw entry, parsed message) of the plain list ``queue``: the ``limit`` entries nearest to being
+    taken (all when None), the next one last."""
+    start = 0 if limit is None else -limit
+    for raw in broker.lrange(queue, start, -1):
+        message = _parse(raw)
+        if message is not None:
+            yield raw, message
+
+
+def unacked_messages(broker: redis.Redis) -> Iterator[dict[str, Any]]:
+    """Every message taken by a worker and not yet acknowledged (running, reserved, or a countdown)."""
+    for _tag, raw in broker.hscan_iter(BROKER_UNACKED_KEY, count=500):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, list) and entry and isinstance(entry[0], dict):
+            message = entry[0]
+            if isinstance(message.get("headers"), dict):
+                yield message
+
+
+def _parse(raw: Any) -> dict[str, Any] | None:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and isinstance(message.get("headers"), dict):
+        return message
+    return None
+
+
+def is_lipsync(message: dict[str, Any]) -> bool:
+    task = message["headers"].get("task")
+    return isinstance(task, str) and task.startswith("lipsync.")
+
+
+@dataclass(frozen=True)
+class Drives:
+    """What a lipsync message drives: a job (by job id) or an owed webhook (by message id)."""
+
+    job_id: str | None = None
+    webhook_id: str | None = None
+
+
+def drives(message: dict[str, Any]) -> Drives:
+    """The job or webhook a lipsync message is about, read from its arguments (best effort)."""
+    try:
+        body = json.loads(base64.b64decode(message.get("body", "")))
+        args, kwargs = list(body[0]), dict(body[1])
+    except (ValueError, TypeError, IndexError, KeyError):
+        return Drives()
+    first = args[0] if args else None
+    task = message["headers"].get("task")
+    if task == TASK_AWAIT:
+        return Drives()  # waits on a job someone else drives
+    if task == TASK_DELIVER_WEBHOOK:
+        msg_id = kwargs.get("msg_id", first)
+        return Drives(webhook_id=msg_id if isinstance(msg_id, str) else None)
+    for candidate in (kwargs.get("request"), kwargs.get("job"), first):
+        if not isinstance(candidate, dict):
+            continue
+        nested = candidate.get("request")
+        inner: dict[str, Any] = nested if isinstance(nested, dict) else candidate
+        job_id = inner.get("job_id")
+        if isinstance(job_id, str):
+            return Drives(job_id=job_id)
+    # A raw lipsync.run without a job id: its job id is its task id (worker.jobs.steps.create).
+    task_id = message["headers"].get("id")
+    return Drives(job_id=task_id if isinstance(task_id, str) else None)
+
+
+def present(broker: redis.Redis, queues: Iterable[str]) -> tuple[set[str], set[str]]:
+    """Job ids and webhook ids that some lipsync message in ``queues`` (all priorities) or in the
+    unacknowledged hash still drives."""
+    jobs: set[str] = set()
+    webhooks: set[str] = set()
+
+    def note(message: dict[str, Any]) -> None:
+        if is_lipsync(message):
+            found = drives(message)
+            if found.job_id:
+                jobs.add(found.job_id)
+            if found.webhook_id:
+                webhooks.add(found.webhook_id)
+
+    for queue in queues:
+        for name in queue_lists(queue):
+            for _raw, message in messages_in(broker, name):
+                note(message)
+    for message in unacked_messages(broker):
+        note(message)
+    return jobs, webhooks
