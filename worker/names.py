@@ -99,11 +99,18 @@ STATE_JOINED = "JOINED"
 
 #: One hash per job: ``lipsync:job:<job_id>``.
 JOB_KEY_PREFIX = "lipsync:job:"
+#: A job record's flag: its next re-drive is not the job's doing (its worker lost the broker, or the
+#: broker lost its message), so it does not count toward LIPSYNC_MAX_REDRIVES.
+FREE_REDRIVE = "free_redrive"
 #: Sorted set of unfinished jobs (and finished ones whose callbacks are not yet dispatched),
 #: scored by ``overdue_at``.
 ACTIVE_JOBS_KEY = "lipsync:jobs:active"
 #: The last verdict of GEN on the workers' key and agent (worker.preflight), read by ``health``.
 GEN_CHECK_KEY = "lipsync:gen_check"
+#: When the audit of lost messages last ran and until when it runs every sweep (worker.jobs.audit).
+AUDIT_STATE_KEY = "lipsync:audit:state"
+#: Jobs and webhooks with no message in the broker at the last audit, with their record's last change.
+AUDIT_SUSPECTS_KEY = "lipsync:audit:suspects"
 #: The sweeper's fleet-wide lease (one sweep per round).
 SWEEPER_LEASE_KEY = "lipsync:sweeper:lease"
 #: Sorted set of worker consumers ("holders"), scored by their last heartbeat in Redis server time;

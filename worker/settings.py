@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     #: sent ``lipsync.run`` without ``queue="lipsync"`` reaches Celery's default queue): each sweep
     #: moves them to their own queue and warns (comma separated; ``none``: leave them alone).
     misroute_queues: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["celery"])
+    #: How often the sweeper checks, at the least, that every unfinished job still has a message in
+    #: the broker (a broker restart can lose one); after a worker dies or reconnects, every sweep.
+    audit_interval: float = Field(default=300.0, gt=0)
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 

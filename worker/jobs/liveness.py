@@ -36,6 +36,7 @@ import redis
 from worker.names import (
     ACTIVE_JOBS_KEY,
     BROKER_UNACKED_KEY,
+    FREE_REDRIVE,
     HOLDERS_KEY,
     JOB_KEY_PREFIX,
     WEBHOOK_KEY_PREFIX,
@@ -94,12 +95,13 @@ return 1
 """
 
 # Make a job overdue now if ARGV[1] still holds it and it has not ended. KEYS: record, active set.
-# ARGV: holder, overdue_at (repr of a float), job id, '1' if the holder was released by a live node.
+# ARGV: holder, overdue_at (repr of a float), job id, '1' if the holder was released by a live node
+# (then the re-drive is free: ARGV[5] is the record's field for that).
 _JOB_OVERDUE = """
 if redis.call('HGET', KEYS[1], 'held_by') ~= ARGV[1] then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'overdue_at', ARGV[2], 'held_by', '', 'held_tag', '')
-if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'released', '1') end
+if ARGV[4] == '1' then redis.call('HSET', KEYS[1], ARGV[5], '1') end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
@@ -192,7 +194,8 @@ class Holders:
     def job_overdue(self, job_id: str, holder: str, *, at: float, released: bool) -> bool:
         """Make the job overdue at ``at`` if ``holder`` still holds it and it has not ended."""
         keys = [JOB_KEY_PREFIX + job_id, ACTIVE_JOBS_KEY]
-        return bool(self._job_overdue(keys=keys, args=[holder, repr(at), job_id, "1" if released else ""]))
+        args = [holder, repr(at), job_id, "1" if released else "", FREE_REDRIVE]
+        return bool(self._job_overdue(keys=keys, args=args))
 
     def webhook_overdue(self, msg_id: str, holder: str, *, at: float) -> bool:
         keys = [WEBHOOK_KEY_PREFIX + msg_id, WEBHOOKS_PENDING_KEY]

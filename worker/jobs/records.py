@@ -31,7 +31,7 @@ from typing import Any, Literal, cast
 import redis
 from pydantic import BaseModel, Field
 
-from worker.names import ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, Stage
+from worker.names import ACTIVE_JOBS_KEY, FREE_REDRIVE, JOB_KEY_PREFIX, Stage
 
 # Create the record in one step, or find it: a process dying half-way must not leave a record
 # without its TTL, its job or its place in the active set. A hash without ``created_at`` is what a
@@ -313,18 +313,19 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
-                raw = pipe.hmget(key, ["overdue_at", "outcome", "created_at", "callback", "job", "released"])
-                overdue_raw, outcome, created, callback, job, released = raw
+                fields = ["overdue_at", "outcome", "created_at", "callback", "job", FREE_REDRIVE]
+                overdue_raw, outcome, created, callback, job, free = pipe.hmget(key, fields)
                 if created is None or outcome is not None:
                     return None
                 if not force and (overdue_raw is None or float(overdue_raw) > now):
                     return None
                 pipe.multi()
                 pipe.hincrby(key, "drive", 1)
-                if released:
-                    # Its worker lost the broker and dropped it (worker.jobs.liveness): not the job's
-                    # doing, so it does not count toward LIPSYNC_MAX_REDRIVES (a poison-input guard).
-                    pipe.hdel(key, "released")
+                if free:
+                    # Its worker lost the broker and dropped it, or the broker lost its message
+                    # (worker.jobs.liveness, worker.jobs.audit): not the job's doing, so it does not
+                    # count toward LIPSYNC_MAX_REDRIVES (a guard against inputs that kill workers).
+                    pipe.hdel(key, FREE_REDRIVE)
                 else:
                     pipe.hincrby(key, "redrives", 1)
                 pipe.hset(

@@ -29,6 +29,7 @@ from typing import Any
 
 from worker.callbacks.delivery import send_delivery
 from worker.callbacks.outbox import EXPIRED
+from worker.jobs import audit
 from worker.jobs.cancel import DEFAULT_REASON, finish_cancel
 from worker.jobs.liveness import Recovery, recover_stopped_holders
 from worker.jobs.models import Job, LipsyncFailure, LipsyncResult
@@ -264,46 +265,55 @@ def _ago(when: float | None, now: float) -> str:
 
 
 def sweep_round(queue: TaskQueue, res: Resources, *, trust_silence: bool) -> SweepReport:
-    """One round: make what stopped holders held overdue (:mod:`worker.jobs.liveness`), then
-    :func:`sweep_once` re-drives it with everything else that is overdue.
+    """One round of the sweeper:
+
+    1. make what stopped holders held overdue (:mod:`worker.jobs.liveness`);
+    2. move lipsync messages out of queues we do not consume (:mod:`worker.ops.misrouted`);
+    3. when due, make jobs whose message is nowhere in the broker overdue (:mod:`worker.jobs.audit`);
+    4. :func:`sweep_once` re-drives all of it, with everything else that is overdue.
 
     ``trust_silence``: whether the caller's own link to Redis has been up for
     ``LIPSYNC_NODE_DEAD_AFTER`` (see :func:`~worker.jobs.liveness.recover_stopped_holders`).
     """
+    now, broker = res.clock(), res.broker_redis
     recovery = recover_stopped_holders(
-        res.holders,
-        res.broker_redis,
-        now=res.clock(),
-        dead_after=res.settings.node_dead_after,
-        trust_silence=trust_silence,
+        res.holders, broker, now=now, dead_after=res.settings.node_dead_after, trust_silence=trust_silence
     )
     if recovery:
-        log.warning(
-            "holders stopped: %d dead %s, %d released %s; re-driving the %d job(s) and %d webhook(s) "
-            "they held",
-            len(recovery.dead),
-            recovery.dead,
-            len(recovery.released),
-            recovery.released,
-            len(recovery.jobs),
-            len(recovery.webhooks),
-        )
+        _log_recovery(recovery)
+        audit.trouble_seen(res.redis, now)
+    lost = audit.Audit()
+    if broker is not None:
+        if res.settings.misroute_queues:
+            for wrong_queue, count in move_misrouted(broker, res.settings.misroute_queues).items():
+                metrics.record_misrouted(res.redis, queue=wrong_queue, count=count)
+        if audit.due(res.redis, now, interval=res.settings.audit_interval):
+            lost = audit.audit(res.redis, broker, now=now)
     report = sweep_once(queue, res)
     if report:
         log.warning("sweep: %s", report)
-    broker = res.broker_redis
-    if broker is not None and res.settings.misroute_queues:
-        for wrong_queue, count in move_misrouted(broker, res.settings.misroute_queues).items():
-            metrics.record_misrouted(res.redis, queue=wrong_queue, count=count)
-    _count_recoveries(res, recovery, report)
+    _count_recoveries(res, recovery, lost, report)
     return report
 
 
-def _count_recoveries(res: Resources, recovery: Recovery, report: SweepReport) -> None:
-    overdue = len(report.redriven) - recovery.jobs_of_dead - recovery.jobs_of_released
+def _log_recovery(recovery: Recovery) -> None:
+    log.warning(
+        "holders stopped: %d dead %s, %d released %s; re-driving the %d job(s) and %d webhook(s) they held",
+        len(recovery.dead),
+        recovery.dead,
+        len(recovery.released),
+        recovery.released,
+        len(recovery.jobs),
+        len(recovery.webhooks),
+    )
+
+
+def _count_recoveries(res: Resources, recovery: Recovery, lost: audit.Audit, report: SweepReport) -> None:
+    overdue = len(report.redriven) - recovery.jobs_of_dead - recovery.jobs_of_released - len(lost.lost_jobs)
     for cause, count in (
         ("dead_worker", recovery.jobs_of_dead),
         ("released_on_reconnect", recovery.jobs_of_released),
+        ("lost_message", len(lost.lost_jobs) + len(lost.lost_webhooks)),
         ("overdue", max(0, overdue)),
         ("webhook_overdue", len(report.resent_webhooks)),
         ("callbacks_redispatched", len(report.redispatched)),

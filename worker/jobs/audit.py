@@ -1,0 +1,164 @@
+"""Jobs whose message is nowhere any more: re-driven once that is sure, not after the backstop timer.
+
+A broker restart can drop a message outright. kombu's Redis transport takes a message off its queue
+(BRPOP) and only then records it as unacknowledged: a Redis stopping in between loses it. A step
+whose publish keeps failing past Celery's publish retries loses its next message too. Liveness
+(:mod:`worker.jobs.liveness`) cannot see such a job, because nobody holds it, and its record's
+timer fires only after ``LIPSYNC_QUEUED_RECOVERY`` (an hour) when the step was waiting in a queue.
+
+The audit compares what should exist with what does: every unfinished job and owed webhook against
+every lipsync message in the broker (our queues at every priority, and the unacknowledged hash). A
+job or webhook with no message is a *suspect*, noted with its record's last change. Found missing
+again by a later audit (at least one sweep later), with its record unchanged, it is *lost*: it is
+made overdue now and the sweeper re-drives it in the same round, without counting the re-drive
+toward ``LIPSYNC_MAX_REDRIVES``. Two looks with nothing changed in between rule out a message
+that was only in flight (being published, or between BRPOP and its record).
+
+Audits run on every sweep for :data:`AFTER_TROUBLE` seconds after a worker was found dead or
+released (when broker losses happen), and every ``LIPSYNC_AUDIT_INTERVAL`` otherwise, as a safety
+net. Each reads the whole of our queues and the unacknowledged hash once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker.names import (
+    ACTIVE_JOBS_KEY,
+    ALL_QUEUES,
+    AUDIT_STATE_KEY,
+    AUDIT_SUSPECTS_KEY,
+    FREE_REDRIVE,
+    JOB_KEY_PREFIX,
+    WEBHOOK_KEY_PREFIX,
+    WEBHOOKS_PENDING_KEY,
+)
+from worker.ops.broker import present
+
+log = logging.getLogger("lipsync.audit")
+
+#: How long after a dead or released worker the audit runs on every sweep.
+AFTER_TROUBLE = 180.0
+#: Suspects are forgotten after this long (an audit that never came back for them).
+SUSPECTS_TTL = 900
+
+# Make a job overdue now if its record has not changed since it was suspected. KEYS: record, active
+# set. ARGV: updated_at as suspected, overdue_at, job id, the free re-drive field.
+_JOB_LOST = """
+local h = redis.call('HMGET', KEYS[1], 'updated_at', 'outcome')
+if h[2] or h[1] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'overdue_at', ARGV[2], ARGV[4], '1')
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+# The same for an owed webhook: its due_at is what changes when it moves.
+_WEBHOOK_LOST = """
+local due = redis.call('HGET', KEYS[1], 'due_at')
+if not due or due ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'due_at', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+@dataclass
+class Audit:
+    """What one audit found."""
+
+    suspects: int = 0
+    lost_jobs: list[str] = field(default_factory=list)
+    lost_webhooks: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.lost_jobs or self.lost_webhooks)
+
+
+def trouble_seen(r: redis.Redis, now: float) -> None:
+    """A worker was found dead or released: audit on every sweep for a while."""
+    r.hset(AUDIT_STATE_KEY, "until", repr(now + AFTER_TROUBLE))
+
+
+def due(r: redis.Redis, now: float, *, interval: float) -> bool:
+    """Whether this sweep should audit: in the window after trouble, or ``interval`` since the last."""
+    until, last = r.hmget(AUDIT_STATE_KEY, ["until", "last"])
+    if until is not None and float(until) >= now:
+        return True
+    return last is None or now - float(last) >= interval
+
+
+def audit(r: redis.Redis, broker: redis.Redis, *, now: float) -> Audit:
+    """Compare the unfinished jobs and owed webhooks with the broker; make the lost ones overdue."""
+    r.hset(AUDIT_STATE_KEY, "last", repr(now))
+    found_jobs, found_webhooks = present(broker, ALL_QUEUES)
+    raw_previous: dict[Any, Any] = r.hgetall(AUDIT_SUSPECTS_KEY)
+    previous = {_text(k): _text(v) for k, v in raw_previous.items()}
+    suspects: dict[str, str] = {}
+    result = Audit()
+
+    for job_id, (updated_at, outcome) in _read(r, ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, ["updated_at", "outcome"]):
+        if outcome is not None or updated_at is None or job_id in found_jobs:
+            continue
+        key = "job:" + job_id
+        suspects[key] = updated_at
+        if previous.get(key) == updated_at:
+            script = r.register_script(_JOB_LOST)
+            args = [updated_at, repr(now), job_id, FREE_REDRIVE]
+            if script(keys=[JOB_KEY_PREFIX + job_id, ACTIVE_JOBS_KEY], args=args):
+                result.lost_jobs.append(job_id)
+                suspects.pop(key)
+
+    for msg_id, (due_at,) in _read(r, WEBHOOKS_PENDING_KEY, WEBHOOK_KEY_PREFIX, ["due_at"]):
+        if due_at is None or msg_id in found_webhooks:
+            continue
+        key = "webhook:" + msg_id
+        suspects[key] = due_at
+        if previous.get(key) == due_at:
+            script = r.register_script(_WEBHOOK_LOST)
+            if script(
+                keys=[WEBHOOK_KEY_PREFIX + msg_id, WEBHOOKS_PENDING_KEY], args=[due_at, repr(now), msg_id]
+            ):
+                result.lost_webhooks.append(msg_id)
+                suspects.pop(key)
+
+    pipe = r.pipeline()
+    pipe.delete(AUDIT_SUSPECTS_KEY)
+    if suspects:
+        pipe.hset(AUDIT_SUSPECTS_KEY, items=[part for pair in suspects.items() for part in pair])
+        pipe.expire(AUDIT_SUSPECTS_KEY, SUSPECTS_TTL)
+    pipe.execute()
+    result.suspects = len(suspects)
+    if result:
+        log.warning(
+            "audit: %d job(s) and %d webhook(s) have no message in the broker (lost in a broker restart?); "
+            "re-driving them: %s %s",
+            len(result.lost_jobs),
+            len(result.lost_webhooks),
+            result.lost_jobs[:20],
+            result.lost_webhooks[:20],
+        )
+    return result
+
+
+def _read(
+    r: redis.Redis, index: str, prefix: str, fields: list[str]
+) -> list[tuple[str, tuple[str | None, ...]]]:
+    """(id, fields) of every member of ``index``, read in pipelined pages."""
+    ids = [_text(member) for member, _score in r.zscan_iter(index, count=500)]
+    rows: list[tuple[str, tuple[str | None, ...]]] = []
+    for start in range(0, len(ids), 500):
+        page = ids[start : start + 500]
+        pipe = r.pipeline(transaction=False)
+        for item in page:
+            pipe.hmget(prefix + item, fields)
+        for item, values in zip(page, pipe.execute(), strict=True):
+            rows.append((item, tuple(None if v is None else _text(v) for v in values)))
+    return rows
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
