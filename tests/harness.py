@@ -36,6 +36,52 @@ from worker.enqueue import enqueue
 from worker.errors import LipsyncJobFailed
 from worker.jobs.records import JobRecord, JobStore
 from worker.names import ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, WEBHOOK_KEY_PREFIX, WEBHOOKS_PENDING_KEY
+from worker.settings import Settings
+
+#: The settings the other integration tests shorten (tests/conftest.py worker_environment).
+SHORTENED = (
+    "recovery_grace",
+    "queued_recovery",
+    "sweep_interval",
+    "poll_initial_delay",
+    "poll_max_delay",
+    "retry_max_delay",
+    "webhook_retry_delays",
+    "job_timeout",
+)
+#: What a test cluster's environment may set besides defaults: where things are, and secrets.
+WHERE = frozenset(
+    {
+        "LIPSYNC_BROKER_URL",
+        "LIPSYNC_RESULT_BACKEND",
+        "LIPSYNC_REDIS_URL",
+        "LIPSYNC_GEN_BASE_URL",
+        "LIPSYNC_GEN_API_KEY",
+        "LIPSYNC_GEN_AGENT_ID",
+        "LIPSYNC_STORAGE_DIR",
+        "LIPSYNC_ALLOW_PRIVATE_URLS",
+        "LIPSYNC_WEBHOOK_SECRET",
+    }
+)
+
+
+def default_timings() -> dict[str, str]:
+    """Environment that puts every :data:`SHORTENED` setting back to its default, explicitly
+    (``LIPSYNC_RECOVERY_GRACE=60``...). Heartbeat and dead-after are never set by the tests."""
+    env = {}
+    for name in SHORTENED:
+        value = Settings.model_fields[name].get_default(call_default_factory=True)
+        text = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
+        env[f"LIPSYNC_{name.upper()}"] = text
+    return env
+
+
+def assert_default_timings(env: Mapping[str, str]) -> None:
+    """Nothing but where things are differs from a default Settings; heartbeat and dead-after unset."""
+    where = {k: v for k, v in env.items() if k in WHERE}
+    assert Settings.from_environ(env) == Settings.from_environ(where), "a timing differs from its default"
+    assert not {"LIPSYNC_HEARTBEAT_INTERVAL", "LIPSYNC_NODE_DEAD_AFTER"} & env.keys()
+
 
 #: Every target the simulator's world has: two sheets x cells 3000-3099, on the cell or its layer.
 TARGETS: tuple[tuple[int, int, int | None], ...] = tuple(

@@ -76,6 +76,15 @@ class WebhookReceiver:
                     modes.add(mode)
         return modes
 
+    def hang(self, count: int = 1) -> int:
+        """Hang on the next ``count`` POSTs (see ``hang_next``); returns the index in ``arrivals``
+        the first of them will have."""
+        with self._lock:
+            if self.hang_next:
+                raise RuntimeError("already hanging on the next POSTs")
+            self.hang_next = count
+            return len(self.arrivals)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/hooks/lipsync"

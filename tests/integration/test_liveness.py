@@ -18,8 +18,8 @@ and prints the recovery time per affected job (p50/max).
 Timings. The cluster's recovery settings are the defaults (``LIPSYNC_RECOVERY_GRACE=60``,
 ``LIPSYNC_QUEUED_RECOVERY=3600``, ``LIPSYNC_SWEEP_INTERVAL=5``; heartbeat and dead-after unset: 5 s
 and 20 s), and so is every other timing the other integration tests shorten (poll schedule 5 s
-growing to 30 s, retry caps, webhook retry delays, job timeout): the ``defaults`` fixture checks
-that the workers' settings equal a default ``Settings`` but for where Redis, GEN and the storage
+growing to 30 s, retry caps, webhook retry delays, job timeout): the ``fleet`` fixture checks that
+the workers' settings equal a default ``Settings`` but for where Redis, GEN and the storage
 are. What is short is GEN itself: the simulator's generation durations and its faults (a delayed
 generate, a trickled download, a hanging webhook receiver). They hide nothing: the worker cannot
 see them except through its HTTP calls, and recovery does not depend on them — a killed node's
@@ -40,9 +40,17 @@ import redis
 
 from gensim import Fault
 from tests.conftest import Cluster, WorkerProcess, wait_for
-from tests.harness import Holdings, Recovered, Run, holdings, recoveries, summary
+from tests.harness import (
+    Holdings,
+    Recovered,
+    Run,
+    assert_default_timings,
+    default_timings,
+    holdings,
+    recoveries,
+    summary,
+)
 from worker.names import QUEUE_CALLBACKS, QUEUE_FETCH, QUEUE_JOBS
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -50,40 +58,6 @@ pytestmark = pytest.mark.integration
 REDRIVE_WITHIN = 45.0
 #: A recovered job's lateness against when it would have completed.
 LATE_BY_AT_MOST = 60.0
-
-#: The settings the other integration tests shorten (tests/conftest.py worker_environment), put
-#: back to their defaults.
-SHORTENED = (
-    "recovery_grace",
-    "queued_recovery",
-    "sweep_interval",
-    "poll_initial_delay",
-    "poll_max_delay",
-    "retry_max_delay",
-    "webhook_retry_delays",
-    "job_timeout",
-)
-#: What a test cluster's environment may set besides defaults: where things are, and secrets.
-WHERE = {
-    "LIPSYNC_BROKER_URL",
-    "LIPSYNC_RESULT_BACKEND",
-    "LIPSYNC_REDIS_URL",
-    "LIPSYNC_GEN_BASE_URL",
-    "LIPSYNC_GEN_API_KEY",
-    "LIPSYNC_GEN_AGENT_ID",
-    "LIPSYNC_STORAGE_DIR",
-    "LIPSYNC_ALLOW_PRIVATE_URLS",
-    "LIPSYNC_WEBHOOK_SECRET",
-}
-
-
-def default_env() -> dict[str, str]:
-    env = {}
-    for name in SHORTENED:
-        value = Settings.model_fields[name].get_default(call_default_factory=True)
-        text = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}"
-        env[f"LIPSYNC_{name.upper()}"] = text
-    return env
 
 
 @dataclass
@@ -164,11 +138,8 @@ def _s(value: float | None) -> str:
 
 @pytest.fixture
 def fleet(make_cluster: Callable[..., Cluster], simulator: Any) -> Iterator[Fleet]:
-    cluster = make_cluster(**default_env())
-    # Nothing but where things are differs from a default Settings; heartbeat and dead-after unset.
-    where = {k: v for k, v in cluster.env.items() if k in WHERE}
-    assert cluster.settings() == Settings.from_environ(where)
-    assert not {"LIPSYNC_HEARTBEAT_INTERVAL", "LIPSYNC_NODE_DEAD_AFTER"} & cluster.env.keys()
+    cluster = make_cluster(**default_timings())
+    assert_default_timings(cluster.env)
     run = Run(cluster, simulator)
     try:
         yield Fleet(cluster, run, simulator)
