@@ -73,6 +73,12 @@ def finish(
         )
         if callback is not None and callback.task:
             metrics.record_callback(res.redis, kind="task", outcome="sent")
+        # The caller's AsyncResult resolves now, not only when the chain's last task returns: that
+        # task can still die, or be cancelled when its worker loses the broker, after this point,
+        # and nothing would run it again for a job that has its outcome.
+        caller = res.jobs.task_id(job_id)
+        if caller is not None:
+            queue.resolve(caller, stored)
         failpoint("finish.after_dispatch")
         res.jobs.mark_callbacks_dispatched(job_id)
     return stored

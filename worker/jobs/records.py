@@ -173,6 +173,11 @@ class JobStore:
             return cast("dict[str, Any]", json.loads(callback))
         return _callback_in(json.loads(job)) if job else None
 
+    def task_id(self, job_id: str) -> str | None:
+        """The caller's Celery task id (what its AsyncResult waits on), if the job has a record."""
+        raw = self.redis.hget(self.key(job_id), "task_id")
+        return raw.decode() if isinstance(raw, bytes) and raw else None
+
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.key(job_id), "cancel_requested") == b"1"
 

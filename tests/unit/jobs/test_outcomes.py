@@ -10,11 +10,12 @@ import pytest
 from kombu.exceptions import OperationalError
 
 from tests.unit.conftest import FakeClock, queued
-from tests.unit.jobs.builders import CALLBACK_QUEUE, TASK_CALLBACK, created, failure, request, result
+from tests.unit.jobs.builders import CALLBACK_QUEUE, TASK_CALLBACK, TASK_ID, created, failure, request, result
 from worker.callbacks.models import StageEvent
 from worker.celery_queue import CeleryQueue
 from worker.errors import ConfigurationError, RequestInvalid
 from worker.gen.errors import GenNotFound
+from worker.jobs import steps
 from worker.jobs.errors import GenerationStopped, JobTimeout
 from worker.jobs.failures import failure_for, reject
 from worker.jobs.models import LipsyncRequest
@@ -324,3 +325,17 @@ def test_failure_for_a_gen_refusal_before_submit_is_a_rejection(res: Resources, 
         exc, job=job.model_copy(update={"generation_id": "9001"}), job_id="j1", metadata={}, now=clock()
     )
     assert after.status == "failed", "once GEN accepted the job, a refusal fails it"
+
+
+def test_the_callers_async_result_resolves_when_the_outcome_is_recorded(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    # The chain's last task may die (or be cancelled on a lost broker connection) right after it
+    # recorded the outcome; nothing runs it again for a job that has one, so finish resolves it.
+    created(res)
+    finish(queue, res, job_id="j1", callback=None, outcome=result())
+    caller = queue.app.AsyncResult(TASK_ID)
+    assert caller.state == "SUCCESS" and caller.result["job_id"] == "j1"
+    steps.create(request("j2"), task_id="caller-2", res=res)
+    finish(queue, res, job_id="j2", callback=None, outcome=failure(job_id="j2"))
+    assert queue.app.AsyncResult("caller-2").state == "FAILURE"
