@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -21,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -48,6 +50,9 @@ class Node:
         self._connections = 0
         #: Holders whose release could not be written yet (Redis was down): retried on every beat.
         self._to_release: list[str] = []
+        #: Holdings Redis refused at receipt (it was restarting), with their holder: written by the
+        #: next beat.
+        self._pending_holds: list[tuple[Holding, str]] = []
         #: Monotonic time since when every heartbeat reached Redis (None: the last one failed).
         self.healthy_since: float | None = None
 
@@ -68,58 +73,73 @@ class Node:
             old, self.holder = self.holder, self._new_holder()
             self._to_release.append(old)
         log.warning("broker connection re-established; re-driving what this worker held before it (%s)", old)
-        self._release_pending()
+        with contextlib.suppress(redis.RedisError):  # still owed: the heartbeat writes it
+            self._release_pending()
 
     def took(self, request: Any) -> None:
         """Record that this node holds the job the message in ``request`` (a Celery Request) drives.
-        Never raises: liveness must not stop a worker from consuming (the job record's timers are
-        the fallback)."""
+
+        Never raises: liveness must not stop a worker from consuming. When Redis cannot be written
+        (it is restarting), the holding is kept and written by the next heartbeat.
+        """
         try:
-            self._took(request)
+            holding = _holding_of(request)
+        except Exception:
+            log.warning("could not read %s %s", request.name, request.id, exc_info=True)
+            return
+        if holding is None:
+            return
+        holder = self.holder
+        try:
+            self._write(holding, holder)
+        except redis.RedisError:
+            with self._lock:
+                self._pending_holds.append((holding, holder))
         except Exception:
             log.warning("could not record who holds %s %s", request.name, request.id, exc_info=True)
 
-    def _took(self, request: Any) -> None:
-        tag = getattr(request.message, "delivery_tag", None)
-        if not tag:
-            return
-        holder, name = self.holder, request.name
-        args: Sequence[Any] = request.args or ()
-        kwargs: Mapping[str, Any] = request.kwargs or {}
+    def _write(self, holding: Holding, holder: str) -> None:
         res = self.resources()
-        if name in _JOB_STEPS:
-            job = _argument(args, kwargs, 0, "job")
-            if isinstance(job, dict) and isinstance(job.get("request"), dict):
-                job_id = job["request"].get("job_id")
-                if isinstance(job_id, str):
-                    res.holders.hold_job(job_id, holder, str(tag), drive=int(job.get("drive", 1)))
-        elif name == TASK_RUN:
-            payload = _argument(args, kwargs, 0, "request")
-            if not isinstance(payload, dict):
+        if holding.webhook_id is not None:
+            res.holders.hold_webhook(holding.webhook_id, holder, holding.tag, drive=holding.drive or 0)
+            return
+        assert holding.job_id is not None
+        if res.holders.hold_job(holding.job_id, holder, holding.tag, drive=holding.drive) == -1:
+            if holding.run_request is None:
                 return
-            # Without a job id, the task id is the job id (worker.jobs.steps.create).
-            job_id = payload.get("job_id") or str(request.id)
-            if not isinstance(job_id, str):
-                return
-            if res.holders.hold_job(job_id, holder, str(tag), drive=None) == -1:
-                # A producer that sent the message by hand: open the job's record now, so the job
-                # can be re-driven if this node dies before running it (lipsync.run finds it).
-                try:
-                    steps.create(payload, task_id=str(request.id), res=res)
-                except RequestInvalid:
-                    return  # lipsync.run rejects it, with its failure callback
-                res.holders.hold_job(job_id, holder, str(tag), drive=None)
-        elif name == TASK_DELIVER_WEBHOOK:
-            msg_id = _argument(args, kwargs, 0, "msg_id")
-            drive = _argument(args, kwargs, 1, "drive")
-            if isinstance(msg_id, str) and isinstance(drive, int):
-                res.holders.hold_webhook(msg_id, holder, str(tag), drive=drive)
+            # A producer that sent lipsync.run by hand: open the job's record now, so the job can
+            # be re-driven if this node dies before running it (lipsync.run finds it).
+            try:
+                steps.create(holding.run_request, task_id=holding.task_id, res=res)
+            except RequestInvalid:
+                return  # lipsync.run rejects it, with its failure callback
+            res.holders.hold_job(holding.job_id, holder, holding.tag, drive=None)
+
+    def _write_pending_holds(self) -> None:
+        """Holdings Redis refused at receipt. One taken under an earlier connection's holder is written
+        as that holder's, and the holder is released again: the sweeper may have recovered it
+        already, without this job."""
+        with self._lock:
+            pending, self._pending_holds = self._pending_holds, []
+        try:
+            while pending:
+                holding, holder = pending[0]
+                self._write(holding, holder)
+                if holder != self.holder:
+                    with self._lock:
+                        self._to_release.append(holder)
+                pending.pop(0)
+        finally:
+            if pending:
+                with self._lock:
+                    self._pending_holds[:0] = pending
 
     # -- the heartbeat's side --------------------------------------------------------------------
 
     def beat(self) -> None:
         """Write the current holder's heartbeat (and any release still owed)."""
         try:
+            self._write_pending_holds()
             self._release_pending()
             if not self.resources().holders.beat(self.holder):
                 # Released already (never by us for the current holder, but be safe): take a new one.
@@ -150,6 +170,47 @@ class Node:
             if pending:
                 with self._lock:
                     self._to_release[:0] = pending
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What a message a node took drives: a job (its drive token; None for ``lipsync.run``, with the
+    request, to open the job's record) or an owed webhook (its outbox token)."""
+
+    tag: str
+    task_id: str
+    job_id: str | None = None
+    webhook_id: str | None = None
+    drive: int | None = None
+    run_request: dict[str, Any] | None = None
+
+
+def _holding_of(request: Any) -> Holding | None:
+    tag = getattr(request.message, "delivery_tag", None)
+    if not tag:
+        return None
+    name, task_id = request.name, str(request.id)
+    args: Sequence[Any] = request.args or ()
+    kwargs: Mapping[str, Any] = request.kwargs or {}
+    if name in _JOB_STEPS:
+        job = _argument(args, kwargs, 0, "job")
+        if isinstance(job, dict) and isinstance(job.get("request"), dict):
+            job_id = job["request"].get("job_id")
+            if isinstance(job_id, str):
+                return Holding(str(tag), task_id, job_id=job_id, drive=int(job.get("drive", 1)))
+    elif name == TASK_RUN:
+        payload = _argument(args, kwargs, 0, "request")
+        if isinstance(payload, dict):
+            # Without a job id, the task id is the job id (worker.jobs.steps.create).
+            job_id = payload.get("job_id") or task_id
+            if isinstance(job_id, str):
+                return Holding(str(tag), task_id, job_id=job_id, run_request=payload)
+    elif name == TASK_DELIVER_WEBHOOK:
+        msg_id = _argument(args, kwargs, 0, "msg_id")
+        drive = _argument(args, kwargs, 1, "drive")
+        if isinstance(msg_id, str) and isinstance(drive, int):
+            return Holding(str(tag), task_id, webhook_id=msg_id, drive=drive)
+    return None
 
 
 def _argument(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, name: str) -> Any:

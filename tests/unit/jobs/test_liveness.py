@@ -10,12 +10,14 @@ defaults with real worker processes.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tests.unit.conftest import queued
+from tests.unit.conftest import queued, unit_settings
 from tests.unit.jobs.builders import created, submitted
 from worker.celery_queue import CeleryQueue
+from worker.dev.embedded_redis import free_port
 from worker.jobs.liveness import recover_stopped_holders
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import sweep_once
@@ -293,3 +295,26 @@ def test_a_job_held_by_dead_workers_counts_toward_the_limit(res: Resources, queu
     sweep_once(queue, res)
     record = res.jobs.get(job.job_id)
     assert record is not None and record.redrives == 1
+
+
+def test_a_holding_redis_refused_at_receipt_is_written_by_the_next_beat(
+    res: Resources, queue: CeleryQueue, tmp_path: Path
+) -> None:
+    down = Resources(unit_settings(f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:9", tmp_path))
+    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    current = [down]
+    node = Node("n1", resources=lambda: current[0])
+    node.connected()
+    job = submitted(res)
+    record = res.jobs.get(job.job_id)
+    assert record is not None
+    node.took(request(TASK_POLL, "t-during-restart", record.job))  # Redis is restarting
+    taken_by = node.holder
+    node.connected()  # ... and the worker reconnects: what it held is gone from its memory
+    assert held_by(res, job.job_id) is None
+    current[0] = res  # Redis is back
+    node.beat()
+    assert held_by(res, job.job_id) == taken_by
+    assert res.redis.zscore(HOLDERS_KEY, taken_by) == 0.0  # released: recovered at once
+    unacked(res, "t-during-restart")
+    assert recover(res).jobs == [job.job_id]

@@ -335,7 +335,7 @@ def test_the_callers_async_result_resolves_when_the_outcome_is_recorded(
     created(res)
     finish(queue, res, job_id="j1", callback=None, outcome=result())
     caller = queue.app.AsyncResult(TASK_ID)
-    assert caller.state == "SUCCESS" and caller.result["job_id"] == "j1"
+    assert caller.state == "SUCCESS" and caller.get(timeout=1)["job_id"] == "j1"
     steps.create(request("j2"), task_id="caller-2", res=res)
     finish(queue, res, job_id="j2", callback=None, outcome=failure(job_id="j2"))
     assert queue.app.AsyncResult("caller-2").state == "FAILURE"
