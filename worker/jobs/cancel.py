@@ -82,10 +82,8 @@ def finish_cancel(
         generation_stopped=None if stop is None else stop.result == "stopped",
     )
     callback = job.request.callback if job is not None else None
+    # finish resolves the caller's AsyncResult when it records (or first dispatches) the outcome.
     stored = finish(queue, res, job_id=job_id, callback=callback, outcome=failure)
-    task_id = latest.task_id if latest is not None else None
-    if stored.get("status") == "cancelled" and task_id:
-        queue.resolve(task_id, stored)
     log.info("job %s: %s (%s)", job_id, stored.get("status"), stored.get("message"))
     return stored
 

@@ -94,12 +94,16 @@ if s and tonumber(s) <= tonumber(ARGV[2]) then redis.call('ZREM', KEYS[1], ARGV[
 return 1
 """
 
-# Make a job overdue now if ARGV[1] still holds it and it has not ended. KEYS: record, active set.
+# Make a job overdue now if ARGV[1] still holds it and it has not ended (or ended without its
+# callbacks dispatched). KEYS: record, active set.
 # ARGV: holder, overdue_at (repr of a float), job id, '1' if the holder was released by a live node
 # (then the re-drive is free: ARGV[5] is the record's field for that).
 _JOB_OVERDUE = """
 if redis.call('HGET', KEYS[1], 'held_by') ~= ARGV[1] then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'outcome') == 1 then return 0 end
+-- Ended and told: nothing to re-drive. Ended but not told (its step died between recording the
+-- outcome and dispatching it): overdue too, so the sweeper re-dispatches now.
+local told = redis.call('HMGET', KEYS[1], 'outcome', 'callbacks_dispatched')
+if told[1] and told[2] == '1' then return 0 end
 redis.call('HSET', KEYS[1], 'overdue_at', ARGV[2], 'held_by', '', 'held_tag', '')
 if ARGV[4] == '1' then redis.call('HSET', KEYS[1], ARGV[5], '1') end
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])

@@ -219,16 +219,14 @@ def _redispatch(queue: TaskQueue, res: Resources, record: JobRecord, report: Swe
     assert record.outcome is not None
     job = Job.model_validate(record.job) if record.job is not None else None
     log.warning("job %s: outcome recorded but callbacks not confirmed; re-dispatching", record.job_id)
-    stored = finish(
+    # finish resolves the caller's AsyncResult too: the chain's last task died before storing it.
+    finish(
         queue,
         res,
         job_id=record.job_id,
         callback=job.request.callback if job is not None else None,
         outcome=_outcome_model(record.outcome),
     )
-    # The chain's last task died before storing its result: resolve the caller's AsyncResult.
-    if record.task_id:
-        queue.resolve(record.task_id, stored)
     report.redispatched.append(record.job_id)
 
 
@@ -244,12 +242,12 @@ def _give_up(queue: TaskQueue, res: Resources, record: JobRecord, report: SweepR
         model=job.model,
         metadata=job.request.metadata,
     )
-    stored = finish(queue, res, job_id=job.job_id, callback=job.request.callback, outcome=failure)
+    finish(
+        queue, res, job_id=job.job_id, callback=job.request.callback, outcome=failure
+    )  # resolves the caller
     # Invalidate whatever message may still resurface: after the outcome, so that a sweeper dying
     # in between leaves a job to give up again, not a cancel to finish.
     res.jobs.request_cancel(job.job_id)
-    if job.task_id:
-        queue.resolve(job.task_id, stored)
     log.error("job %s: failed after %d re-drives", job.job_id, record.redrives)
     report.failed.append(job.job_id)
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tests.unit.conftest import queued, unit_settings
-from tests.unit.jobs.builders import created, submitted
+from tests.unit.jobs.builders import created, result, submitted
 from worker.celery_queue import CeleryQueue
 from worker.dev.embedded_redis import free_port
 from worker.jobs.liveness import recover_stopped_holders
@@ -318,3 +318,20 @@ def test_a_holding_redis_refused_at_receipt_is_written_by_the_next_beat(
     assert res.redis.zscore(HOLDERS_KEY, taken_by) == 0.0  # released: recovered at once
     unacked(res, "t-during-restart")
     assert recover(res).jobs == [job.job_id]
+
+
+def test_a_job_whose_last_step_died_after_recording_its_outcome_is_told_at_once(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    # The fetch recorded the result, then its worker lost the broker and cancelled it before the
+    # callbacks went out: without liveness the sweeper would wait LIPSYNC_RECOVERY_GRACE.
+    job = submitted(res)
+    res.holders.hold_job(job.job_id, "fetcher", "t-fetch", drive=job.drive)
+    unacked(res, "t-fetch")
+    outcome = result(job.job_id).model_dump(mode="json")
+    res.jobs.finish(job.job_id, outcome, state="completed", overdue_at=res.clock() + 60)
+    res.holders.release("fetcher")
+    assert recover(res).jobs == [job.job_id]
+    report = sweep_once(queue, res)
+    assert report.redispatched == [job.job_id]
+    assert queue.app.AsyncResult(job.task_id).state == "SUCCESS"
