@@ -120,6 +120,8 @@ HOLDERS_KEY = "lipsync:holders"
 #: The hash in which kombu's Redis transport keeps every message taken but not yet acknowledged,
 #: keyed by delivery tag (kombu's default ``unacked_key``; we set no key prefix).
 BROKER_UNACKED_KEY = "unacked"
+#: kombu's sorted set of the same delivery tags, scored by when each was taken (the taker's clock).
+BROKER_UNACKED_INDEX_KEY = "unacked_index"
 #: One hash per owed webhook: ``lipsync:webhook:<msg_id>``.
 WEBHOOK_KEY_PREFIX = "lipsync:webhook:"
 #: Sorted set of undelivered webhooks, scored by ``due_at``.

@@ -7,8 +7,10 @@ whose publish keeps failing past Celery's publish retries loses its next message
 timer fires only after ``LIPSYNC_QUEUED_RECOVERY`` (an hour) when the step was waiting in a queue.
 
 The audit compares what should exist with what does: every unfinished job and owed webhook against
-every lipsync message in the broker (our queues at every priority, and the unacknowledged hash). A
-job or webhook with no message is a *suspect*, noted with its record's last change. Found missing
+every lipsync message in the broker (our queues at every priority, and the unacknowledged hash: a
+message taken by a worker counts if the record says it is held, or for ``LIPSYNC_NODE_DEAD_AFTER``
+after it was taken, the time its holding takes to be written). A job or webhook with no message is a
+*suspect*, noted with its record's last change. Found missing
 again by a later audit (at least one sweep later), with its record unchanged, it is *lost*: it is
 made overdue now and the sweeper re-drives it in the same round, without counting the re-drive
 toward ``LIPSYNC_MAX_REDRIVES``. Two looks with nothing changed in between rule out a message
@@ -22,6 +24,7 @@ net. Each reads the whole of our queues and the unacknowledged hash once.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +40,7 @@ from worker.names import (
     WEBHOOK_KEY_PREFIX,
     WEBHOOKS_PENDING_KEY,
 )
-from worker.ops.broker import present
+from worker.ops.broker import in_broker
 
 log = logging.getLogger("lipsync.audit")
 
@@ -91,47 +94,29 @@ def due(r: redis.Redis, now: float, *, interval: float) -> bool:
     return last is None or now - float(last) >= interval
 
 
-def audit(r: redis.Redis, broker: redis.Redis, *, now: float) -> Audit:
-    """Compare the unfinished jobs and owed webhooks with the broker; make the lost ones overdue."""
+def audit(r: redis.Redis, broker: redis.Redis, *, now: float, dead_after: float) -> Audit:
+    """Compare the unfinished jobs and owed webhooks with the broker; make the lost ones overdue.
+
+    A message a worker took counts only if the record says it is held (liveness watches it), or
+    if it was taken less than ``dead_after`` ago (its holding may not be written yet): one taken by
+    a worker that died before recording it would otherwise sit unacknowledged for hours, unseen.
+    """
     r.hset(AUDIT_STATE_KEY, "last", repr(now))
-    found_jobs, found_webhooks = present(broker, ALL_QUEUES)
+    found = in_broker(broker, ALL_QUEUES)
     raw_previous: dict[Any, Any] = r.hgetall(AUDIT_SUSPECTS_KEY)
     previous = {_text(k): _text(v) for k, v in raw_previous.items()}
-    suspects: dict[str, str] = {}
-    result = Audit()
-
-    for job_id, (updated_at, outcome) in _read(r, ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, ["updated_at", "outcome"]):
-        if outcome is not None or updated_at is None or job_id in found_jobs:
-            continue
-        key = "job:" + job_id
-        suspects[key] = updated_at
-        if previous.get(key) == updated_at:
-            script = r.register_script(_JOB_LOST)
-            args = [updated_at, repr(now), job_id, FREE_REDRIVE]
-            if script(keys=[JOB_KEY_PREFIX + job_id, ACTIVE_JOBS_KEY], args=args):
-                result.lost_jobs.append(job_id)
-                suspects.pop(key)
-
-    for msg_id, (due_at,) in _read(r, WEBHOOKS_PENDING_KEY, WEBHOOK_KEY_PREFIX, ["due_at"]):
-        if due_at is None or msg_id in found_webhooks:
-            continue
-        key = "webhook:" + msg_id
-        suspects[key] = due_at
-        if previous.get(key) == due_at:
-            script = r.register_script(_WEBHOOK_LOST)
-            if script(
-                keys=[WEBHOOK_KEY_PREFIX + msg_id, WEBHOOKS_PENDING_KEY], args=[due_at, repr(now), msg_id]
-            ):
-                result.lost_webhooks.append(msg_id)
-                suspects.pop(key)
-
-    pipe = r.pipeline()
-    pipe.delete(AUDIT_SUSPECTS_KEY)
-    if suspects:
-        pipe.hset(AUDIT_SUSPECTS_KEY, items=[part for pair in suspects.items() for part in pair])
-        pipe.expire(AUDIT_SUSPECTS_KEY, SUSPECTS_TTL)
-    pipe.execute()
-    result.suspects = len(suspects)
+    # kombu stamps a taken message with its taker's wall clock: compare with ours, not res.clock.
+    look = _Look(r, now, time.time(), dead_after, previous)
+    job_rows = _read(r, ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, ["updated_at", "outcome", "held_tag"])
+    for job_id, (updated_at, outcome, held_tag) in job_rows:
+        if outcome is None and job_id not in found.queued_jobs:
+            look.missing("job", job_id, updated_at, held_tag, found.taken_jobs.get(job_id, []))
+    webhook_rows = _read(r, WEBHOOKS_PENDING_KEY, WEBHOOK_KEY_PREFIX, ["due_at", "held_tag"])
+    for msg_id, (due_at, held_tag) in webhook_rows:
+        if msg_id not in found.queued_webhooks:
+            look.missing("webhook", msg_id, due_at, held_tag, found.taken_webhooks.get(msg_id, []))
+    look.remember_suspects()
+    result = look.result
     if result:
         log.warning(
             "audit: %d job(s) and %d webhook(s) have no message in the broker (lost in a broker restart?); "
@@ -142,6 +127,48 @@ def audit(r: redis.Redis, broker: redis.Redis, *, now: float) -> Audit:
             result.lost_webhooks[:20],
         )
     return result
+
+
+@dataclass
+class _Look:
+    """One audit's bookkeeping: this look's suspects, and what the previous look's confirm."""
+
+    r: redis.Redis
+    now: float
+    wall: float
+    dead_after: float
+    previous: dict[str, str]
+    suspects: dict[str, str] = field(default_factory=dict)
+    result: Audit = field(default_factory=Audit)
+
+    def missing(
+        self, kind: str, item: str, marker: str | None, held_tag: str | None, taken: list[tuple[str, float]]
+    ) -> None:
+        """``item`` has no message in a queue; ``taken`` are its unacknowledged ones."""
+        held_or_young = (tag == held_tag or self.wall - since < self.dead_after for tag, since in taken)
+        if marker is None or any(held_or_young):
+            return
+        key = f"{kind}:{item}"
+        if self.previous.get(key) != marker:
+            self.suspects[key] = marker  # first look, or it moved since: look again next time
+            return
+        if kind == "job":
+            script, keys = _JOB_LOST, [JOB_KEY_PREFIX + item, ACTIVE_JOBS_KEY]
+            args = [marker, repr(self.now), item, FREE_REDRIVE]
+        else:
+            script, keys = _WEBHOOK_LOST, [WEBHOOK_KEY_PREFIX + item, WEBHOOKS_PENDING_KEY]
+            args = [marker, repr(self.now), item]
+        if self.r.register_script(script)(keys=keys, args=args):
+            (self.result.lost_jobs if kind == "job" else self.result.lost_webhooks).append(item)
+
+    def remember_suspects(self) -> None:
+        pipe = self.r.pipeline()
+        pipe.delete(AUDIT_SUSPECTS_KEY)
+        if self.suspects:
+            pipe.hset(AUDIT_SUSPECTS_KEY, items=[part for pair in self.suspects.items() for part in pair])
+            pipe.expire(AUDIT_SUSPECTS_KEY, SUSPECTS_TTL)
+        pipe.execute()
+        self.result.suspects = len(self.suspects)
 
 
 def _read(

@@ -217,6 +217,8 @@ class Recovery:
     #: How many of ``jobs`` were held by dead holders, and by released ones.
     jobs_of_dead: int = 0
     jobs_of_released: int = 0
+    #: Silent holders this sweeper could not judge (its own link to Redis was not up long enough).
+    unjudged: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.dead or self.released)
@@ -245,6 +247,7 @@ def recover_stopped_holders(
         elif trust_silence:
             recovery.dead.append(holder)
         else:
+            recovery.unjudged.append(holder)
             continue
         stopped[holder] = last_beat
     if not stopped:

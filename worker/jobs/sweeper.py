@@ -56,6 +56,8 @@ class SweepReport:
     cancelled: list[str] = field(default_factory=list)
     #: Jobs this round could not sweep (an unreadable record, a refused send); tried next round.
     broken: list[str] = field(default_factory=list)
+    #: Silent worker consumers this round could not judge dead (see SweeperThread).
+    unjudged_holders: list[str] = field(default_factory=list)
     skipped: int = 0
 
     def __bool__(self) -> bool:
@@ -286,8 +288,9 @@ def sweep_round(queue: TaskQueue, res: Resources, *, trust_silence: bool) -> Swe
             for wrong_queue, count in move_misrouted(broker, res.settings.misroute_queues).items():
                 metrics.record_misrouted(res.redis, queue=wrong_queue, count=count)
         if audit.due(res.redis, now, interval=res.settings.audit_interval):
-            lost = audit.audit(res.redis, broker, now=now)
+            lost = audit.audit(res.redis, broker, now=now, dead_after=res.settings.node_dead_after)
     report = sweep_once(queue, res)
+    report.unjudged_holders = recovery.unjudged
     if report:
         log.warning("sweep: %s", report)
     _count_recoveries(res, recovery, lost, report)
@@ -320,6 +323,12 @@ def _count_recoveries(res: Resources, recovery: Recovery, lost: audit.Audit, rep
             metrics.record_recoveries(res.redis, cause=cause, count=count)
 
 
+def release_lease(res: Resources, holder: str) -> None:
+    """Give the round's lease back early, if this holder still has it."""
+    if res.redis.get(SWEEPER_LEASE_KEY) == holder.encode():
+        res.redis.delete(SWEEPER_LEASE_KEY)
+
+
 def try_lease(res: Resources, holder: str, ttl: float) -> bool:
     """One sweeper per round across the fleet."""
     return bool(res.redis.set(SWEEPER_LEASE_KEY, holder, nx=True, px=max(1, int(ttl * 1000))))
@@ -348,9 +357,11 @@ class SweeperThread(threading.Thread):
             interval = res.settings.sweep_interval
             try:
                 if try_lease(res, self.holder, interval * 0.9):
-                    sweep_round(
-                        self.queue, res, trust_silence=self.trust_silence(res.settings.node_dead_after)
-                    )
+                    trusted = self.trust_silence(res.settings.node_dead_after)
+                    if sweep_round(self.queue, res, trust_silence=trusted).unjudged_holders:
+                        # Silent workers this node is too new (or just back from an outage) to
+                        # judge: hand the lease back, so that a node that can takes the next round.
+                        release_lease(res, self.holder)
             except Exception:
                 log.exception("sweep failed; will retry in %.0f s", interval)
             self.stopping.wait(interval)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from worker.names import BROKER_UNACKED_KEY, TASK_AWAIT, TASK_DELIVER_WEBHOOK
+from worker.names import BROKER_UNACKED_INDEX_KEY, BROKER_UNACKED_KEY, TASK_AWAIT, TASK_DELIVER_WEBHOOK
 
 #: kombu's Redis transport keeps a message with priority n in a list named ``<queue>\x06\x16<n>``
 #: (``Channel.sep``, ``PRIORITY_STEPS``; priority 0 is the plain list).
@@ -42,9 +42,10 @@ def messages_in(
             yield raw, message
 
 
-def unacked_messages(broker: redis.Redis) -> Iterator[dict[str, Any]]:
-    """Every message taken by a worker and not yet acknowledged (running, reserved, or a countdown)."""
-    for _tag, raw in broker.hscan_iter(BROKER_UNACKED_KEY, count=500):
+def unacked_messages(broker: redis.Redis) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(delivery tag, message) of every message taken by a worker and not yet acknowledged (running,
+    reserved, or waiting on a countdown)."""
+    for tag, raw in broker.hscan_iter(BROKER_UNACKED_KEY, count=500):
         try:
             entry = json.loads(raw)
         except ValueError:
@@ -52,7 +53,7 @@ def unacked_messages(broker: redis.Redis) -> Iterator[dict[str, Any]]:
         if isinstance(entry, list) and entry and isinstance(entry[0], dict):
             message = entry[0]
             if isinstance(message.get("headers"), dict):
-                yield message
+                yield _text(tag), message
 
 
 def _parse(raw: Any) -> dict[str, Any] | None:
@@ -105,24 +106,41 @@ def drives(message: dict[str, Any]) -> Drives:
     return Drives(job_id=task_id if isinstance(task_id, str) else None)
 
 
-def present(broker: redis.Redis, queues: Iterable[str]) -> tuple[set[str], set[str]]:
-    """Job ids and webhook ids that some lipsync message in ``queues`` (all priorities) or in the
-    unacknowledged hash still drives."""
-    jobs: set[str] = set()
-    webhooks: set[str] = set()
+@dataclass
+class InBroker:
+    """The jobs and webhooks some lipsync message still drives: waiting in a queue, or taken by a
+    worker (unacknowledged: delivery tag and when kombu recorded it, in its host's clock)."""
 
-    def note(message: dict[str, Any]) -> None:
-        if is_lipsync(message):
-            found = drives(message)
-            if found.job_id:
-                jobs.add(found.job_id)
-            if found.webhook_id:
-                webhooks.add(found.webhook_id)
+    queued_jobs: set[str] = field(default_factory=set)
+    queued_webhooks: set[str] = field(default_factory=set)
+    taken_jobs: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+    taken_webhooks: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
+
+def in_broker(broker: redis.Redis, queues: Iterable[str]) -> InBroker:
+    """Read every lipsync message in ``queues`` (all priorities) and in the unacknowledged hash."""
+    found = InBroker()
     for queue in queues:
         for name in queue_lists(queue):
             for _raw, message in messages_in(broker, name):
-                note(message)
-    for message in unacked_messages(broker):
-        note(message)
-    return jobs, webhooks
+                if is_lipsync(message):
+                    what = drives(message)
+                    if what.job_id:
+                        found.queued_jobs.add(what.job_id)
+                    if what.webhook_id:
+                        found.queued_webhooks.add(what.webhook_id)
+    index: Any = broker.zrange(BROKER_UNACKED_INDEX_KEY, 0, -1, withscores=True)
+    since = {_text(pair[0]): float(pair[1]) for pair in index}
+    for tag, message in unacked_messages(broker):
+        if is_lipsync(message):
+            what = drives(message)
+            entry = (tag, since.get(tag, 0.0))
+            if what.job_id:
+                found.taken_jobs.setdefault(what.job_id, []).append(entry)
+            if what.webhook_id:
+                found.taken_webhooks.setdefault(what.webhook_id, []).append(entry)
+    return found
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -4,6 +4,7 @@ Redis, the real CeleryQueue sending the messages, the real sweeper re-driving wh
 from __future__ import annotations
 
 import json
+import time
 
 from tests.unit.conftest import queued
 from tests.unit.jobs.builders import submitted
@@ -11,22 +12,31 @@ from worker.celery_queue import CeleryQueue
 from worker.jobs import audit
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import redrive, sweep_once
-from worker.names import BROKER_UNACKED_KEY, QUEUE_CALLBACKS, QUEUE_JOBS, TASK_DELIVER_WEBHOOK, TASK_POLL
+from worker.names import (
+    BROKER_UNACKED_INDEX_KEY,
+    BROKER_UNACKED_KEY,
+    QUEUE_CALLBACKS,
+    QUEUE_JOBS,
+    TASK_DELIVER_WEBHOOK,
+    TASK_POLL,
+)
 
 
 def look(res: Resources) -> audit.Audit:
     assert res.broker_redis is not None
-    return audit.audit(res.redis, res.broker_redis, now=res.clock())
+    return audit.audit(res.redis, res.broker_redis, now=res.clock(), dead_after=res.settings.node_dead_after)
 
 
-def take(res: Resources, queue: str) -> None:
-    """What a worker does when it takes a message: off the queue, into the unacknowledged hash."""
+def take(res: Resources, queue: str, *, ago: float = 0.0) -> str:
+    """What kombu does when a worker takes a message: off the queue, into the unacknowledged hash and
+    its index (scored by when). Returns the delivery tag."""
     raw = res.redis.rpop(queue)
     assert isinstance(raw, bytes)
     message = json.loads(raw)
-    res.redis.hset(
-        BROKER_UNACKED_KEY, message["properties"]["delivery_tag"], json.dumps([message, "", queue])
-    )
+    tag = message["properties"]["delivery_tag"]
+    res.redis.hset(BROKER_UNACKED_KEY, tag, json.dumps([message, "", queue]))
+    res.redis.zadd(BROKER_UNACKED_INDEX_KEY, {tag: time.time() - ago})
+    return str(tag)
 
 
 def test_a_job_whose_message_waits_in_a_queue_is_not_suspected(res: Resources, queue: CeleryQueue) -> None:
@@ -38,9 +48,31 @@ def test_a_job_whose_message_waits_in_a_queue_is_not_suspected(res: Resources, q
 def test_a_job_whose_message_a_worker_holds_is_not_suspected(res: Resources, queue: CeleryQueue) -> None:
     job = submitted(res)
     redrive(queue, job)
-    take(res, QUEUE_JOBS)
+    tag = take(res, QUEUE_JOBS, ago=3600)  # a countdown poll held for an hour
+    assert res.holders.hold_job(job.job_id, "w1", tag, drive=job.drive) == 1
     assert not queued(res, QUEUE_JOBS)
     assert look(res).suspects == 0
+
+
+def test_a_message_just_taken_is_not_suspected_before_its_holding_is_written(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    job = submitted(res)
+    redrive(queue, job)
+    take(res, QUEUE_JOBS, ago=1.0)
+    assert look(res).suspects == 0
+
+
+def test_a_message_taken_by_a_worker_that_died_before_recording_it_is_lost(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    # Taken (unacknowledged) but held by nobody for longer than a holding takes to be written: its
+    # worker died in between. Redis would hand it back only after the visibility timeout (hours).
+    job = submitted(res)
+    redrive(queue, job)
+    take(res, QUEUE_JOBS, ago=res.settings.node_dead_after + 1)
+    assert look(res).suspects == 1
+    assert look(res).lost_jobs == [job.job_id]
 
 
 def test_a_job_with_no_message_anywhere_is_redriven_at_the_second_look_without_counting(

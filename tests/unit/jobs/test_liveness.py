@@ -14,13 +14,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from tests.unit.conftest import queued, unit_settings
 from tests.unit.jobs.builders import created, result, submitted
 from worker.celery_queue import CeleryQueue
 from worker.dev.embedded_redis import free_port
 from worker.jobs.liveness import recover_stopped_holders
 from worker.jobs.resources import Resources
-from worker.jobs.sweeper import sweep_once
+from worker.jobs.sweeper import SweeperThread, sweep_once, try_lease
 from worker.names import (
     BROKER_UNACKED_KEY,
     HOLDERS_KEY,
@@ -31,6 +33,7 @@ from worker.names import (
     TASK_RUN,
 )
 from worker.node import Node
+from worker.settings import Settings
 
 SILENCE = 0.3
 
@@ -334,4 +337,25 @@ def test_a_job_whose_last_step_died_after_recording_its_outcome_is_told_at_once(
     assert recover(res).jobs == [job.job_id]
     report = sweep_once(queue, res)
     assert report.redispatched == [job.job_id]
-    assert queue.app.AsyncResult(job.task_id).state == "SUCCESS"
+    assert job.task_id is not None and queue.app.AsyncResult(job.task_id).state == "SUCCESS"
+
+
+def test_a_sweeper_too_new_to_judge_silence_hands_the_lease_to_one_that_can(
+    settings: Settings, queue: CeleryQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A node that just joined cannot tell a dead worker from an outage; if it kept winning the
+    # round's lease, a dead worker's jobs would wait until it had been up for NODE_DEAD_AFTER.
+    quick = settings.model_copy(update={"heartbeat_interval": 0.1, "node_dead_after": SILENCE})
+    res = Resources(quick)
+    monkeypatch.setattr("worker.jobs.sweeper.resources", lambda: res)
+    res.holders.beat("dead")
+    go_silent()
+
+    def newcomer_trusts(_dead_after: float) -> bool:
+        newcomer.stopping.set()  # one round only
+        return False
+
+    newcomer = SweeperThread(queue, "newcomer", trust_silence=newcomer_trusts)
+    newcomer.run()
+    assert res.redis.zscore(HOLDERS_KEY, "dead") is not None  # not judged by the newcomer
+    assert try_lease(res, "old-timer", 60)  # and the next round is someone else's
