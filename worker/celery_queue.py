@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from celery import Celery, chain
+from celery import Celery, chain, current_task
 from celery.canvas import Signature
 
 from worker.errors import LipsyncJobFailed
@@ -52,10 +52,15 @@ class CeleryQueue:
         self.chain_of(tasks, job, last_task_id=last_task_id).apply_async()
 
     def resolve(self, task_id: str, outcome: dict[str, Any]) -> None:
+        # When the task running here is the one whose result this is (the chain's last step), store
+        # it with that task's own request: the result keeps its extended metadata (worker, name,
+        # queue), and Celery's own store of the same outcome when the task returns changes nothing.
+        running = current_task
+        request = running.request if running is not None and running.request.id == task_id else None
         if outcome.get("status") == "completed":
-            self.app.backend.store_result(task_id, outcome, "SUCCESS")
+            self.app.backend.store_result(task_id, outcome, "SUCCESS", request=request)
         else:
-            self.app.backend.store_result(task_id, LipsyncJobFailed(outcome), "FAILURE")
+            self.app.backend.store_result(task_id, LipsyncJobFailed(outcome), "FAILURE", request=request)
 
     def revoke(self, task_ids: Sequence[str]) -> None:
         self.app.control.revoke(list(task_ids))
