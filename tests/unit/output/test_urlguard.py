@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -154,28 +151,8 @@ def test_a_url_on_such_an_address_is_refused_before_and_at_connect(address: str)
 # --------------------------------------------------------------------------------------------
 
 
-class _Ok(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def loopback_port() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Ok)
-    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
-
-
 def test_a_name_answering_a_nat64_loopback_address_is_refused_at_connect(
-    loopback_port: int, monkeypatch: pytest.MonkeyPatch
+    internal_server: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A DNS64 resolver hands out ``64:ff9b::7f00:1`` for a name whose A record is 127.0.0.1; on a
     NAT64 host that reaches the translator's loopback. The guard must see the IPv4 inside."""
@@ -190,7 +167,7 @@ def test_a_name_answering_a_nat64_loopback_address_is_refused_at_connect(
     session = requests.Session()
     session.mount("http://", GuardedAdapter())
     with pytest.raises(UnsafeURL, match=r"64:ff9b::7f00:1"):
-        session.get(f"http://internal.example:{loopback_port}/", timeout=2)
+        session.get(f"http://internal.example:{internal_server}/", timeout=2)
 
 
 def test_a_private_address_refusal_names_the_setting_that_allows_it() -> None:
