@@ -55,8 +55,8 @@ class CeleryQueue:
         # When the task running here is the one whose result this is (the chain's last step), store
         # it with that task's own request: the result keeps its extended metadata (worker, name,
         # queue), and Celery's own store of the same outcome when the task returns changes nothing.
-        running = current_task
-        request = running.request if running is not None and running.request.id == task_id else None
+        # (current_task is a proxy: it is falsy, not None, outside a task.)
+        request = current_task.request if current_task and current_task.request.id == task_id else None
         if outcome.get("status") == "completed":
             self.app.backend.store_result(task_id, outcome, "SUCCESS", request=request)
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,23 @@ def res(settings: Settings, clock: FakeClock) -> Iterator[Resources]:
     resources = Resources(settings, clock=clock)
     yield resources
     resources.redis.close()
+
+
+ResFactory = Callable[..., Resources]
+
+
+@pytest.fixture
+def make_res(redis_url: str, sim: GenSimulator, tmp_path: Path, clock: FakeClock) -> Iterator[ResFactory]:
+    """Resources with settings of the test's choosing (``make_res(gen_status_rate=2)``)."""
+    made: list[Resources] = []
+
+    def build(**overrides: Any) -> Resources:
+        made.append(Resources(unit_settings(redis_url, sim.base_url, tmp_path, **overrides), clock=clock))
+        return made[-1]
+
+    yield build
+    for resources in made:
+        resources.redis.close()
 
 
 @pytest.fixture

@@ -1,13 +1,11 @@
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import redis
 
 from gensim import GenSimulator
-from tests.unit.conftest import FakeClock, unit_settings
+from tests.unit.conftest import ResFactory
 from worker.dev.embedded_redis import EmbeddedRedis
 from worker.gen.errors import GenRateLimited
 from worker.jobs.ratelimit import FleetRateLimiter
@@ -53,22 +51,8 @@ def test_processes_share_one_window(client: redis.Redis) -> None:
 # layers) share the status budget, as GEN sees them
 # --------------------------------------------------------------------------------------------
 
-ResFactory = Callable[..., Resources]
 #: Simulator endpoint kinds of the calls the pacer holds.
 PACED_KINDS = ("stop", "content_resource")
-
-
-@pytest.fixture
-def make_res(redis_url: str, sim: GenSimulator, tmp_path: Path, clock: FakeClock) -> Iterator[ResFactory]:
-    made: list[Resources] = []
-
-    def build(**overrides: Any) -> Resources:
-        made.append(Resources(unit_settings(redis_url, sim.base_url, tmp_path, **overrides), clock=clock))
-        return made[-1]
-
-    yield build
-    for resources in made:
-        resources.redis.close()
 
 
 def generations(res: Resources, count: int) -> list[str]:

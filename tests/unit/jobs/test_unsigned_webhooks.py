@@ -6,40 +6,19 @@ unset secret must not silently turn signing off.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-from gensim import GenSimulator
-from tests.unit.conftest import FakeClock, queued, unit_settings
+from tests.unit.conftest import ResFactory, queued
 from tests.unit.jobs.builders import TASK_CALLBACK, request
 from worker.app import create_app
 from worker.celery_queue import CeleryQueue
 from worker.enqueue import enqueue
 from worker.errors import RequestInvalid
 from worker.jobs.failures import reject
-from worker.jobs.resources import Resources
 from worker.jobs.steps import create
 from worker.names import ALL_QUEUES
 
 WEBHOOK = {"webhook_url": "https://pipeline.example.com/hooks/lipsync"}
-
-ResFactory = Callable[..., Resources]
-
-
-@pytest.fixture
-def make_res(redis_url: str, sim: GenSimulator, tmp_path: Path, clock: FakeClock) -> Iterator[ResFactory]:
-    made: list[Resources] = []
-
-    def build(**overrides: Any) -> Resources:
-        made.append(Resources(unit_settings(redis_url, sim.base_url, tmp_path, **overrides), clock=clock))
-        return made[-1]
-
-    yield build
-    for resources in made:
-        resources.redis.close()
 
 
 def refused_fields(info: pytest.ExceptionInfo[RequestInvalid]) -> list[str]:
