@@ -95,7 +95,7 @@ def test_layer_and_cell_endpoints(
 ) -> None:
     enqueue(request(cell_id=3001, layer_id=layer_id), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
     (call,) = generate_requests(simulator)
-    assert call["path"] == f"/v1/autocontentengine/101{suffix}"
+    assert call["path"] == f"/v1/vidsheet/101{suffix}"  # the default dialect
     assert call["idempotency_key"]
 
 
@@ -170,14 +170,21 @@ def test_failed_generation_delivers_gens_reason(cluster: Cluster, simulator: Any
 
 
 @pytest.mark.parametrize(
-    ("overrides", "status_code", "error_code"),
+    ("overrides", "endpoint", "status_code", "error_code"),
     [
-        ({"sheet_id": 999}, 404, "not_found"),
-        ({"video_resource_id": "no_such_video"}, 422, "validation_error"),
+        ({"sheet_id": 999}, "generate", 404, "not_found"),
+        # The default dialect (vidsheet) looks the resources up first: GEN refuses there, and
+        # nothing is generated.
+        ({"video_resource_id": "no_such_video"}, "content_resource", 404, "content_resource_not_found"),
     ],
 )
 def test_gen_refusal_fails_at_once_without_retries(
-    cluster: Cluster, simulator: Any, overrides: dict[str, Any], status_code: int, error_code: str
+    cluster: Cluster,
+    simulator: Any,
+    overrides: dict[str, Any],
+    endpoint: str,
+    status_code: int,
+    error_code: str,
 ) -> None:
     with pytest.raises(LipsyncJobFailed) as exc_info:
         enqueue(request(**overrides), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
@@ -185,7 +192,20 @@ def test_gen_refusal_fails_at_once_without_retries(
     assert failure["status"] == "rejected"
     assert failure["error_code"] == error_code
     assert str(status_code) in failure["message"]
-    assert [r["status"] for r in generate_requests(simulator)] == [status_code]
+    refused = [r["status"] for r in simulator.stats()["requests"] if r["endpoint"] == endpoint]
+    assert refused[-1] == status_code and refused.count(status_code) == 1  # no retry
+    if endpoint != "generate":
+        assert generate_requests(simulator) == []
+
+
+def test_the_older_dialect_is_refused_at_generate_without_retries(make_cluster: Any, simulator: Any) -> None:
+    cluster = make_cluster(LIPSYNC_GEN_DIALECT="autocontentengine")
+    cluster.start_worker()
+    with pytest.raises(LipsyncJobFailed) as exc_info:
+        enqueue(request(video_resource_id="no_such_video"), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
+    failure = failure_of(exc_info)
+    assert (failure["status"], failure["error_code"]) == ("rejected", "validation_error")
+    assert [r["status"] for r in generate_requests(simulator)] == [422]
 
 
 @pytest.mark.parametrize(
@@ -300,13 +320,13 @@ class VidsheetOnlyGen:
 def test_autocontentengine_dialect_is_refused_by_a_strict_vidsheet_only_gen(
     make_cluster: Any, simulator: Any
 ) -> None:
-    """No fallback by design: the dialect is configured (README: "try vidsheet first"). A GEN that
+    """No fallback by design: the dialect is configured (README: vidsheet is the default). A GEN that
     takes only the newer body refuses the older one with 422, and the job fails at once with GEN's
     reason, typed as a refusal: not retried, nothing charged."""
     simulator.strict_dialect = True
     gen = VidsheetOnlyGen(simulator.base_url)
     try:
-        cluster = make_cluster(LIPSYNC_GEN_BASE_URL=gen.url)  # the default dialect: autocontentengine
+        cluster = make_cluster(LIPSYNC_GEN_BASE_URL=gen.url, LIPSYNC_GEN_DIALECT="autocontentengine")
         cluster.start_worker()
         with pytest.raises(LipsyncJobFailed) as exc_info:
             enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
@@ -324,9 +344,11 @@ def test_autocontentengine_dialect_is_refused_by_a_strict_vidsheet_only_gen(
 
 
 def test_autocontentengine_dialect_is_accepted_on_its_own_prefix_under_strict_rules(
-    cluster: Cluster, simulator: Any
+    make_cluster: Any, simulator: Any
 ) -> None:
     simulator.strict_dialect = True
+    cluster = make_cluster(LIPSYNC_GEN_DIALECT="autocontentengine")
+    cluster.start_worker()
     result = enqueue(request(), app=cluster.app()).get(timeout=RESULT_TIMEOUT)
     assert result["status"] == "completed"
     generation = simulator.generation(result["generation_id"])

@@ -71,10 +71,13 @@ def test_malformed_requests_fail_clearly(
     assert outcome["status"] in ("completed", "rejected"), outcome
     if outcome["status"] == "rejected" and outcome["message"].startswith("GEN HTTP"):
         # A well-formed id (0, say) that GEN does not know: GEN's own typed refusal (404
-        # not_found, 422 validation_error) is the clear failure; our edge was right to let the
+        # not_found, 422 validation_error, or 404 content_resource_not_found when the default
+        # dialect looks the resources up) is the clear failure; our edge was right to let the
         # request through.
-        assert field in ("sheet_id", "cell_id", "video_resource_id"), outcome
-        assert outcome["error_code"] in ("not_found", "validation_error"), outcome
+        assert field in ("sheet_id", "cell_id", "video_resource_id", "audio_resource_id"), outcome
+        assert outcome["error_code"] in ("not_found", "validation_error", "content_resource_not_found"), (
+            outcome
+        )
         LipsyncRequest.parse(raw)
         wait_for(lambda: f"{job_id}.outcome" in receiver.ids(), timeout=20)
     elif outcome["status"] == "rejected":

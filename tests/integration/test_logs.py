@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.harness import make_request
 from worker.enqueue import enqueue
 from worker.errors import LipsyncJobFailed
@@ -20,6 +21,8 @@ def test_json_logs_carry_job_and_generation_ids(make_cluster: Any, simulator: An
     request = make_request()
     result = enqueue(request, app=cluster.app()).get(timeout=60)
     job_id, generation_id = request["job_id"], result["generation_id"]
+    # The caller's result resolves as the outcome is recorded, a moment before the step logs it.
+    wait_for(lambda: "completed, output at" in worker.log(), timeout=10)
 
     lines = [line for line in worker.log().splitlines() if line.startswith("{")]
     entries = [json.loads(line) for line in lines]  # every structured line parses
