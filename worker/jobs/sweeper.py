@@ -2,9 +2,11 @@
 
 Celery alone can lose a job's only message (a SIGKILLed worker holding a countdown poll, a retry
 published while the broker was down, a Redis restart) or bring it back only after the visibility
-timeout (an hour by default, checked every ~100 s). The job record knows when each job should next
-show a sign of life (``overdue_at``); every worker runs a sweeper thread, and one of them per round
-(a Redis lease) re-drives jobs that are past it:
+timeout (two hours here). The job record knows when each job should next show a sign of life
+(``overdue_at``); what makes a job overdue *now* is a worker that held it and died or reconnected
+(:mod:`worker.jobs.liveness`), or its message missing from the broker (:mod:`worker.jobs.audit`).
+Every worker runs a sweeper thread, and one of them per round (a Redis lease, :func:`sweep_round`)
+re-drives jobs that are past due:
 
 * it bumps the job's drive token under WATCH (so two sweepers never both take a job, and any old
   message that resurfaces later is stale and does nothing), then
@@ -15,8 +17,10 @@ Finished jobs whose callbacks were not marked dispatched (a crash in between) ge
 with the same message ids. Webhooks in the outbox (:mod:`worker.callbacks.outbox`) that are past due (their
 message was lost with a worker, or a broker restart) are sent again the same way: a new token, the
 same webhook id. A job re-driven ``LIPSYNC_MAX_REDRIVES`` times fails (``redrive_limit``)
-rather than crash-loop the fleet. Recovery time is bounded by ``LIPSYNC_RECOVERY_GRACE`` plus
-``LIPSYNC_SWEEP_INTERVAL``, not by Redis's visibility timeout.
+rather than crash-loop the fleet (re-drives a job owes to a reconnect or a broker loss are free).
+Recovery takes ``LIPSYNC_NODE_DEAD_AFTER`` plus ``LIPSYNC_SWEEP_INTERVAL`` after a worker's death,
+one sweep after a reconnect; the overdue timers (``LIPSYNC_RECOVERY_GRACE``,
+``LIPSYNC_QUEUED_RECOVERY``) are the backstop.
 """
 
 from __future__ import annotations
