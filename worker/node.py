@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +31,9 @@ from celery import bootsteps, signals
 from worker.errors import RequestInvalid
 from worker.jobs import steps
 from worker.jobs.resources import Resources, resources
-from worker.names import TASK_DELIVER_WEBHOOK, TASK_FETCH, TASK_POLL, TASK_RUN, TASK_SUBMIT
+from worker.ops.broker import Drives, drives_args
 
 log = logging.getLogger("lipsync.node")
-
-_JOB_STEPS = frozenset({TASK_SUBMIT, TASK_POLL, TASK_FETCH})
 
 
 class Node:
@@ -99,21 +97,21 @@ class Node:
             log.warning("could not record who holds %s %s", request.name, request.id, exc_info=True)
 
     def _write(self, holding: Holding, holder: str) -> None:
-        res = self.resources()
-        if holding.webhook_id is not None:
-            res.holders.hold_webhook(holding.webhook_id, holder, holding.tag, drive=holding.drive or 0)
+        res, what = self.resources(), holding.drives
+        if what.webhook_id is not None:
+            res.holders.hold_webhook(what.webhook_id, holder, holding.tag, drive=what.drive or 0)
             return
-        assert holding.job_id is not None
-        if res.holders.hold_job(holding.job_id, holder, holding.tag, drive=holding.drive) == -1:
-            if holding.run_request is None:
+        assert what.job_id is not None
+        if res.holders.hold_job(what.job_id, holder, holding.tag, drive=what.drive) == -1:
+            if what.run_request is None:
                 return
             # A producer that sent lipsync.run by hand: open the job's record now, so the job can
             # be re-driven if this node dies before running it (lipsync.run finds it).
             try:
-                steps.create(holding.run_request, task_id=holding.task_id, res=res)
+                steps.create(what.run_request, task_id=holding.task_id, res=res)
             except RequestInvalid:
                 return  # lipsync.run rejects it, with its failure callback
-            res.holders.hold_job(holding.job_id, holder, holding.tag, drive=None)
+            res.holders.hold_job(what.job_id, holder, holding.tag, drive=None)
 
     def _write_pending_holds(self) -> None:
         """Holdings Redis refused at receipt. One taken under an earlier connection's holder is written
@@ -174,49 +172,22 @@ class Node:
 
 @dataclass(frozen=True)
 class Holding:
-    """What a message a node took drives: a job (its drive token; None for ``lipsync.run``, with the
-    request, to open the job's record) or an owed webhook (its outbox token)."""
+    """A message this node took: its delivery tag, its task id, and what it drives."""
 
     tag: str
     task_id: str
-    job_id: str | None = None
-    webhook_id: str | None = None
-    drive: int | None = None
-    run_request: dict[str, Any] | None = None
+    drives: Drives
 
 
 def _holding_of(request: Any) -> Holding | None:
     tag = getattr(request.message, "delivery_tag", None)
     if not tag:
         return None
-    name, task_id = request.name, str(request.id)
-    args: Sequence[Any] = request.args or ()
-    kwargs: Mapping[str, Any] = request.kwargs or {}
-    if name in _JOB_STEPS:
-        job = _argument(args, kwargs, 0, "job")
-        if isinstance(job, dict) and isinstance(job.get("request"), dict):
-            job_id = job["request"].get("job_id")
-            if isinstance(job_id, str):
-                return Holding(str(tag), task_id, job_id=job_id, drive=int(job.get("drive", 1)))
-    elif name == TASK_RUN:
-        payload = _argument(args, kwargs, 0, "request")
-        if isinstance(payload, dict):
-            # Without a job id, the task id is the job id (worker.jobs.steps.create).
-            job_id = payload.get("job_id") or task_id
-            if isinstance(job_id, str):
-                return Holding(str(tag), task_id, job_id=job_id, run_request=payload)
-    elif name == TASK_DELIVER_WEBHOOK:
-        msg_id = _argument(args, kwargs, 0, "msg_id")
-        drive = _argument(args, kwargs, 1, "drive")
-        if isinstance(msg_id, str) and isinstance(drive, int):
-            return Holding(str(tag), task_id, webhook_id=msg_id, drive=drive)
-    return None
-
-
-def _argument(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, name: str) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    return args[index] if len(args) > index else None
+    task_id = str(request.id)
+    what = drives_args(request.name, request.args or (), request.kwargs or {}, task_id)
+    if what.job_id is None and (what.webhook_id is None or what.drive is None):
+        return None
+    return Holding(str(tag), task_id, what)
 
 
 class HeartbeatThread(threading.Thread):

@@ -33,6 +33,7 @@ from typing import Any, cast
 import redis
 
 from worker.names import DEAD_LETTERS_KEY, WEBHOOK_DRIVE_KEY, WEBHOOK_KEY_PREFIX, WEBHOOKS_PENDING_KEY
+from worker.ops.replies import as_text
 
 # Start an attempt if the message's token is the entry's: count it, push due_at to the attempt's end.
 _CLAIM = """
@@ -142,7 +143,7 @@ class Outbox:
             return None
         url, payload, number = cast("list[Any]", found)
         return Attempt(
-            msg_id=msg_id, drive=drive, url=_text(url), payload=json.loads(payload), number=int(number)
+            msg_id=msg_id, drive=drive, url=as_text(url), payload=json.loads(payload), number=int(number)
         )
 
     def reschedule(self, msg_id: str, drive: int, *, due_at: float) -> bool:
@@ -176,7 +177,7 @@ class Outbox:
 
     def overdue(self, now: float, limit: int = 100) -> list[str]:
         raw = self.redis.zrangebyscore(WEBHOOKS_PENDING_KEY, "-inf", now, start=0, num=limit)
-        return [_text(item) for item in cast("list[bytes]", raw)]
+        return [as_text(item) for item in cast("list[bytes]", raw)]
 
     def take_over(self, msg_id: str, *, now: float, due_at: float) -> int:
         """The token for a re-sent message if the webhook is overdue at ``now``; 0 if it is not
@@ -206,7 +207,3 @@ class Outbox:
 
     def remove_dead_letter(self, entry: dict[str, Any]) -> bool:
         return bool(self.redis.lrem(DEAD_LETTERS_KEY, 1, json.dumps(entry)))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -41,6 +41,7 @@ from worker.names import (
     WEBHOOKS_PENDING_KEY,
 )
 from worker.ops.broker import in_broker
+from worker.ops.replies import as_text
 
 log = logging.getLogger("lipsync.audit")
 
@@ -104,7 +105,7 @@ def audit(r: redis.Redis, broker: redis.Redis, *, now: float, dead_after: float)
     r.hset(AUDIT_STATE_KEY, "last", repr(now))
     found = in_broker(broker, ALL_QUEUES)
     raw_previous: dict[Any, Any] = r.hgetall(AUDIT_SUSPECTS_KEY)
-    previous = {_text(k): _text(v) for k, v in raw_previous.items()}
+    previous = {as_text(k): as_text(v) for k, v in raw_previous.items()}
     # kombu stamps a taken message with its taker's wall clock: compare with ours, not res.clock.
     look = _Look(r, now, time.time(), dead_after, previous)
     job_rows = _read(r, ACTIVE_JOBS_KEY, JOB_KEY_PREFIX, ["updated_at", "outcome", "held_tag"])
@@ -175,7 +176,7 @@ def _read(
     r: redis.Redis, index: str, prefix: str, fields: list[str]
 ) -> list[tuple[str, tuple[str | None, ...]]]:
     """(id, fields) of every member of ``index``, read in pipelined pages."""
-    ids = [_text(member) for member, _score in r.zscan_iter(index, count=500)]
+    ids = [as_text(member) for member, _score in r.zscan_iter(index, count=500)]
     rows: list[tuple[str, tuple[str | None, ...]]] = []
     for start in range(0, len(ids), 500):
         page = ids[start : start + 500]
@@ -183,9 +184,5 @@ def _read(
         for item in page:
             pipe.hmget(prefix + item, fields)
         for item, values in zip(page, pipe.execute(), strict=True):
-            rows.append((item, tuple(None if v is None else _text(v) for v in values)))
+            rows.append((item, tuple(None if v is None else as_text(v) for v in values)))
     return rows
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -42,6 +42,7 @@ from worker.names import (
     WEBHOOK_KEY_PREFIX,
     WEBHOOKS_PENDING_KEY,
 )
+from worker.ops.replies import as_text
 
 log = logging.getLogger("lipsync.liveness")
 
@@ -161,7 +162,7 @@ class Holders:
         (score 0), each with its last heartbeat."""
         raw: list[Any] = self._silent(keys=[HOLDERS_KEY], args=[repr(older_than)])
         pairs = zip(raw[0::2], raw[1::2], strict=True)
-        return {_text(holder): float(score) for holder, score in pairs}
+        return {as_text(holder): float(score) for holder, score in pairs}
 
     def forget(self, holder: str, last_beat: float) -> None:
         self._forget(keys=[HOLDERS_KEY], args=[holder, repr(last_beat)])
@@ -179,7 +180,7 @@ class Holders:
         # the reads are pipelined in pages. Only called when some holder stopped: rare.
         page: list[str] = []
         for member, _score in self.redis.zscan_iter(index, count=500):
-            page.append(_text(member))
+            page.append(as_text(member))
             if len(page) == 500:
                 yield from self._read_page(prefix, page, holders)
                 page = []
@@ -192,8 +193,8 @@ class Holders:
         for item in ids:
             pipe.hmget(prefix + item, ["held_by", "held_tag"])
         for item, (held_by, tag) in zip(ids, pipe.execute(), strict=True):
-            if held_by and tag and _text(held_by) in holders:
-                yield item, _text(held_by), _text(tag)
+            if held_by and tag and as_text(held_by) in holders:
+                yield item, as_text(held_by), as_text(tag)
 
     def job_overdue(self, job_id: str, holder: str, *, at: float, released: bool) -> bool:
         """Make the job overdue at ``at`` if ``holder`` still holds it and it has not ended."""
@@ -273,7 +274,3 @@ def recover_stopped_holders(
 
 def _unacked(broker: redis.Redis | None, tag: str) -> bool:
     return broker is None or bool(broker.hexists(BROKER_UNACKED_KEY, tag))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

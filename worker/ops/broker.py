@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from worker.names import BROKER_UNACKED_INDEX_KEY, BROKER_UNACKED_KEY, TASK_AWAIT, TASK_DELIVER_WEBHOOK
+from worker.names import (
+    BROKER_UNACKED_INDEX_KEY,
+    BROKER_UNACKED_KEY,
+    TASK_DELIVER_WEBHOOK,
+    TASK_FETCH,
+    TASK_POLL,
+    TASK_RUN,
+    TASK_SUBMIT,
+)
+from worker.ops.replies import as_text
 
 #: kombu's Redis transport keeps a message with priority n in a list named ``<queue>\x06\x16<n>``
 #: (``Channel.sep``, ``PRIORITY_STEPS``; priority 0 is the plain list).
@@ -53,7 +62,7 @@ def unacked_messages(broker: redis.Redis) -> Iterator[tuple[str, dict[str, Any]]
         if isinstance(entry, list) and entry and isinstance(entry[0], dict):
             message = entry[0]
             if isinstance(message.get("headers"), dict):
-                yield _text(tag), message
+                yield as_text(tag), message
 
 
 def _parse(raw: Any) -> dict[str, Any] | None:
@@ -77,33 +86,54 @@ class Drives:
 
     job_id: str | None = None
     webhook_id: str | None = None
+    #: The message's drive token (a job step's, or a webhook's outbox token); None for lipsync.run.
+    drive: int | None = None
+    #: lipsync.run's request, from which a worker that takes it opens the job's record.
+    run_request: dict[str, Any] | None = None
+
+
+_JOB_STEPS = frozenset({TASK_SUBMIT, TASK_POLL, TASK_FETCH})
+
+
+def drives_args(task: str, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str) -> Drives:
+    """What a lipsync task's arguments drive (best effort: anything unreadable drives nothing).
+    The one reading of our tasks' signatures, for messages in the broker and for a worker's
+    consumer alike."""
+    if task in _JOB_STEPS:
+        job = _argument(args, kwargs, 0, "job")
+        if isinstance(job, dict) and isinstance(job.get("request"), dict):
+            job_id, drive = job["request"].get("job_id"), job.get("drive", 1)
+            if isinstance(job_id, str) and isinstance(drive, int):
+                return Drives(job_id=job_id, drive=drive)
+    elif task == TASK_RUN:
+        request = _argument(args, kwargs, 0, "request")
+        if isinstance(request, dict):
+            # Without a job id, the task id is the job id (worker.jobs.steps.create).
+            job_id = request.get("job_id") or task_id
+            if isinstance(job_id, str):
+                return Drives(job_id=job_id, run_request=request)
+    elif task == TASK_DELIVER_WEBHOOK:
+        msg_id, drive = _argument(args, kwargs, 0, "msg_id"), _argument(args, kwargs, 1, "drive")
+        if isinstance(msg_id, str):
+            return Drives(webhook_id=msg_id, drive=drive if isinstance(drive, int) else None)
+    return Drives()  # lipsync.await_job waits on a job someone else drives
 
 
 def drives(message: dict[str, Any]) -> Drives:
-    """The job or webhook a lipsync message is about, read from its arguments (best effort)."""
+    """What a lipsync message in the broker drives, read from its (base64 JSON) body."""
     try:
         body = json.loads(base64.b64decode(message.get("body", "")))
         args, kwargs = list(body[0]), dict(body[1])
     except (ValueError, TypeError, IndexError, KeyError):
         return Drives()
-    first = args[0] if args else None
-    task = message["headers"].get("task")
-    if task == TASK_AWAIT:
-        return Drives()  # waits on a job someone else drives
-    if task == TASK_DELIVER_WEBHOOK:
-        msg_id = kwargs.get("msg_id", first)
-        return Drives(webhook_id=msg_id if isinstance(msg_id, str) else None)
-    for candidate in (kwargs.get("request"), kwargs.get("job"), first):
-        if not isinstance(candidate, dict):
-            continue
-        nested = candidate.get("request")
-        inner: dict[str, Any] = nested if isinstance(nested, dict) else candidate
-        job_id = inner.get("job_id")
-        if isinstance(job_id, str):
-            return Drives(job_id=job_id)
-    # A raw lipsync.run without a job id: its job id is its task id (worker.jobs.steps.create).
-    task_id = message["headers"].get("id")
-    return Drives(job_id=task_id if isinstance(task_id, str) else None)
+    headers = message["headers"]
+    return drives_args(str(headers.get("task")), args, kwargs, str(headers.get("id")))
+
+
+def _argument(args: Sequence[Any], kwargs: Mapping[str, Any], index: int, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
 
 
 @dataclass
@@ -130,7 +160,7 @@ def in_broker(broker: redis.Redis, queues: Iterable[str]) -> InBroker:
                     if what.webhook_id:
                         found.queued_webhooks.add(what.webhook_id)
     index: Any = broker.zrange(BROKER_UNACKED_INDEX_KEY, 0, -1, withscores=True)
-    since = {_text(pair[0]): float(pair[1]) for pair in index}
+    since = {as_text(pair[0]): float(pair[1]) for pair in index}
     for tag, message in unacked_messages(broker):
         if is_lipsync(message):
             what = drives(message)
@@ -140,7 +170,3 @@ def in_broker(broker: redis.Redis, queues: Iterable[str]) -> InBroker:
             if what.webhook_id:
                 found.taken_webhooks.setdefault(what.webhook_id, []).append(entry)
     return found
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -74,6 +74,7 @@ from worker.names import (
 )
 from worker.ops.broker import queue_lists
 from worker.ops.misrouted import count_misrouted
+from worker.ops.replies import as_text
 
 __all__ = [
     "CALLBACKS_KEY",
@@ -316,7 +317,7 @@ class MetricsCollector:
         snapshot.workers_alive = sum(1 for _, beat in holders if beat >= live_since)
         snapshot.workers_silent = sum(1 for _, beat in holders if 0 < beat < live_since)
         snapshot.hashes = dict(zip(METRICS_KEYS, hashes, strict=True))
-        snapshot.in_flight = self._in_flight([_text(job_id) for job_id in job_ids])
+        snapshot.in_flight = self._in_flight([as_text(job_id) for job_id in job_ids])
         snapshot.queue_depth = self._queue_depths()
         snapshot.misrouted = count_misrouted(self.broker, self.misroute_queues)
         return snapshot
@@ -334,7 +335,7 @@ class MetricsCollector:
             # stays in the active set until its callbacks are dispatched.
             if created_at is None or _present(outcome):
                 continue
-            stage = _text(state) if _present(state) else Stage.QUEUED.value
+            stage = as_text(state) if _present(state) else Stage.QUEUED.value
             if stage in counts:
                 counts[stage] += 1
         return counts
@@ -350,11 +351,6 @@ class MetricsCollector:
 
 def _present(value: bytes | str | None) -> bool:
     return value is not None and value not in (b"", "")
-
-
-def _text(value: bytes | str) -> str:
-    # The caller's client may or may not decode responses.
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # --------------------------------------------------------------------------------------------
