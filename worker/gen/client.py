@@ -247,8 +247,12 @@ class GenClient:
         video_resource_id: str,
         audio_resource_id: str,
         idempotency_key: str,
+        body: dict[str, Any] | None = None,
     ) -> GenerationAccepted:
         """Start a lipsync generation on a layer (``layer_id`` given) or a cell.
+
+        ``body``: the request body from :meth:`lipsync_body`, when the caller built it first (to
+        pace the POST itself, not the lookups that come before it); built here otherwise.
 
         ``idempotency_key`` is sent as ``Idempotency-Key`` and must be the same on every attempt for
         one job (see :func:`idempotency_key_for`): GEN then answers a repeated submit with the
@@ -267,7 +271,8 @@ class GenClient:
         if not idempotency_key:
             raise ValueError("idempotency_key must not be empty")
         path = self._target_path(sheet_id, cell_id, layer_id) + "/generate"
-        body = self._lipsync_body(model, video_resource_id, audio_resource_id)
+        if body is None:
+            body = self.lipsync_body(model, video_resource_id, audio_resource_id)
         reply = self._request(
             "POST",
             path,
@@ -365,9 +370,11 @@ class GenClient:
             path += f"/layers/{_segment(layer_id)}"
         return path
 
-    def _lipsync_body(
+    def lipsync_body(
         self, model: LipsyncModel, video_resource_id: str, audio_resource_id: str
     ) -> dict[str, Any]:
+        """The generate request's body in this client's dialect. In ``vidsheet`` it looks the two
+        resources up (:meth:`get_content_resource`), so it raises as that does."""
         if model not in _VIDSHEET_MODEL_NAMES:
             raise ValueError(f"unknown lipsync model {model!r}")
         if self._dialect == "autocontentengine":

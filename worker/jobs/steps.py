@@ -211,11 +211,18 @@ def submit(
     if res.clock() >= job.deadline_at:
         raise JobTimeout("the deadline passed before GEN accepted the generation")
     s = res.settings
+    request = job.request
+    # The body first: in the vidsheet dialect it takes two resource lookups, which must not sit
+    # between the fleet's generate limiter admitting this call and GEN receiving it.
+    expect_next(job, res, within=3 * (s.gen_connect_timeout + s.gen_read_timeout), state=Stage.SUBMITTING)
+    try:
+        body = res.gen.lipsync_body(job.model, request.video_resource_id, request.audio_resource_id)
+    except GenAPIError as exc:
+        return _again_or_raise(job, exc, res, transient_policy(s))
     throttled = _throttle(job, res, "generate")
     if throttled is not None:
         return throttled
     expect_next(job, res, within=s.gen_connect_timeout + s.gen_read_timeout, state=Stage.SUBMITTING)
-    request = job.request
     try:
         accepted = res.gen.generate_lipsync(
             sheet_id=request.sheet_id,
@@ -225,6 +232,7 @@ def submit(
             video_resource_id=request.video_resource_id,
             audio_resource_id=request.audio_resource_id,
             idempotency_key=idempotency_key_for(job.job_id),
+            body=body,
         )
     except GenAPIError as exc:
         return _again_or_raise(job, exc, res, transient_policy(s))
