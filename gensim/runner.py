@@ -140,6 +140,16 @@ class GenSimulator:
         self._ctx.state.durations = validate_durations({**self._ctx.state.durations, **durations})
 
     @property
+    def duration_sampler(self) -> Callable[[str], float] | None:
+        return self._ctx.state.duration_sampler
+
+    @duration_sampler.setter
+    def duration_sampler(self, sampler: Callable[[str], float] | None) -> None:
+        """Draw each new generation's duration from ``sampler(model)`` (seconds) instead of the
+        fixed ``durations`` (None: back to them). Called under the simulator's lock: keep it quick."""
+        self._ctx.state.duration_sampler = sampler
+
+    @property
     def strict_dialect(self) -> bool:
         return self._ctx.state.strict_dialect
 

@@ -182,6 +182,9 @@ class SimState:
         self._clock = clock
         self.agent_ids = frozenset(str(a) for a in agent_ids)
         self.durations = validate_durations(durations)
+        #: When set, draws each new generation's duration (model -> seconds) instead of the fixed
+        #: ``durations``: benchmarks use it for spread, bimodal or shifting durations.
+        self.duration_sampler: Callable[[str], float] | None = None
         self.strict_dialect = strict_dialect
         self.output_size = output_size
         #: Set by the server once it knows its port; every URL the API hands out starts with it.
@@ -190,6 +193,12 @@ class SimState:
         self._seeded_ts = int(time.time() * 1000)
         self._next_id = _FIRST_GENERATION_ID
         self._clear()
+
+    def duration_for(self, model: str) -> float:
+        """How long a new generation of ``model`` takes (seconds)."""
+        if self.duration_sampler is not None:
+            return max(0.0, float(self.duration_sampler(model)))
+        return self.durations[model]
 
     def _clear(self) -> None:
         self._generations: dict[int, Generation] = {}
@@ -373,7 +382,7 @@ class SimState:
             idempotency_key=idempotency_key,
             outcome=outcome,
             failed_reason=reason,
-            duration=self.durations[inputs.model],
+            duration=self.duration_for(inputs.model),
             output_size=self.output_size,
             token=token,
             created_at=time.time(),
@@ -435,7 +444,7 @@ class SimState:
                 raise ApiError(422, "validation_error", CANNOT_CONTINUE)
             gen.stopped = False
             gen.started_at = self._clock()
-            gen.duration = self.durations[gen.inputs.model]  # a continued job runs its full course again
+            gen.duration = self.duration_for(gen.inputs.model)  # a continued job runs its full course again
             gen.continues += 1
             gen.charges += 1
             self._stats.charged()

@@ -933,3 +933,26 @@ def test_a_fault_on_patch_cell(sim: GenSimulator) -> None:
     first = call(sim, "PATCH", CELL, json={"additional_attributes": {"autoGenerate": True}})
     again = call(sim, "PATCH", CELL, json={"additional_attributes": {"autoGenerate": True}})
     assert (first.status_code, again.status_code) == (503, 200)
+
+
+def test_a_duration_sampler_sets_each_new_generations_duration() -> None:
+    now = [0.0]
+    state = SimState(stats=Stats(), durations={"gen": 10.0}, clock=lambda: now[0])
+    drawn = iter([3.0, 7.0])
+    state.duration_sampler = lambda model: next(drawn) if model == "gen" else 99.0
+    ids = []
+    for cell in ("3000", "3001"):
+        created, _ = state.create_generation(
+            agent=42,
+            prefix="vidsheet",
+            sheet="101",
+            cell=cell,
+            layer=None,
+            body=old_body(),
+            idempotency_key=cell,
+        )
+        ids.append(str(created["generation_id"]))
+    now[0] = 5.0  # 3 s + the 2 s pending phase: the first is done, the second (7 s) is not
+    assert [state.get_generation(i)["status"] for i in ids] == ["completed", "processing"]
+    state.duration_sampler = None
+    assert state.duration_for("gen") == 10.0
