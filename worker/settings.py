@@ -157,6 +157,8 @@ class Settings(BaseSettings):
     #: then the egress filter. GEN calls are not affected.
     egress_proxy: str | None = None
 
+    # -- GEN events (lipsync-worker events) ---------------------------------------------------------
+
     @field_validator("webhook_retry_delays", mode="before")
     @classmethod
     def _split_delays(cls, value: object) -> object:
