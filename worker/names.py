@@ -111,6 +111,9 @@ GEN_CHECK_KEY = "lipsync:gen_check"
 AUDIT_STATE_KEY = "lipsync:audit:state"
 #: Jobs and webhooks with no message in the broker at the last audit, with their record's last change.
 AUDIT_SUSPECTS_KEY = "lipsync:audit:suspects"
+#: One list per model of the newest generation times seen (``lo hi`` seconds), newest first:
+#: ``lipsync:durations:<model>`` (worker.jobs.durations).
+DURATIONS_KEY_PREFIX = "lipsync:durations:"
 #: The sweeper's fleet-wide lease (one sweep per round).
 SWEEPER_LEASE_KEY = "lipsync:sweeper:lease"
 #: Sorted set of worker consumers ("holders"), scored by their last heartbeat in Redis server time;

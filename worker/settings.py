@@ -69,6 +69,23 @@ class Settings(BaseSettings):
     poll_backoff_factor: float = Field(default=1.5, ge=1.0)
     #: Fraction of each delay randomised away, so polls of many jobs do not march in step.
     poll_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    #: Learn GEN's generation times per model, fleet-wide, and poll when generations usually end
+    #: (docs/polling.md). Off: the schedule above, always.
+    poll_learn: bool = True
+    #: Generations of a model seen before its learned plan replaces the schedule above.
+    poll_learn_min_samples: int = Field(default=5, ge=1)
+    #: Generation times kept per model, and after how many newer ones a time counts half.
+    poll_learn_window: int = Field(default=60, ge=1)
+    poll_learn_half_life: float = Field(default=10.0, gt=0)
+    #: What one status call to GEN is worth, as lateness relative to the generation's duration:
+    #: 0.03 = one fewer call is worth finishing 3 % later. Higher: fewer calls, more delay.
+    poll_call_cost: float = Field(default=0.03, gt=0)
+    #: Never poll the same generation sooner than this after the previous poll (seconds).
+    poll_min_delay: float = Field(default=0.5, gt=0)
+    #: Past the longest time seen, poll every this fraction of the time elapsed.
+    poll_tail_fraction: float = Field(default=0.15, gt=0)
+    #: How often each process re-reads what the fleet learned (seconds).
+    poll_plan_refresh: float = Field(default=10.0, gt=0)
     #: Cap of our own backoff before retrying a transient error (seconds). A longer Retry-After from
     #: GEN is still honoured, up to 15 min (worker.retry.MAX_COUNTDOWN).
     retry_max_delay: float = Field(default=60.0, gt=0)

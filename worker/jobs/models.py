@@ -84,6 +84,9 @@ class Job(BaseModel):
     submitted_at: float | None = None
     gen_status: str | None = None
     polls: int = 0
+    #: When a poll last found the generation still running (epoch seconds): with the poll that
+    #: finds it done, the interval its duration lies in (worker.jobs.durations).
+    last_running_at: float | None = None
     #: Unreadable GEN answers seen so far; capped so schema drift cannot poll forever.
     bad_responses: int = 0
     #: Transient errors retried in the current step (reset when a step succeeds).

@@ -19,6 +19,7 @@ from worker.callbacks.outbox import Outbox
 from worker.callbacks.webhooks import outbox_ttl
 from worker.gen.client import GenClient
 from worker.gen.errors import GenRateLimited
+from worker.jobs.durations import DurationLog, PollPlanner
 from worker.jobs.liveness import Holders
 from worker.jobs.ratelimit import Budget, FleetRateLimiter
 from worker.jobs.records import JobStore
@@ -97,6 +98,11 @@ class Resources:
     @cached_property
     def jobs(self) -> JobStore:
         return JobStore(self.redis, ttl=int(self.settings.job_timeout) + self.settings.result_ttl)
+
+    @cached_property
+    def planner(self) -> PollPlanner:
+        """When to poll next: what this fleet learned of GEN's generation times."""
+        return PollPlanner(DurationLog(self.redis, keep=self.settings.poll_learn_window), self.settings)
 
     @cached_property
     def outbox(self) -> Outbox:

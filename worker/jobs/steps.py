@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from worker.errors import LipsyncError
 from worker.gen.client import idempotency_key_for
 from worker.gen.errors import GenAPIError, GenBadResponse, GenNotStoppable
 from worker.gen.models import Generation, GenerationStatus
-from worker.jobs.backoff import clamp_to_deadline, poll_delay
+from worker.jobs.backoff import clamp_to_deadline
 from worker.jobs.errors import (
     BadUpstream,
     GenerationFailed,
@@ -39,6 +41,7 @@ from worker.jobs.models import Job, LipsyncRequest, LipsyncResult, StoredOutput,
 from worker.jobs.ratelimit import Budget
 from worker.jobs.records import JobRecord, StopResult
 from worker.jobs.resources import Resources
+from worker.jobs.schedule import Observation
 from worker.names import TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
 from worker.ops.failpoints import failpoint
 from worker.output.download import download
@@ -403,8 +406,15 @@ def poll(job: Job, res: Resources) -> Job | Again:
         non-retryable GenAPIErrors (e.g. 404 for the generation).
     """
     assert job.generation_id is not None, "poll needs a submitted job"
-    if res.clock() >= job.deadline_at:
+    asked_at = res.clock()
+    if asked_at >= job.deadline_at:
         return _deadline_passed(job, res)
+    if job.polls == 0 and job.submitted_at is not None:
+        # Straight after the submit: GEN's generations of this model usually take longer than
+        # this, so the first question waits for when they usually end (a learned plan).
+        first_in = res.planner.first_poll_in(job.model, elapsed=asked_at - job.submitted_at)
+        if first_in > 0:
+            return _wait(job, res, countdown=first_in)
     throttled = _throttle(job, res, "status")
     if throttled is not None:
         return throttled
@@ -418,12 +428,14 @@ def poll(job: Job, res: Resources) -> Job | Again:
         )
     except GenAPIError as exc:
         return _again_or_raise(job, exc, res, poll_policy(res.settings), until_deadline=True)
-    return _classify(job.model_copy(update={"polls": job.polls + 1, "step_retries": 0}), generation, res)
+    asked = job.model_copy(update={"polls": job.polls + 1, "step_retries": 0})
+    return _classify(asked, generation, res, asked_at=asked_at)
 
 
-def _classify(job: Job, generation: Generation, res: Resources) -> Job | Again:
+def _classify(job: Job, generation: Generation, res: Resources, *, asked_at: float) -> Job | Again:
     status = generation.status
     if status == GenerationStatus.COMPLETED:
+        _learn(job, res, done_at=asked_at)
         done = _completed(job, generation, res)
         # The fetch now waits in its queue.
         expect_next(done, res, within=res.settings.queued_recovery, gen_status=status, polls=job.polls)
@@ -434,25 +446,21 @@ def _classify(job: Job, generation: Generation, res: Resources) -> Job | Again:
     if status == GenerationStatus.STOPPED:
         raise GenerationStopped("the generation was stopped on GEN", generation_id=job.generation_id)
     if status in (GenerationStatus.PENDING, GenerationStatus.PROCESSING):
-        return _wait(job.model_copy(update={"gen_status": status}), res)
+        running = job.model_copy(update={"gen_status": status, "last_running_at": asked_at})
+        return _wait(running, res)
     res.jobs.update(job.job_id, gen_status=status, polls=job.polls)
     raise UnknownGenerationStatus(
         f"GEN reported an unknown generation status {status[:50]!r}", generation_id=job.generation_id
     )
 
 
-def _wait(job: Job, res: Resources) -> Again:
-    """GEN is still working: poll again on the schedule (capped geometric backoff with jitter)."""
-    s = res.settings
-    delay = poll_delay(
-        job.polls - 1,
-        initial=s.poll_initial_delay,
-        factor=s.poll_backoff_factor,
-        cap=s.poll_max_delay,
-        jitter=s.poll_jitter,
-    )
+def _wait(job: Job, res: Resources, *, countdown: float | None = None) -> Again:
+    """GEN is still working: poll again when the plan says (:mod:`worker.jobs.durations`)."""
     now = res.clock()
-    countdown = clamp_to_deadline(delay, now=now, deadline=job.deadline_at)
+    if countdown is None:
+        elapsed = now - (job.submitted_at or now)
+        countdown = res.planner.next_poll_in(job.model, elapsed=elapsed, polls=job.polls)
+    countdown = clamp_to_deadline(countdown, now=now, deadline=job.deadline_at)
     expect_next(
         job,
         res,
@@ -463,6 +471,19 @@ def _wait(job: Job, res: Resources) -> Again:
         last_error=None,
     )
     return Again(job, countdown, f"GEN status {job.gen_status}")
+
+
+def _learn(job: Job, res: Resources, *, done_at: float) -> None:
+    """Tell the fleet how long this generation took: between the last poll that found it running
+    and this one. Never in the way of the job: a Redis blink loses one interval, nothing else."""
+    if job.submitted_at is None:
+        return
+    running_at = job.last_running_at or job.submitted_at
+    seen = Observation.of(running_at - job.submitted_at, done_at - job.submitted_at)
+    try:
+        res.planner.learn(job.model, seen)
+    except redis.RedisError as exc:
+        log.warning("job %s: could not record its generation time: %s", job.job_id, exc)
 
 
 def _completed(job: Job, generation: Generation, res: Resources) -> Job:
@@ -499,6 +520,7 @@ def _deadline_passed(job: Job, res: Resources) -> Job | Again:
 def _ended_before_the_stop(job: Job, res: Resources) -> Job | Again:
     """GEN refused the stop: the generation ended. Read how, and end the job as any poll would."""
     assert job.generation_id is not None
+    asked_at = res.clock()
     try:
         generation = res.gen.get_generation(job.generation_id)
     except GenAPIError as exc:
@@ -516,7 +538,7 @@ def _ended_before_the_stop(job: Job, res: Resources) -> Job | Again:
         refused = Stop("failed", f"GEN refused the stop while reporting the generation {generation.status}")
         res.jobs.update(job.job_id, stop_result=refused.result, stop_error=refused.detail)
         raise JobTimeout(f"{_timed_out(read, res)}; {refused.describe()}", generation_id=job.generation_id)
-    return _classify(read, generation, res)
+    return _classify(read, generation, res, asked_at=asked_at)
 
 
 def _timed_out(job: Job, res: Resources) -> str:

@@ -1,0 +1,126 @@
+"""The poll step on a learned schedule (worker.jobs.durations), against a real Redis and the simulator.
+
+The simulator runs on the tests' fake clock: a generation of the ``gen`` model is pending for 2 s
+then processing until ``DURATIONS["gen"]`` has passed. Jobs are driven by hand, step by step,
+moving the clock by each countdown, and GEN's side is read from the simulator's request log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gensim import GenSimulator
+from tests.unit.conftest import DURATIONS, FakeClock, ResFactory
+from tests.unit.jobs.builders import created
+from worker.jobs.durations import DurationLog
+from worker.jobs.models import Job
+from worker.jobs.resources import Resources
+from worker.jobs.schedule import Observation
+from worker.jobs.steps import Again, poll, submit
+
+GEN_SECONDS = DURATIONS["gen"]  # pending for a fifth of it, then processing
+
+
+def status_calls(sim: GenSimulator) -> int:
+    return int(sim.stats()["counts"]["get_generation"])
+
+
+def run_job(res: Resources, clock: FakeClock, job_id: str) -> tuple[Job, int]:
+    """Submit and poll one job to completion, moving the clock by each countdown; the polls it
+    took (GEN's status calls are counted by the caller from the simulator)."""
+    job = submit(created(res, job_id), res, record=res.jobs.get(job_id))
+    assert isinstance(job, Job)
+    steps = 0
+    while True:
+        outcome = poll(job, res)
+        steps += 1
+        if not isinstance(outcome, Again):
+            return outcome, steps
+        clock.advance(outcome.countdown)
+        job = outcome.job
+
+
+def test_completed_generations_teach_the_fleet_and_later_jobs_poll_when_they_end(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    # The fake clock runs a job in no real time: re-read the fleet's durations before every poll
+    # (a worker does so every 10 s, i.e. between most jobs, which last minutes).
+    res = make_res(poll_plan_refresh=1e-6)
+    before = status_calls(sim)
+    run_job(res, clock, "cold-1")
+    cold_calls = status_calls(sim) - before
+    # Learned: the interval between the last poll that saw it running and the one that saw it done.
+    seen = DurationLog(res.redis, keep=60).recent("gen")
+    assert len(seen) == 1 and seen[0].lo < GEN_SECONDS <= seen[0].hi
+
+    for i in range(2, 25):
+        run_job(res, clock, f"job-{i}")
+    before = status_calls(sim)
+    start = clock.now
+    done, _ = run_job(res, clock, "warm")
+    warm_calls = status_calls(sim) - before
+    assert done.generation_completed_at is not None
+    late = done.generation_completed_at - start - GEN_SECONDS
+    assert 0 <= late <= 0.05 * GEN_SECONDS
+    assert warm_calls <= 2 < cold_calls
+
+
+def test_the_first_poll_after_submit_waits_without_asking_gen(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    res = make_res()
+    log = DurationLog(res.redis, keep=60)
+    for _ in range(10):
+        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
+    job = submit(created(res, "j1"), res, record=res.jobs.get("j1"))
+    assert isinstance(job, Job)
+    before = status_calls(sim)
+    first = poll(job, res)
+    assert isinstance(first, Again) and first.job.polls == 0
+    assert status_calls(sim) == before, "the wait before the first poll asks GEN nothing"
+    assert GEN_SECONDS - 0.5 <= first.countdown <= GEN_SECONDS + 0.2
+    record = res.jobs.get("j1")
+    assert record is not None and record.next_poll_at == pytest.approx(clock.now + first.countdown)
+
+
+@pytest.mark.parametrize("overrides", [{"poll_learn": False}, {"poll_learn_min_samples": 50}])
+def test_without_learning_the_configured_schedule_runs(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock, overrides: dict[str, Any]
+) -> None:
+    res = make_res(poll_initial_delay=3.0, poll_backoff_factor=1.0, poll_jitter=0.0, **overrides)
+    log = DurationLog(res.redis, keep=60)
+    for _ in range(10):
+        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
+    job = submit(created(res, "j1"), res, record=res.jobs.get("j1"))
+    assert isinstance(job, Job)
+    before = status_calls(sim)
+    first = poll(job, res)
+    assert isinstance(first, Again) and first.countdown == pytest.approx(3.0)
+    assert status_calls(sim) == before + 1, "the configured schedule asks at once"
+    if overrides.get("poll_learn") is False:
+        clock.advance(GEN_SECONDS)
+        poll(first.job, res)
+        assert len(log.recent("gen")) == 10, "learning off: nothing recorded"
+
+
+def test_each_model_learns_its_own_durations(make_res: ResFactory) -> None:
+    res = make_res()
+    log = DurationLog(res.redis, keep=60)
+    for _ in range(10):
+        log.add("gen", Observation.of(9.0, 10.0))
+        log.add("sync_so", Observation.of(59.0, 60.0))
+    gen, sync = res.planner.plan_for("gen"), res.planner.plan_for("sync_so")
+    assert gen is not None and sync is not None
+    assert gen.times[-1] == pytest.approx(10.0, abs=0.1)
+    assert sync.times[-1] == pytest.approx(60.0, abs=0.1)
+
+
+def test_the_log_keeps_the_newest_and_skips_what_it_cannot_read(make_res: ResFactory) -> None:
+    res = make_res()
+    log = DurationLog(res.redis, keep=3)
+    for hi in (1.0, 2.0, 3.0, 4.0):
+        log.add("gen", Observation.of(0.0, hi))
+    res.redis.lpush(DurationLog.key("gen"), b"garbage")
+    assert [o.hi for o in log.recent("gen")] == [4.0, 3.0]

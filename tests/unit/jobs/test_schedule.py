@@ -1,0 +1,189 @@
+"""The learned poll schedule against recorded duration distributions (worker.jobs.schedule).
+
+Each scenario replays jobs one after another through the plan the way a fleet would: a job polls
+at the plan's times until its duration has passed, and the interval it observed is learned before
+the next job plans. Until the fleet has seen five, the configured schedule runs (5 s growing by 1.5
+to 30 s, with its jitter). The goals are issue 10's: a duration seen 20 times costs at most 5 % of
+its length and 2x the minimum of GEN calls (generate, one status, the download); one never seen
+10 % and 3x, adapting within about 20 jobs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from worker.jobs.backoff import poll_delay
+from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan
+
+MIN_CALLS = 3  # generate + one status + the download
+KNOBS = Knobs()
+
+
+@dataclass(frozen=True)
+class Ran:
+    duration: float
+    late: float
+    polls: int
+
+    @property
+    def lateness(self) -> float:
+        return self.late / self.duration
+
+    @property
+    def calls(self) -> float:
+        return (self.polls + 2) / MIN_CALLS
+
+
+def replay(durations: Sequence[float], knobs: Knobs = KNOBS, seed: int = 3) -> list[Ran]:
+    """Run jobs of these durations in turn, each learning from the ones before it."""
+    rng = random.Random(seed)
+    seen: list[Observation] = []
+    ran = []
+    for duration in durations:
+        learned = plan(Durations(seen[:60], half_life=knobs.half_life), knobs) if len(seen) >= 5 else None
+        t, polls, running_at, gaps = 0.0, 0, 0.0, []
+        while True:
+            if learned is not None:
+                nxt = learned.next_poll(t)
+            else:
+                nxt = t + poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
+            gaps.append(nxt - t)
+            t, polls = nxt, polls + 1
+            if t >= duration:
+                break
+            running_at = t
+        assert max(gaps) <= knobs.max_gap + 1e-6, "never poll less often than the max delay"
+        seen.insert(0, Observation.of(running_at, t))
+        ran.append(Ran(duration, t - duration, polls))
+    return ran
+
+
+def median_lateness(ran: Sequence[Ran]) -> float:
+    return statistics.median(r.lateness for r in ran)
+
+
+def median_calls(ran: Sequence[Ran]) -> float:
+    return statistics.median(r.calls for r in ran)
+
+
+@pytest.mark.parametrize("length", [8.0, 20.0, 60.0, 120.0, 300.0])
+def test_a_duration_seen_twenty_times_costs_under_5_percent_and_2x_the_calls(length: float) -> None:
+    rng = random.Random(1)
+    ran = replay([length * rng.uniform(0.99, 1.01) for _ in range(60)])
+    learned = ran[20:]
+    assert median_lateness(learned) <= 0.05
+    # Polls at least every max_gap (30 s) are the rule: past 2 min they alone exceed 2x the minimum.
+    floor = (2 + math.ceil(length * 1.01 / KNOBS.max_gap)) / MIN_CALLS
+    assert median_calls(learned) <= max(2.0, floor + 1 / MIN_CALLS)
+
+
+def test_the_cold_schedule_is_what_the_learned_one_beats() -> None:
+    # The scenario above at L = 60 s, without learning: the configured schedule's lateness. If the
+    # plan were not used, the test above would see this.
+    rng = random.Random(4)
+    cold = Knobs(call_cost=KNOBS.call_cost)
+    lateness = []
+    for _ in range(40):
+        t, polls = 0.0, 0
+        while t < 60.0:
+            t += poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
+            polls += 1
+        lateness.append((t - 60.0) / 60.0)
+    assert statistics.median(lateness) > 0.05 > median_lateness(replay([60.0] * 60, cold)[20:])
+
+
+def test_a_duration_never_seen_costs_under_10_percent_and_adapts_within_20_jobs() -> None:
+    rng = random.Random(2)
+    before = [20.0 * rng.uniform(0.99, 1.01) for _ in range(40)]
+    after = [40.0 * rng.uniform(0.99, 1.01) for _ in range(40)]
+    ran = replay(before + after)
+    first = ran[40:60]
+    assert median_lateness(first) <= 0.10
+    assert median_calls(first) <= 3.0
+    adapted = ran[60:]
+    assert median_lateness(adapted) <= 0.05
+    assert median_calls(adapted) <= 2.0
+
+
+def test_a_wide_distribution_stays_within_10_percent_and_3x() -> None:
+    rng = random.Random(5)
+    ran = replay([rng.uniform(15.0, 25.0) for _ in range(80)])[20:]
+    assert median_lateness(ran) <= 0.10
+    assert median_calls(ran) <= 3.0
+    assert max(r.lateness for r in ran) <= 0.5
+
+
+def test_a_bimodal_distribution_serves_both_modes() -> None:
+    rng = random.Random(6)
+    ran = replay([rng.choice([20.0, 90.0]) for _ in range(80)])[20:]
+    for mode in (20.0, 90.0):
+        of_mode = [r for r in ran if r.duration == mode]
+        assert median_lateness(of_mode) <= 0.10, mode
+    assert median_calls(ran) <= 3.0
+
+
+def test_a_drifting_gen_is_followed() -> None:
+    # GEN slows down steadily from 20 s to 40 s over 80 jobs.
+    ran = replay([20.0 + 20.0 * i / 80 for i in range(80)])[20:]
+    assert median_lateness(ran) <= 0.10
+    assert median_calls(ran) <= 3.0
+
+
+def test_past_the_longest_duration_seen_the_tail_keeps_lateness_a_fraction_of_the_elapsed_time() -> None:
+    learned = plan(Durations([Observation.of(19.5, 20.0)] * 10, half_life=10), KNOBS)
+    assert learned.times[-1] == pytest.approx(20.0)
+    t = 100.0
+    assert learned.next_poll(t) == pytest.approx(t * (1 + KNOBS.tail_fraction))
+    assert learned.next_poll(1000.0) == pytest.approx(1000.0 + KNOBS.max_gap)
+
+
+def test_polls_keep_the_min_gap_and_the_max_gap() -> None:
+    knobs = Knobs(max_gap=10.0, min_gap=2.0)
+    learned = plan(Durations([Observation.of(45.0, 50.0)] * 10, half_life=10), knobs)
+    gaps = [b - a for a, b in zip((0.0, *learned.times), learned.times, strict=False)]
+    assert max(gaps) <= 10.0 + 1e-6
+    assert min(gaps) >= 2.0 - 1e-6 or learned.times[-1] == pytest.approx(50.0)
+    # Asked right after a poll, the next is at least min_gap away.
+    assert learned.next_poll(learned.times[0]) - learned.times[0] >= 2.0 - 1e-6
+
+
+def test_a_dearer_call_buys_fewer_polls() -> None:
+    rng = random.Random(7)
+    durations = [rng.uniform(15.0, 25.0) for _ in range(80)]
+    cheap = replay(durations, Knobs(call_cost=0.01))[20:]
+    dear = replay(durations, Knobs(call_cost=0.2))[20:]
+    assert statistics.mean(r.polls for r in dear) < statistics.mean(r.polls for r in cheap)
+    assert median_lateness(dear) > median_lateness(cheap)
+
+
+def test_the_distribution_weighs_recent_generations_more() -> None:
+    old, new = Observation.of(9.0, 10.0), Observation.of(29.0, 30.0)
+    # 20 newer generations outweigh 40 older ones three to one (half life 10).
+    durations = Durations([new] * 20 + [old] * 40, half_life=10)
+    assert 0.7 < durations.survival(15.0) < 0.8
+    assert durations.survival(0.0) == pytest.approx(1.0)
+    assert durations.survival(31.0) == pytest.approx(0.0)
+
+
+def test_where_intervals_agree_the_mass_goes() -> None:
+    # One wide interval and many narrow ones inside it: the wide one is explained by the narrow.
+    durations = Durations([Observation.of(5.0, 35.0)] + [Observation.of(19.8, 20.2)] * 9, half_life=100)
+    assert durations.survival(19.7) - durations.survival(20.3) > 0.9
+
+
+def test_no_observations_plan_nothing_and_the_tail_takes_over() -> None:
+    empty = plan(Durations([], half_life=10), KNOBS)
+    assert empty == Plan(times=(), knobs=KNOBS) or len(empty.times) <= 1
+    assert empty.next_poll(10.0) == pytest.approx(10.0 + 10.0 * KNOBS.tail_fraction)
+
+
+def test_observations_are_clamped_to_a_valid_interval() -> None:
+    assert Observation.of(-3.0, 5.0) == Observation(0.0, 5.0)
+    assert Observation.of(7.0, 5.0) == Observation(5.0, 5.0)
+    assert Observation.of(1.0, -1.0) == Observation(0.0, 0.0)

@@ -1,0 +1,124 @@
+"""What the fleet has seen of GEN's generation times, kept in Redis, and the poll plan built from it.
+
+Every completed generation adds one interval (``lo``, ``hi``: seconds after GEN accepted it when
+it was last seen running and first seen done) to a short list per model, shared by every worker
+(:class:`DurationLog`). Each process keeps a :class:`PollPlanner` that reads the list now and then
+(``LIPSYNC_POLL_PLAN_REFRESH``) and plans the polls with :mod:`worker.jobs.schedule`; until a model
+has ``LIPSYNC_POLL_LEARN_MIN_SAMPLES`` intervals, or with ``LIPSYNC_POLL_LEARN=false``, the
+configured schedule (``LIPSYNC_POLL_INITIAL_DELAY`` growing to ``LIPSYNC_POLL_MAX_DELAY``) runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from worker.jobs.backoff import poll_delay
+from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan
+from worker.names import DURATIONS_KEY_PREFIX
+from worker.settings import Settings
+
+log = logging.getLogger("lipsync.schedule")
+
+
+class DurationLog:
+    """The newest ``keep`` intervals per model, newest first (one Redis list per model)."""
+
+    def __init__(self, client: redis.Redis, *, keep: int) -> None:
+        self.redis = client
+        self.keep = keep
+
+    @staticmethod
+    def key(model: str) -> str:
+        return DURATIONS_KEY_PREFIX + model
+
+    def add(self, model: str, observation: Observation) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.lpush(self.key(model), f"{observation.lo:.3f} {observation.hi:.3f}")
+        pipe.ltrim(self.key(model), 0, self.keep - 1)
+        pipe.execute()
+
+    def recent(self, model: str) -> list[Observation]:
+        raw: list[bytes] = self.redis.lrange(self.key(model), 0, self.keep - 1)  # type: ignore[assignment]
+        seen = []
+        for item in raw:
+            try:
+                lo, hi = (float(part) for part in item.split())
+            except ValueError:
+                continue  # not ours: skip rather than stop learning
+            seen.append(Observation.of(lo, hi))
+        return seen
+
+
+@dataclass(frozen=True)
+class _Learned:
+    plan: Plan | None
+    samples: int
+    read_at: float
+
+
+class PollPlanner:
+    """When to poll a generation next: the learned plan of its model, else the configured schedule."""
+
+    def __init__(
+        self, seen: DurationLog, settings: Settings, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.seen = seen
+        self.settings = settings
+        self._monotonic = monotonic
+        self._learned: dict[str, _Learned] = {}
+        s = settings
+        self.knobs = Knobs(
+            call_cost=s.poll_call_cost,
+            max_gap=s.poll_max_delay,
+            min_gap=s.poll_min_delay,
+            tail_fraction=s.poll_tail_fraction,
+            half_life=s.poll_learn_half_life,
+        )
+
+    def plan_for(self, model: str) -> Plan | None:
+        """The model's plan, re-read from Redis every ``poll_plan_refresh`` seconds; None while the
+        fleet has seen too few of its generations (or learning is off)."""
+        s = self.settings
+        if not s.poll_learn:
+            return None
+        now = self._monotonic()
+        learned = self._learned.get(model)
+        if learned is None or now - learned.read_at >= s.poll_plan_refresh:
+            seen = self.seen.recent(model)
+            made = None
+            if len(seen) >= s.poll_learn_min_samples:
+                made = plan(Durations(seen, half_life=self.knobs.half_life), self.knobs)
+            learned = _Learned(plan=made, samples=len(seen), read_at=now)
+            self._learned[model] = learned
+        return learned.plan
+
+    def first_poll_in(self, model: str, *, elapsed: float) -> float:
+        """Seconds from now until the first poll of a generation accepted ``elapsed`` seconds ago:
+        the learned plan's first time, or 0 (poll at once) on the configured schedule."""
+        learned = self.plan_for(model)
+        if learned is None:
+            return 0.0
+        return max(0.0, learned.next_poll(0.0) - elapsed)
+
+    def next_poll_in(self, model: str, *, elapsed: float, polls: int) -> float:
+        """Seconds from now until the next poll, after poll number ``polls`` found it running."""
+        learned = self.plan_for(model)
+        if learned is not None:
+            return learned.next_poll(elapsed) - elapsed
+        s = self.settings
+        return poll_delay(
+            polls - 1,
+            initial=s.poll_initial_delay,
+            factor=s.poll_backoff_factor,
+            cap=s.poll_max_delay,
+            jitter=s.poll_jitter,
+        )
+
+    def learn(self, model: str, observation: Observation) -> None:
+        if self.settings.poll_learn:
+            self.seen.add(model, observation)

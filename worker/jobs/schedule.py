@@ -1,0 +1,205 @@
+"""When to poll GEN next, planned from the generation times the fleet has seen. Pure arithmetic.
+
+GEN says nothing about how long a generation will take and puts no timestamps in its answers, so
+all we know of a finished generation is an *interval*: still running at our last poll (``lo``
+seconds after GEN accepted it), done at the next (``hi``). :class:`Durations` turns the recent
+intervals into a distribution, newer ones weighing more (a GEN that slows down is followed within
+~20 jobs). :func:`plan` then picks the poll times that minimise
+
+    call_cost * (expected status calls) + (expected lateness / the generation's duration)
+
+by dynamic programming over candidate times (every bend of the distribution, and a grid), never
+leaving more than ``max_gap`` between polls. Lateness counts relative to the duration because
+that is what a user feels: a second matters more to a 10 s generation than to a 2 min one. Polls
+close around the usual end narrow the next intervals, which sharpens the next plan.
+
+Past the last planned time (a generation longer than any seen) the plan polls every
+``tail_fraction`` of the elapsed time: the lateness stays a fixed fraction of the duration,
+whatever it turns out to be, for about ``log(L2 / L1) / log(1 + tail_fraction)`` more calls.
+
+The model, its knobs and how it was tested: docs/polling.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+#: Share of the distribution that spreads each interval evenly over its span, next to the share
+#: that puts it where the intervals agree (see :class:`Durations`).
+SPREAD_SHARE = 0.15
+#: Durations below this count as this long when lateness is weighed relative to the duration.
+SHORTEST = 0.5
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished generation: running ``lo`` seconds after GEN accepted it, done at ``hi``."""
+
+    lo: float
+    hi: float
+
+    @classmethod
+    def of(cls, lo: float, hi: float) -> Observation:
+        hi = max(0.0, hi)
+        return cls(lo=min(max(0.0, lo), hi), hi=hi)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The plan's trade-offs (Settings' ``poll_*``)."""
+
+    #: What one status call is worth, as lateness relative to the generation's duration.
+    call_cost: float = 0.03
+    #: Never leave more than this between two polls (LIPSYNC_POLL_MAX_DELAY).
+    max_gap: float = 30.0
+    #: Never poll sooner than this after the previous poll.
+    min_gap: float = 0.5
+    #: Past the plan, poll every this fraction of the elapsed time.
+    tail_fraction: float = 0.15
+    #: An observation's weight halves with every this many newer ones.
+    half_life: float = 10.0
+
+
+class Durations:
+    """The distribution of generation times, from observations listed newest first.
+
+    A mixture of two estimates. Most of the mass goes where the intervals agree: Turnbull's
+    self-consistent estimate, which puts it on the *innermost* intervals (spans that some interval
+    starts and some interval ends, with no end in between) and shares each observation's weight
+    among those inside it in proportion to their mass; each span is widened by :data:`WIDEN` of
+    its end either side, since GEN's next generation will not take exactly as long. On its own
+    that estimate is too sure of itself (a plan that only ever polls where it believes the mass
+    is learns nothing new), so a share (:data:`SPREAD_SHARE`) spreads every observed interval
+    evenly over its whole span. Within a span mass is spread evenly: the survival function stays
+    piecewise linear. The shares were chosen by replaying narrow, wide, bimodal, drifting and
+    shifting durations (tests/unit/jobs/test_schedule.py).
+    """
+
+    def __init__(self, newest_first: Sequence[Observation], *, half_life: float, rounds: int = 60) -> None:
+        self.samples = len(newest_first)
+        weights = [0.5 ** (age / half_life) for age in range(self.samples)]
+        total = sum(weights) or 1.0
+        shares = [w / total for w in weights]
+        spans = _innermost(newest_first)
+        agreed = _self_consistent(newest_first, shares, spans, rounds)
+        self._parts = [(lo, hi, m * (1 - SPREAD_SHARE)) for (lo, hi), m in zip(spans, agreed, strict=True)]
+        self._parts += [
+            (o.lo, _span_end(o), SPREAD_SHARE * w) for o, w in zip(newest_first, shares, strict=True)
+        ]
+
+    def survival(self, t: float) -> float:
+        """P(the generation is still running ``t`` seconds after GEN accepted it)."""
+        alive = 0.0
+        for lo, hi, weight in self._parts:
+            if t < lo:
+                alive += weight
+            elif t < hi:
+                alive += weight * (hi - t) / (hi - lo)
+        return alive
+
+    def longest(self) -> float:
+        return max((hi for _, hi, weight in self._parts if weight > 0), default=0.0)
+
+    def bends(self) -> list[float]:
+        """Where the survival function bends: the ends of every span."""
+        return sorted({0.0, *(lo for lo, _, _ in self._parts), *(hi for _, hi, _ in self._parts)})
+
+
+def _span_end(o: Observation) -> float:
+    return max(o.hi, o.lo + 1e-3)  # an empty interval (a poll at the very end) still spans a little
+
+
+def _innermost(observations: Sequence[Observation]) -> list[tuple[float, float]]:
+    """Turnbull's innermost intervals: a start directly followed by an end in the order of all
+    ends (at a tie the end first: ``(a, t]`` and ``(t, b]`` do not overlap)."""
+    ends = sorted([(o.lo, 1) for o in observations] + [(_span_end(o), 0) for o in observations])
+    return [(t, u) for (t, kind), (u, following) in itertools.pairwise(ends) if kind == 1 and following == 0]
+
+
+def _self_consistent(
+    observations: Sequence[Observation],
+    shares: Sequence[float],
+    spans: Sequence[tuple[float, float]],
+    rounds: int,
+) -> list[float]:
+    """The mass of each innermost span (Turnbull's EM, ``rounds`` iterations from even mass)."""
+    if not spans:
+        return []
+    inside = [
+        [j for j, (lo, hi) in enumerate(spans) if o.lo <= lo and hi <= _span_end(o)] for o in observations
+    ]
+    mass = [1.0 / len(spans)] * len(spans)
+    for _ in range(rounds):
+        updated = [0.0] * len(spans)
+        for share, members in zip(shares, inside, strict=True):
+            held = sum(mass[j] for j in members)
+            if held > 0:
+                for j in members:
+                    updated[j] += share * mass[j] / held
+        mass = updated
+    return mass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Poll times (seconds after GEN accepted the generation), then the tail for longer ones."""
+
+    times: tuple[float, ...]
+    knobs: Knobs
+
+    def next_poll(self, elapsed: float) -> float:
+        """When (seconds after acceptance) to poll next, ``elapsed`` seconds after acceptance: the
+        next planned time at least ``min_gap`` away, and at most ``max_gap`` away."""
+        k = self.knobs
+        i = bisect.bisect_right(self.times, elapsed + k.min_gap - 1e-9)
+        if i < len(self.times):
+            return min(self.times[i], elapsed + k.max_gap)
+        return elapsed + min(k.max_gap, max(k.min_gap, k.tail_fraction * elapsed))
+
+
+def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
+    """The poll times that minimise call cost plus relative lateness (see the module docstring)."""
+    points = _candidates(durations, knobs, resolution)
+    survival = [durations.survival(t) for t in points]
+    # A generation ending at t between polls a < b is late by (b - t) / t of its duration. With the
+    # density f constant between two candidates, the integral of (b - t) / t * f(t) from a to b is
+    # b * (LOG[b] - LOG[a]) - (S(a) - S(b)), LOG being a prefix sum of f * log(far / near).
+    logs = [0.0]
+    for k in range(len(points) - 1):
+        density = (survival[k] - survival[k + 1]) / max(points[k + 1] - points[k], 1e-9)
+        near, far = max(points[k], SHORTEST), max(points[k + 1], SHORTEST)
+        logs.append(logs[-1] + density * math.log(far / near))
+    n = len(points)
+    best = [0.0] * n  # least expected cost from a poll at points[i] on, still running there
+    after = [-1] * n
+    for i in range(n - 2, -1, -1):
+        best[i] = math.inf
+        for j in range(i + 1, n):
+            gap = points[j] - points[i]
+            if gap > knobs.max_gap + 1e-9:
+                break
+            if gap < knobs.min_gap - 1e-9 and j != n - 1:
+                continue
+            late = points[j] * (logs[j] - logs[i]) - (survival[i] - survival[j])
+            total = knobs.call_cost * survival[i] + late + best[j]
+            if total < best[i]:
+                best[i], after[i] = total, j
+    times = []
+    i = after[0]
+    while i != -1:
+        times.append(points[i])
+        i = after[i]
+    return Plan(times=tuple(times), knobs=knobs)
+
+
+def _candidates(durations: Durations, knobs: Knobs, resolution: int) -> list[float]:
+    """Poll times worth considering: every bend of the distribution, and an even grid (so a wide
+    span can be split and ``max_gap`` kept), up to the longest duration seen."""
+    end = durations.longest()
+    step = max(end / resolution, knobs.min_gap / 2, 1e-3)
+    grid = [i * step for i in range(int(end / step) + 1)]
+    return sorted({round(t, 3) for t in (*grid, *durations.bends(), end) if t <= end})
