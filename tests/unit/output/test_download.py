@@ -1,5 +1,7 @@
 import contextlib
+import hashlib
 import os
+import random
 import resource
 import signal
 import threading
@@ -12,8 +14,16 @@ from typing import Any
 import pytest
 import requests
 
-from worker.output.download import DownloadLimits, download, remove_abandoned
-from worker.output.errors import OutputDownloadError, StorageError
+from worker.output.download import (
+    CHUNK_SIZE,
+    ContentLengthBody,
+    DownloadLimits,
+    Urllib3Body,
+    body_reader,
+    download,
+    remove_abandoned,
+)
+from worker.output.errors import OutputDownloadError, OutputTooLarge, StorageError
 from worker.retry import is_retryable
 
 
@@ -130,3 +140,128 @@ def test_a_staging_directory_that_cannot_be_made_is_a_storage_error(tmp_path: Pa
     with pytest.raises(StorageError, match="Not a directory") as info, requests.Session() as session:
         download(video_url, dest_dir=dest, limits=limits, session=session)
     assert is_retryable(info.value) and str(dest) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# bodies of every size and framing, whole or broken
+# --------------------------------------------------------------------------------------------
+
+
+def _body(size: int) -> bytes:
+    """``size`` bytes starting like an MP4, the rest pseudo-random (seeded by the size)."""
+    head = b"\x00\x00\x00\x18ftypmp42"
+    return (head + random.Random(size).randbytes(max(0, size - len(head))))[:size]
+
+
+class _Bodies(BaseHTTPRequestHandler):
+    """``GET /<framing>/<size>``: ``len`` (Content-Length), ``chunked``, or either cut off halfway
+    (``short``, ``chunked-short``: the connection closes after half the body)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        _, framing, size_text = self.path.split("/")
+        body = _body(int(size_text))
+        sent = body[: len(body) // 2] if framing.endswith("short") else body
+        self.send_response(200)
+        self.send_header("Content-Type", "video/mp4")
+        with contextlib.suppress(OSError):  # the client gave up
+            if framing.startswith("chunked"):
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for start in range(0, len(sent), 7777):
+                    piece = sent[start : start + 7777]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                if sent == body:
+                    self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(sent)
+        self.close_connection = sent != body
+
+    def handle(self) -> None:
+        with contextlib.suppress(ConnectionResetError):  # a client that gave up mid-body
+            super().handle()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def bodies_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Bodies)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _download_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("download-")]
+
+
+LIMITS = DownloadLimits(max_bytes=10**9, total_timeout=60.0, allow_private=True)
+#: Around the direct I/O alignment, one buffer, and several buffers plus a partial block.
+SIZES = (1, 16, 4095, 4096, 4097, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE + 4097)
+
+
+@pytest.mark.parametrize("framing", ["len", "chunked"])
+@pytest.mark.parametrize("size", SIZES)
+def test_the_file_and_its_sha256_are_the_body_whatever_its_size_and_framing(
+    tmp_path: Path, bodies_url: str, framing: str, size: int
+) -> None:
+    with requests.Session() as session:
+        got = download(f"{bodies_url}/{framing}/{size}", dest_dir=tmp_path, limits=LIMITS, session=session)
+    body = _body(size)
+    assert got.size_bytes == size
+    assert got.path.read_bytes() == body
+    assert got.sha256 == hashlib.sha256(body).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == [got.path.name]
+    assert _download_threads() == []
+
+
+def test_a_body_with_a_length_is_received_straight_into_the_buffers(bodies_url: str) -> None:
+    """The fast path reaches into urllib3 and http.client (``raw._fp.fp``): if an upgrade moves them,
+    this fails instead of every download silently taking the slower path."""
+    with requests.Session() as session:
+        with session.get(f"{bodies_url}/len/100", stream=True, timeout=5) as response:
+            assert isinstance(body_reader(response), ContentLengthBody)
+        with session.get(f"{bodies_url}/chunked/100", stream=True, timeout=5) as response:
+            assert isinstance(body_reader(response), Urllib3Body)
+
+
+@pytest.mark.parametrize("framing", ["short", "chunked-short"])
+def test_a_body_that_ends_early_is_a_broken_download_and_leaves_no_file(
+    tmp_path: Path, bodies_url: str, framing: str
+) -> None:
+    size = 3 * CHUNK_SIZE + 4097
+    with pytest.raises(OutputDownloadError) as info, requests.Session() as session:
+        download(f"{bodies_url}/{framing}/{size}", dest_dir=tmp_path, limits=LIMITS, session=session)
+    assert f"broke off after {size // 2} bytes" in str(info.value)
+    assert is_retryable(info.value)
+    assert list(tmp_path.iterdir()) == []
+    assert _download_threads() == []
+
+
+def test_an_announced_length_over_the_limit_is_refused_before_the_body(
+    tmp_path: Path, bodies_url: str
+) -> None:
+    limits = DownloadLimits(max_bytes=100_000, total_timeout=60.0, allow_private=True)
+    with pytest.raises(OutputTooLarge, match="is 300000 bytes"), requests.Session() as session:
+        download(f"{bodies_url}/len/300000", dest_dir=tmp_path, limits=limits, session=session)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("limit", [100_000, CHUNK_SIZE, 2 * CHUNK_SIZE + 1])
+def test_a_body_without_a_length_is_counted_against_the_limit(
+    tmp_path: Path, bodies_url: str, limit: int
+) -> None:
+    limits = DownloadLimits(max_bytes=limit, total_timeout=60.0, allow_private=True)
+    with requests.Session() as session:
+        with pytest.raises(OutputTooLarge, match="exceeds the limit"):
+            download(f"{bodies_url}/chunked/{limit + 1}", dest_dir=tmp_path, limits=limits, session=session)
+        assert list(tmp_path.iterdir()) == []
+        assert _download_threads() == []
+        exactly = download(f"{bodies_url}/chunked/{limit}", dest_dir=tmp_path, limits=limits, session=session)
+    assert exactly.size_bytes == limit
