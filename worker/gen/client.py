@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -110,6 +111,17 @@ CallObserver = Callable[[str, int | None, float], None]
 Pacer = Callable[[str], None]
 
 
+#: How long a content resource's URL is reused for new generations without asking GEN again.
+RESOURCE_URL_TTL = 600.0
+#: Most resource URLs one client remembers.
+RESOURCE_URL_CACHE = 4096
+
+
+class _Resolved(NamedTuple):
+    url: str
+    at: float
+
+
 class GenClient:
     """GEN's lipsync endpoints over one ``requests.Session``.
 
@@ -167,7 +179,8 @@ class GenClient:
         #: Asked before every request (endpoint), e.g. to keep a fleet-wide rate limit.
         self._pace = pace
         self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        self._resource_urls: dict[str, _Resolved] = {}
+        self._session = session if session is not None else _session_for(base_url)
         # Headers are added per request rather than to session.headers, so that a caller's shared
         # session never carries our key to anyone else's URL.
         self._headers = {
@@ -386,9 +399,10 @@ class GenClient:
                     "audio_resource_id": str(audio_resource_id),
                 },
             }
-        # The newer body takes URLs, not resource ids; resolve them first (two cheap GETs).
-        video = self.get_content_resource(video_resource_id)
-        audio = self.get_content_resource(audio_resource_id)
+        # The newer body takes URLs, not resource ids; resolve them first (two cheap GETs, or none
+        # for a resource looked up in the last few minutes).
+        video = self._resource_url(video_resource_id)
+        audio = self._resource_url(audio_resource_id)
         return {
             "generation_type": "lipsync",
             "data": {
@@ -399,6 +413,21 @@ class GenClient:
                 "lip_sync_model": _VIDSHEET_MODEL_NAMES[model],
             },
         }
+
+    def _resource_url(self, resource_id: str) -> _Resolved:
+        """A content resource's URL, remembered for :data:`RESOURCE_URL_TTL`: GEN's resource URLs
+        are "public and permanent until you explicitly delete the content resource", and a
+        pipeline often lipsyncs one video or voice many times. A resource deleted meanwhile makes
+        GEN refuse the generate, as it would have refused it a few minutes earlier."""
+        now = time.monotonic()
+        known = self._resource_urls.get(str(resource_id))
+        if known is not None and now - known.at < RESOURCE_URL_TTL:
+            return known
+        resolved = _Resolved(url=self.get_content_resource(resource_id).url, at=now)
+        if len(self._resource_urls) >= RESOURCE_URL_CACHE:
+            self._resource_urls.clear()  # rare (thousands of inputs in minutes): start afresh
+        self._resource_urls[str(resource_id)] = resolved
+        return resolved
 
     # -- transport --------------------------------------------------------------------------------
 
@@ -586,3 +615,19 @@ def idempotency_key_for(job_id: str) -> str:
     if not job_id:
         raise ValueError("job_id must not be empty")
     return f"lipsync-{job_id}"
+
+
+def _session_for(base_url: str) -> requests.Session:
+    """A session that reads the proxy and CA-bundle environment once, when it is made.
+
+    requests re-reads the environment on every request of a session that trusts it (proxies,
+    NO_PROXY matching, the CA bundle variables): about a tenth of a status poll's CPU. The same
+    settings, taken once, apply to every call (GEN is one host).
+    """
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies.update(requests.utils.get_environ_proxies(base_url))
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        session.verify = bundle
+    return session

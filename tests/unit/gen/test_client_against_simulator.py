@@ -175,3 +175,14 @@ def test_a_pacer_that_says_no_sends_nothing(sim: Any) -> None:
         client.get_content_resource("5001")
     assert info.value.retry_after == 3.0 and info.value.endpoint == "get_content_resource"
     assert len(sim.stats()["requests"]) == seen_before
+
+
+def test_the_vidsheet_body_reuses_a_resource_url_for_a_few_minutes(sim: Any) -> None:
+    client = _client(sim, "vidsheet")
+    before = sim.stats()["counts"]["content_resource"]
+    first = client.lipsync_body("gen", "5001", "6001")
+    second = client.lipsync_body("gen", "5001", "6002")
+    # Two lookups for the first body, one (the new audio) for the second: GEN saw three.
+    assert sim.stats()["counts"]["content_resource"] - before == 3
+    video = first["data"]["talking_avatar_video_data"]["video"]
+    assert video == second["data"]["talking_avatar_video_data"]["video"]
