@@ -96,7 +96,10 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     return outcome.for_message()
 
 
-@app.task(name=TASK_POLL, **STEP_OPTIONS)
+# A poll runs every few seconds for minutes: no STARTED, RETRY or result write of its own in the
+# result backend (nobody reads them: the caller's id carries the progress, and Flower sees every
+# run, retry and its reason in the task events).
+@app.task(name=TASK_POLL, **{**STEP_OPTIONS, "track_started": False, "ignore_result": True})
 def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Check the generation once; re-queued with a countdown until GEN reports a terminal status."""
     current, res = Job.model_validate(job), resources()
@@ -202,7 +205,9 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
     finally:
         steps.CURRENT_TASK_ID.reset(token)
     if isinstance(outcome, steps.Again):
-        if outcome.job.gen_status:
+        # Progress goes to the caller when GEN's status changes, not on every poll: a poll that
+        # finds nothing new writes nothing beyond its own retry.
+        if outcome.job.gen_status and outcome.job.gen_status != job.gen_status:
             _report(self, outcome.job, Stage.POLLING)
         line = _progress_line(outcome.job)
         # `exc` travels in the retry event, which is what Flower shows for the whole wait; the
