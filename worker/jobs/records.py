@@ -20,12 +20,18 @@ the paid API and no job is forgotten:
   :meth:`JobStore.callback`, and moved into the field before a job without it replaces ``job``.
 
 Records live ``job_timeout + result_ttl`` seconds after their last update.
+
+GEN's own events (:mod:`worker.events`) name generations, cells and layers, never our jobs: when GEN
+accepts a job, :meth:`JobStore.set_generation` also indexes it by its generation id and by the cell
+and layer it runs on, with the record's TTL, so an event can be traced back to the jobs waiting on
+what it names (:meth:`JobStore.jobs_of_generations`, :meth:`JobStore.jobs_on_targets`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, cast
 
 import redis
@@ -68,6 +74,68 @@ redis.call('HINCRBY', KEYS[1], 'drive', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
+
+
+#: The event index (see the module's docstring): a string per generation id, holding its job id, and
+#: a set of job ids per cell and per layer (jobs that may wait on it; finished ones are dropped when
+#: an event finds them there). Each key lives as long as the records it points at.
+EVENT_GENERATION_PREFIX = "lipsync:events:generation:"
+EVENT_CELL_PREFIX = "lipsync:events:cell:"
+EVENT_LAYER_PREFIX = "lipsync:events:layer:"
+
+# Record the generation id unless one is recorded (the first wins), and index the job under it and
+# its targets in the same step: a submit that dies half-way must not leave a job events cannot find.
+# Nothing is indexed for a hash without a record (a late step of a forgotten job).
+# KEYS: record, the generation's index key, then the target sets. ARGV: generation id, job id, ttl.
+_SET_GENERATION = """
+if redis.call('HSETNX', KEYS[1], 'generation_id', ARGV[1]) == 0 then
+  return redis.call('HGET', KEYS[1], 'generation_id')
+end
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return ARGV[1] end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+for i = 3, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[2])
+  redis.call('EXPIRE', KEYS[i], ARGV[3])
+end
+return ARGV[1]
+"""
+
+# Poll now: re-drive a job that waits for its next poll, if that poll is far enough away. Like a
+# sweeper's take-over it bumps the drive token (the waiting countdown poll turns stale) and gives
+# the fresh chain the queued-message deadline, but it is free: ``redrives`` is not counted, nor a
+# pending free_redrive flag used up. ``next_poll_at`` becomes now (the poll is due), so no second
+# nudge can pass until that poll has run and scheduled the next one; ``nudged_at`` spaces nudges.
+# KEYS: record, active set. ARGV: now, min_gain, min_interval, overdue_at, ttl, job id.
+# Returns the verdict: 'nudged' or why not (see NudgeVerdict).
+_NUDGE = """
+local f = redis.call('HMGET', KEYS[1], 'created_at', 'outcome', 'cancel_requested', 'state',
+  'generation_id', 'job', 'gen_status', 'next_poll_at', 'nudged_at')
+local function blank(v) return (not v) or v == '' end
+if blank(f[1]) then return 'unknown' end
+if not blank(f[2]) then return 'finished' end
+if f[3] == '1' then return 'cancelled' end
+if f[4] ~= 'polling' or blank(f[5]) or blank(f[6]) then return 'not_polling' end
+if f[7] == 'completed' or f[7] == 'failed' or f[7] == 'stopped' then return 'not_polling' end
+local now = tonumber(ARGV[1])
+local due = tonumber(f[8] or '')
+if (not due) or due <= now + tonumber(ARGV[2]) then return 'poll_due' end
+local last = tonumber(f[9] or '')
+if last and now - last < tonumber(ARGV[3]) then return 'recently_nudged' end
+redis.call('HINCRBY', KEYS[1], 'drive', 1)
+redis.call('HSET', KEYS[1], 'nudged_at', ARGV[1], 'next_poll_at', ARGV[1], 'updated_at', ARGV[1],
+  'overdue_at', ARGV[4], 'flag:chain_started', '1')
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+return 'nudged'
+"""
+
+#: What :meth:`JobStore.nudge` did: ``nudged``, or why not: the job is ``unknown`` (no record),
+#: ``finished``, ``cancelled``, ``not_polling`` (not waiting on GEN: queued, submitting, fetching, or
+#: its generation already ended), its next poll is due within the gain asked (``poll_due``, which
+#: includes a poll running now), or it was nudged less than the interval ago (``recently_nudged``).
+NudgeVerdict = Literal[
+    "nudged", "unknown", "finished", "cancelled", "not_polling", "poll_due", "recently_nudged"
+]
 
 
 #: What became of a stop asked of GEN (at a cancel, or at the deadline): ``stopped`` (GEN confirmed
@@ -142,6 +210,8 @@ class JobStore:
         self._mark_once = client.register_script(_MARK_ONCE)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._keep_callback = client.register_script(_KEEP_CALLBACK)
+        self._set_generation = client.register_script(_SET_GENERATION)
+        self._nudge = client.register_script(_NUDGE)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -256,13 +326,15 @@ class JobStore:
         self._keep_callback(keys=[self.key(job_id)], args=[json.dumps(callback)])
 
     def set_generation(self, job_id: str, generation_id: str) -> str:
-        """Record GEN's generation id; if one is already recorded, that one wins and is returned."""
+        """Record GEN's generation id; if one is already recorded, that one wins and is returned.
+
+        The job is indexed for GEN's events in the same step: under the generation id, and under
+        the cell and layer its request names (read from the record's job).
+        """
         key = self.key(job_id)
-        if not self.redis.hsetnx(key, "generation_id", generation_id):
-            existing = self.redis.hget(key, "generation_id")
-            assert existing is not None
-            return existing.decode() if isinstance(existing, bytes) else str(existing)
-        return generation_id
+        keys = [key, EVENT_GENERATION_PREFIX + generation_id, *self._target_keys(job_id)]
+        winner = self._set_generation(keys=keys, args=[generation_id, job_id, self.ttl])
+        return winner.decode() if isinstance(winner, bytes) else str(winner)
 
     def finish(
         self,
@@ -376,3 +448,69 @@ class JobStore:
 
     def forget_active(self, job_id: str) -> None:
         self.redis.zrem(ACTIVE_JOBS_KEY, job_id)
+
+    # -- GEN's events: which jobs an event names, and polling one of them now ------------------
+
+    def _target_keys(self, job_id: str) -> list[str]:
+        """The event index's sets for the cell and the layer the job runs on."""
+        raw = self.redis.hget(self.key(job_id), "job")
+        job = json.loads(raw) if raw else None
+        request = job.get("request") if isinstance(job, dict) else None
+        if not isinstance(request, dict):
+            return []
+        keys = []
+        for prefix, name in ((EVENT_CELL_PREFIX, "cell_id"), (EVENT_LAYER_PREFIX, "layer_id")):
+            if request.get(name) is not None:
+                keys.append(prefix + str(request[name]))
+        return keys
+
+    def jobs_of_generations(self, generation_ids: Sequence[str]) -> dict[str, str]:
+        """generation id -> job id, for the generation ids the index knows."""
+        if not generation_ids:
+            return {}
+        found = self.redis.mget([EVENT_GENERATION_PREFIX + g for g in generation_ids])
+        return {
+            g: job.decode() if isinstance(job, bytes) else str(job)
+            for g, job in zip(generation_ids, found, strict=True)
+            if job
+        }
+
+    def jobs_on_targets(self, cell_ids: Iterable[str], layer_ids: Iterable[str]) -> set[str]:
+        """Ids of the jobs indexed under any of these cells or layers (finished ones included until
+        :meth:`drop_from_targets` removes them)."""
+        keys = [EVENT_CELL_PREFIX + c for c in cell_ids] + [EVENT_LAYER_PREFIX + layer for layer in layer_ids]
+        if not keys:
+            return set()
+        return {member.decode() for member in cast("set[bytes]", self.redis.sunion(keys))}
+
+    def drop_from_targets(self, job_id: str, cell_ids: Iterable[str], layer_ids: Iterable[str]) -> None:
+        """Take a job that waits on nothing any more (finished, or gone) out of these target sets."""
+        keys = [EVENT_CELL_PREFIX + c for c in cell_ids] + [EVENT_LAYER_PREFIX + layer for layer in layer_ids]
+        if keys:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.srem(key, job_id)
+            pipe.execute()
+
+    def nudge(
+        self, job_id: str, *, now: float, min_gain: float, min_interval: float, overdue_at: float
+    ) -> tuple[NudgeVerdict, JobRecord | None]:
+        """Atomically make the job's next poll happen now, if it is waiting for one more than
+        ``min_gain`` seconds away and was not nudged in the last ``min_interval`` seconds: bump
+        ``drive`` (free: not a counted re-drive) and return the updated record, to send the fresh
+        poll chain from (:func:`worker.jobs.nudge.nudge_jobs`). Otherwise the verdict says why not,
+        and nothing is written.
+        """
+        args: list[str | int | float] = [
+            repr(now),
+            repr(min_gain),
+            repr(min_interval),
+            repr(overdue_at),
+            self.ttl,
+            job_id,
+        ]
+        raw = self._nudge(keys=[self.key(job_id), ACTIVE_JOBS_KEY], args=args)
+        verdict = cast("NudgeVerdict", raw.decode() if isinstance(raw, bytes) else str(raw))
+        if verdict != "nudged":
+            return verdict, None
+        return verdict, self.get(job_id)

@@ -90,7 +90,9 @@ __all__ = [
     "MetricsCollector",
     "main",
     "record_callback",
+    "record_event_nudges",
     "record_gen_call",
+    "record_gen_event",
     "record_job_finished",
     "record_misrouted",
     "record_recoveries",
@@ -113,6 +115,10 @@ CALLBACKS_KEY = METRICS_PREFIX + "callbacks"
 MISROUTED_KEY = METRICS_PREFIX + "misrouted"
 #: Counter hash, labels (cause,): jobs and webhooks the sweeper re-drove, by why.
 RECOVERIES_KEY = METRICS_PREFIX + "recoveries"
+#: Counter hash, labels (outcome,): POSTs to the GEN event receiver (lipsync-worker events).
+GEN_EVENTS_KEY = METRICS_PREFIX + "gen_events"
+#: Counter hash, labels (result,): jobs GEN's events named, by what the nudge did.
+EVENT_NUDGES_KEY = METRICS_PREFIX + "event_nudges"
 METRICS_KEYS = (
     GEN_REQUESTS_KEY,
     GEN_REQUEST_DURATION_KEY,
@@ -121,6 +127,8 @@ METRICS_KEYS = (
     CALLBACKS_KEY,
     MISROUTED_KEY,
     RECOVERIES_KEY,
+    GEN_EVENTS_KEY,
+    EVENT_NUDGES_KEY,
 )
 
 INF = math.inf
@@ -182,6 +190,19 @@ def record_recoveries(r: redis.Redis, *, cause: str, count: int) -> None:
     ``released_on_reconnect`` (liveness), ``overdue`` (a job past its due time),
     ``webhook_overdue``, ``callbacks_redispatched``."""
     _record(r, "recovery", counters=[(RECOVERIES_KEY, (cause,))], amount=count)
+
+
+def record_gen_event(r: redis.Redis, *, outcome: str) -> None:
+    """Count one POST to the GEN event receiver: ``matched`` (it named a job we wait on),
+    ``unmatched`` (it named none of ours), ``unreadable`` (not JSON, or naming no generation, cell
+    or layer), ``refused`` (wrong token, method or size)."""
+    _record(r, "GEN event", counters=[(GEN_EVENTS_KEY, (outcome,))])
+
+
+def record_event_nudges(r: redis.Redis, *, result: str, count: int = 1) -> None:
+    """Count jobs GEN's events named, by ``result``: ``sent`` (polled now), or why not (a
+    :data:`worker.jobs.records.NudgeVerdict`: ``poll_due``, ``recently_nudged``, ``not_polling``...)."""
+    _record(r, "event nudge", counters=[(EVENT_NUDGES_KEY, (result,))], amount=count)
 
 
 def _record(
@@ -462,6 +483,19 @@ def _histories(s: _Snapshot) -> Iterator[Metric]:
         "webhook_overdue, callbacks_redispatched).",
         ["cause"],
         s.hashes.get(RECOVERIES_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_gen_events",
+        "POSTs to the GEN event receiver by outcome (matched, unmatched, unreadable, refused).",
+        ["outcome"],
+        s.hashes.get(GEN_EVENTS_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_event_nudges",
+        "Jobs GEN's events named, by what was done: sent (polled now) or why not "
+        "(poll_due, recently_nudged, not_polling, finished, cancelled, unknown).",
+        ["result"],
+        s.hashes.get(EVENT_NUDGES_KEY, {}),
     )
 
 
