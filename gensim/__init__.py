@@ -3,7 +3,9 @@
 It speaks the lipsync part of GEN's API as GEN documents it: generate on a cell or a
 layer under both path prefixes (``/v1/autocontentengine`` and ``/v1/vidsheet``) with both lipsync
 bodies, ``GET /v1/generations/{id}``, stop/continue, cells and layers with their ``user_jobs``,
-content resources, Idempotency-Key, and a public CDN serving real MP4/JPEG bytes. Faults (429, 5xx,
+content resources, Idempotency-Key, a public CDN serving real MP4/JPEG bytes, and the agent's
+automation config with its event webhook (``PATCH …/automation_config``, ``test_webhook``, a POST on
+each status change, late by ``event_delay`` and lost at ``event_loss``). Faults (429, 5xx,
 slow, dropped, malformed, truncated and trickled responses, lost submit answers) can be injected
 from Python or over HTTP (``/_sim/...``) for out-of-process use. Standard library only.
 
@@ -33,7 +35,8 @@ The seeded world
   ``pending`` for the first 20% of its model's duration, ``processing`` until the duration, then
   ``completed`` (cost gen 100.0, sync_so 200.0) or ``failed``.
 
-Modules: :mod:`.state` (world, generations, idempotency), :mod:`.bodies` (the two lipsync bodies),
+Modules: :mod:`.state` (world, generations, idempotency), :mod:`.events` (the agents' event
+webhook), :mod:`.bodies` (the two lipsync bodies),
 :mod:`.faults`, :mod:`.stats`, :mod:`.media` (MP4/JPEG/MP3 bytes), :mod:`.server` (HTTP),
 :mod:`.runner` (:class:`GenSimulator`, :func:`serve`).
 """

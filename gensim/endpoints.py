@@ -15,4 +15,7 @@ ENDPOINT_KINDS = (
     "cdn",
     "me",
     "automation_config",
+    "set_automation_config",
+    "test_webhook",
+    "test_callback",
 )

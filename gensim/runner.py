@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType, TracebackType
 from typing import Any, TextIO
 
+from gensim.events import validate_event_delay, validate_event_loss
 from gensim.faults import Fault, FaultBook
 from gensim.server import SimContext, SimHTTPServer
 from gensim.state import NO_FACE_REASON, SimState, validate_durations
@@ -71,6 +72,7 @@ class GenSimulator:
             daemon=True,
         )
         self._thread.start()
+        self._ctx.state.events.start()
         return self
 
     def stop(self) -> None:
@@ -79,6 +81,7 @@ class GenSimulator:
         if server is None:
             return
         self._ctx.stopping.set()  # cuts delay/trickle faults short
+        self._ctx.state.events.stop()
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -148,6 +151,28 @@ class GenSimulator:
         """Draw each new generation's duration from ``sampler(model)`` (seconds) instead of the
         fixed ``durations`` (None: back to them). Called under the simulator's lock: keep it quick."""
         self._ctx.state.duration_sampler = sampler
+
+    @property
+    def event_delay(self) -> float:
+        return self._ctx.state.events.delay
+
+    @event_delay.setter
+    def event_delay(self, seconds: float) -> None:
+        """Seconds between a generation's status change and the event GEN posts about it."""
+        self._ctx.state.events.delay = validate_event_delay(seconds)
+
+    @property
+    def event_loss(self) -> float:
+        return self._ctx.state.events.loss
+
+    @event_loss.setter
+    def event_loss(self, rate: float) -> None:
+        """Probability that an event is never sent (GEN documents no delivery guarantee)."""
+        self._ctx.state.events.loss = validate_event_loss(rate)
+
+    def seed_events(self, seed: int | None) -> None:
+        """Make which events are lost reproducible (None: unpredictable again)."""
+        self._ctx.state.events.seed(seed)
 
     @property
     def strict_dialect(self) -> bool:

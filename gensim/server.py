@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from gensim.events import validate_event_delay, validate_event_loss
 from gensim.faults import Fault, FaultBook
 from gensim.state import ApiError, SimState, validate_durations
 from gensim.stats import Stats
@@ -41,6 +42,7 @@ IDLE_TIMEOUT = 120.0
 _CELL = r"/v1/(?P<prefix>autocontentengine|vidsheet)/(?P<sheet>[^/]+)/cells/(?P<cell>[^/]+)"
 _LAYER = _CELL + r"/layers/(?P<layer>[^/]+)"
 _GEN = r"/v1/generations/(?P<gen>[^/]+)"
+_AGENT = r"/v1/agents/(?P<agent>[^/]+)"
 
 #: (methods, path pattern, endpoint kind). The kind names the endpoint for faults and stats.
 ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
@@ -54,13 +56,19 @@ ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
     (frozenset({"POST"}), re.compile(_GEN + "/continue"), "continue"),
     (frozenset({"GET"}), re.compile(r"/v1/content_resources/(?P<resource>[^/]+)"), "content_resource"),
     (frozenset({"GET"}), re.compile(r"/v1/me"), "me"),
-    (frozenset({"GET"}), re.compile(r"/v1/agents/(?P<agent>[^/]+)/automation_config"), "automation_config"),
+    (frozenset({"GET"}), re.compile(_AGENT + "/automation_config"), "automation_config"),
+    (frozenset({"PATCH"}), re.compile(_AGENT + "/automation_config"), "set_automation_config"),
+    (frozenset({"POST"}), re.compile(_AGENT + "/automation_config/test_webhook"), "test_webhook"),
+    (frozenset({"POST"}), re.compile(_AGENT + "/automation_config/test_callback"), "test_callback"),
     (
         frozenset({"GET", "HEAD"}),
         re.compile(r"/cdn/(?P<folder>outputs|thumbnails|uploads)/(?P<name>[^/]+)\.(?P<ext>mp4|jpg|mp3)"),
         "cdn",
     ),
 ]
+
+#: Endpoint kinds of the agent's automation config (answered by SimHandler._agent_api).
+AGENT_KINDS = frozenset({"automation_config", "set_automation_config", "test_webhook", "test_callback"})
 
 _FAULT_MESSAGES = {
     429: ("rate_limited", "Too many requests, slow down"),
@@ -97,6 +105,8 @@ class SimContext:
             "durations": dict(self.state.durations),
             "agent_ids": sorted(self.state.agent_ids),
             "base_url": self.state.base_url,
+            "event_delay": self.state.events.delay,
+            "event_loss": self.state.events.loss,
         }
 
 
@@ -111,6 +121,8 @@ class Reply:
     cut_after: int | None = None
     #: Seconds between 1 KiB body chunks: a slow CDN.
     trickle: float | None = None
+    #: A status read's answer: the generation's status (logged, see Stats.log_request).
+    gen_status: str | None = None
 
     @classmethod
     def json(cls, status: int, payload: Any, headers: dict[str, str] | None = None) -> Reply:
@@ -278,6 +290,7 @@ class SimHandler(BaseHTTPRequestHandler):
             status=reply.status,
             idempotency_key=self.headers.get("Idempotency-Key") or None,
             faulted=fault is not None,
+            gen_status=reply.gen_status,
         )
         self._send(reply, method)
 
@@ -363,7 +376,10 @@ class SimHandler(BaseHTTPRequestHandler):
     def _api(self, kind: str, params: dict[str, str], query: dict[str, list[str]], raw_body: bytes) -> Reply:
         state = self.ctx.state
         if kind == "get_generation":
-            return Reply.json(200, state.get_generation(params["gen"]))
+            view = state.get_generation(params["gen"])
+            reply = Reply.json(200, view)
+            reply.gen_status = view["status"]
+            return reply
         if kind == "stop":
             return Reply.json(200, state.stop(params["gen"]))
         if kind == "continue":
@@ -372,8 +388,8 @@ class SimHandler(BaseHTTPRequestHandler):
             return Reply.error(404, "not_found", "Not found")
         if kind == "me":
             return Reply.json(200, state.me())
-        if kind == "automation_config":
-            return Reply.json(200, state.automation_config(params["agent"]))
+        if kind in AGENT_KINDS:
+            return self._agent_api(kind, params["agent"], raw_body)
         body = _parse_json(raw_body) if kind in ("generate", "patch_cell") else None
         # agent_id may come in the query (documented) or in the JSON body (what GEN's MCP sends).
         agent: object = query.get("agent_id", [None])[0]
@@ -400,6 +416,16 @@ class SimHandler(BaseHTTPRequestHandler):
             idempotency_key=self.headers.get("Idempotency-Key") or None,
         )
         return Reply.json(201, response, {"Idempotent-Replayed": "true"} if replayed else None)
+
+    def _agent_api(self, kind: str, agent: str, raw_body: bytes) -> Reply:
+        """The agent's automation config and its webhook tests (gensim.events)."""
+        state = self.ctx.state
+        if kind == "automation_config":
+            return Reply.json(200, state.automation_config(agent))
+        if kind == "set_automation_config":
+            return Reply.json(200, state.set_automation_config(agent, _parse_json(raw_body)))
+        which = "webhook_url" if kind == "test_webhook" else "callback_url"
+        return Reply.json(200, state.test_webhook(agent, which))
 
     def _cdn(self, params: dict[str, str]) -> Reply:
         folder, name, ext = params["folder"], params["name"], params["ext"]
@@ -470,14 +496,24 @@ class SimHandler(BaseHTTPRequestHandler):
 
 
 def apply_config(state: SimState, changes: dict[str, Any]) -> None:
-    """Change output_size / strict_dialect / durations of a running simulator (validated first)."""
-    unknown = sorted(set(changes) - {"output_size", "strict_dialect", "durations"})
+    """Change output_size / strict_dialect / durations / event_delay / event_loss / event_seed of a
+    running simulator (validated first)."""
+    known = {"output_size", "strict_dialect", "durations", "event_delay", "event_loss", "event_seed"}
+    unknown = sorted(set(changes) - known)
     if unknown:
         raise ValueError(f"unknown config fields: {unknown}")
     durations = validate_durations({**state.durations, **changes.get("durations", {})})
     strict = changes.get("strict_dialect", state.strict_dialect)
     if not isinstance(strict, bool):
         raise ValueError("strict_dialect must be a boolean")
+    delay = validate_event_delay(changes.get("event_delay", state.events.delay))
+    loss = validate_event_loss(changes.get("event_loss", state.events.loss))
+    seed = changes.get("event_seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError("event_seed must be an integer")
+    state.events.delay, state.events.loss = delay, loss
+    if "event_seed" in changes:
+        state.events.seed(seed)
     if "output_size" in changes:
         state.output_size = changes["output_size"]
     state.strict_dialect = strict

@@ -6,9 +6,10 @@ all of it, so each operation is atomic; in particular the Idempotency-Key check 
 guards happen under the same lock, which is what makes two concurrent POSTs with one key create one
 generation.
 
-Generation status is computed from the clock when asked (no background threads): ``pending`` for
-the first 20% of the model's duration, ``processing`` until the duration, then ``completed`` or
-``failed``. Stop freezes a generation as ``stopped``; continue restarts its clock.
+Generation status is computed from the clock when asked: ``pending`` for the first 20% of the
+model's duration, ``processing`` until the duration, then ``completed`` or ``failed``. Stop freezes a
+generation as ``stopped``; continue restarts its clock. The one background thread is the agent's
+event webhook (:mod:`gensim.events`), which is told each status change as it is scheduled.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 from gensim import media
 from gensim.bodies import BodyInvalid, LipsyncInputs, as_id, parse_lipsync
+from gensim.events import AutomationConfig, EventSender, apply_patch, post_json
 from gensim.stats import Stats, target_key
 
 SHEET_IDS = (101, 102)
@@ -192,6 +194,8 @@ class SimState:
         self.resources = seed_resources()
         self._seeded_ts = int(time.time() * 1000)
         self._next_id = _FIRST_GENERATION_ID
+        #: The agents' event webhook: status changes go out from its thread (started by the server).
+        self.events = EventSender(clock=clock, source=self._event_for, log=stats.event_sent)
         self._clear()
 
     def duration_for(self, model: str) -> float:
@@ -209,12 +213,15 @@ class SimState:
         self._keys: OrderedDict[str, _KeyEntry] = OrderedDict()
         self._fail_queue: deque[str] = deque()
         self._cells: dict[tuple[int, int], _Cell] = {}
+        self._automation: dict[str, AutomationConfig] = {}
 
     def reset(self) -> None:
-        """Forget generations, keys, pending failures and cell edits. Ids keep counting up, so a
-        generation id seen before the reset never names a different generation after it."""
+        """Forget generations, keys, pending failures, cell edits, the agents' automation configs
+        and the events not sent yet. Ids keep counting up, so a generation id seen before the reset
+        never names a different generation after it."""
         with self._lock:
             self._clear()
+            self.events.clear()
 
     @property
     def output_size(self) -> int:
@@ -243,10 +250,75 @@ class SimState:
 
     def automation_config(self, raw_agent: str) -> dict[str, Any]:
         """``GET /v1/agents/{agent_id}/automation_config``: 404 for an agent the key cannot see."""
+        with self._lock:
+            return {"automation_config": self._automation_of(raw_agent).view()}
+
+    def set_automation_config(self, raw_agent: str, body: object) -> dict[str, Any]:
+        """``PATCH …/automation_config``: 404 for an unknown agent, 422 for a URL GEN would refuse."""
+        with self._lock:
+            config = self._automation_of(raw_agent)
+            problem = apply_patch(config, body)
+            if problem is not None:
+                raise ApiError(422, "validation_error", problem)
+            return {"automation_config": config.view()}
+
+    def test_webhook(self, raw_agent: str, which: str = "webhook_url") -> dict[str, Any]:
+        """``POST …/automation_config/test_webhook`` (or ``test_callback``): POST a test event to
+        the configured URL, now, and say whether it was answered with a 2xx."""
+        with self._lock:
+            agent_id = self._check_known_agent(raw_agent)
+            url = getattr(self._automation_of(agent_id), which)
+        if url is None:
+            raise ApiError(422, "validation_error", f"No {which} configured")
+        body = {
+            "event": "test",
+            "agent_id": agent_id,
+            "message": "Test event from GEN (simulated)",
+            "generation": None,
+        }
+        status, error = post_json(url, body)  # outside the lock: it may take seconds
+        if status is not None and 200 <= status < 300:
+            return {"success": True}
+        return {"success": False, "error": error or f"HTTP {status}"}
+
+    def _check_known_agent(self, raw_agent: object) -> str:
         agent_id = as_id(raw_agent)
         if agent_id is None or agent_id not in self.agent_ids:
             raise ApiError(404, "not_found", "Agent not found")
-        return {"automation_config": {"webhook_url": None, "callback_url": None, "polling_enabled": True}}
+        return agent_id
+
+    def _automation_of(self, raw_agent: object) -> AutomationConfig:
+        return self._automation.setdefault(self._check_known_agent(raw_agent), AutomationConfig())
+
+    def _event_for(self, generation_id: int, status: str, epoch: int) -> tuple[str, dict[str, Any]] | None:
+        """The webhook URL and body of a status change (see :mod:`gensim.events`), if the change
+        still holds (not stopped or continued since) and the agent has a webhook URL."""
+        with self._lock:
+            gen = self._generations.get(generation_id)
+            if gen is None or gen.continues != epoch:
+                return None
+            view = self._view(gen, self._clock())
+            config = self._automation.get(gen.agent_id)
+            if view["status"] != status or config is None or config.webhook_url is None:
+                return None
+            body = {
+                "event": f"generation.{status}",
+                "agent_id": gen.agent_id,
+                "spreadsheet_id": gen.sheet_id,
+                "cell_id": gen.cell_id,
+                "layer_id": gen.layer_id,
+                "generation": view,
+            }
+            return config.webhook_url, body
+
+    def _schedule_events(self, gen: Generation) -> None:
+        """Tell the event sender when this run of the generation changes status (lock held)."""
+        if gen.outcome == "stuck":
+            return
+        self.events.schedule(
+            gen.id, "processing", gen.started_at + PENDING_SHARE * gen.duration, gen.continues
+        )
+        self.events.schedule(gen.id, gen.outcome, gen.started_at + gen.duration, gen.continues)
 
     def _check_agent(self, agent: object) -> str:
         agent_id = as_id(agent)
@@ -338,6 +410,7 @@ class SimState:
             self._stats.generation_created(
                 gen.id, idempotency_key, target=target_key(sheet_id, cell_id, layer_id)
             )
+            self._schedule_events(gen)
             return response, False
 
     def _expire_keys(self, now: float) -> None:
@@ -435,6 +508,7 @@ class SimState:
                 raise ApiError(422, "job_cannot_be_stopped", f"Generation already {status}")
             gen.stopped = True
             gen.stopped_by_api = True
+            self.events.schedule(gen.id, "stopped", self._clock(), gen.continues)
             return {"generation_id": gen.id, "status": "stopped"}
 
     def continue_(self, raw_id: str) -> dict[str, Any]:
@@ -448,6 +522,7 @@ class SimState:
             gen.continues += 1
             gen.charges += 1
             self._stats.charged()
+            self._schedule_events(gen)
             return {"generation_id": gen.id, "status": "pending"}
 
     # ------------------------------------------------------------------ cells and layers

@@ -1,11 +1,12 @@
 """What the simulator saw and did, kept exact so tests can assert on it.
 
-Three kinds of facts: the request log (every request except the /_sim admin API, faulted or not,
+Four kinds of facts: the request log (every request except the /_sim admin API, faulted or not,
 recorded just before its response goes out so that a client which got an answer also finds it
 here), the arrival log (the same requests, recorded the moment each one was read, before any fault
 delays it: when a client that died mid-request had asked), and the generation bookkeeping that
 :mod:`gensim.state` reports (creations, per Idempotency-Key and per target, charges, stop
-requests). Thread-safe; :meth:`Stats.snapshot` returns plain JSON-able data.
+requests), and the agents' events (each status change announced to a webhook: sent, with its
+answer, or lost on purpose). Thread-safe; :meth:`Stats.snapshot` returns plain JSON-able data.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Stats:
     def _clear(self) -> None:
         self._requests: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._arrivals: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
+        self._events: deque[dict[str, Any]] = deque(maxlen=MAX_LOGGED_REQUESTS)
         self._counts: dict[str, int] = dict.fromkeys(KNOWN_KINDS, 0)
         self._unauthorized = 0
         self._generations_created = 0
@@ -59,8 +61,11 @@ class Stats:
         status: int | None,
         idempotency_key: str | None,
         faulted: bool,
+        gen_status: str | None = None,
     ) -> None:
-        entry = {
+        """``gen_status``: the generation's status as answered (a status read), so a test can tell
+        the first request that saw it completed; the entry has the field only then."""
+        entry: dict[str, Any] = {
             "t": time.time(),
             "method": method,
             "path": path,
@@ -69,6 +74,8 @@ class Stats:
             "idempotency_key": idempotency_key,
             "faulted": faulted,
         }
+        if gen_status is not None:
+            entry["gen_status"] = gen_status
         with self._lock:
             self._requests.append(entry)
             self._counts[endpoint] = self._counts.get(endpoint, 0) + 1
@@ -94,6 +101,12 @@ class Stats:
             if target is not None:
                 self._by_target.setdefault(target, []).append(generation_id)
 
+    def event_sent(self, entry: dict[str, Any]) -> None:
+        """An event was announced: ``{"t", "generation_id", "status", "event", "lost", "http_status",
+        "error"}`` (``lost``: dropped on purpose, never sent; else the receiver's answer or the error)."""
+        with self._lock:
+            self._events.append(dict(entry))
+
     def replayed(self) -> None:
         with self._lock:
             self._replays += 1
@@ -111,6 +124,7 @@ class Stats:
             return {
                 "requests": [dict(r) for r in self._requests],
                 "arrivals": [dict(r) for r in self._arrivals],
+                "events": [dict(e) for e in self._events],
                 "counts": dict(self._counts),
                 "generations_created": self._generations_created,
                 "charges": self._charges,
