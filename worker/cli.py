@@ -143,6 +143,28 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_metrics)
 
     p = sub.add_parser(
+        "events", help="receive GEN's agent events and poll the jobs they name now (docs/events.md)"
+    )
+    p.add_argument("--host", default=None, help="address to listen on (default: LIPSYNC_EVENTS_HOST)")
+    p.add_argument("--port", type=int, default=None, help="port to listen on (default: LIPSYNC_EVENTS_PORT)")
+    p.set_defaults(handler=_cmd_events)
+
+    p = sub.add_parser("gen-webhook", help="point GEN's agent events at `lipsync-worker events`, test, show")
+    hook = p.add_subparsers(dest="action", required=True)
+    register = hook.add_parser(
+        "register",
+        help="set the agent's webhook_url on GEN to the receiver's URL",
+        description="URL: the receiver's public address. Without a /gen-events/<token> path the token is "
+        "added from LIPSYNC_EVENTS_TOKEN (so it stays out of your shell history); with one, it must be "
+        "that token. The token is masked in everything printed.",
+    )
+    register.add_argument("url")
+    hook.add_parser("test", help="ask GEN to post a test event to the registered URL (exit 1: it failed)")
+    hook.add_parser("show", help="print the agent's automation config on GEN (tokens masked)")
+    hook.add_parser("clear", help="set the agent's webhook_url to null: GEN stops sending events")
+    p.set_defaults(handler=_cmd_gen_webhook)
+
+    p = sub.add_parser(
         "health", help="exit 0 when the broker and job-record Redis answer and GEN accepts the key and agent"
     )
     p.set_defaults(handler=_cmd_health)
@@ -408,6 +430,125 @@ def _cmd_metrics(args: argparse.Namespace, extra: list[str]) -> int:
     from worker.ops.metrics import main as metrics_main
 
     return metrics_main(extra)
+
+
+def _events_token() -> str | None:
+    from worker.settings import get_settings
+
+    token = get_settings().events_token
+    return token.get_secret_value() if token is not None else None
+
+
+def _cmd_events(args: argparse.Namespace, _: list[str]) -> int:
+    import logging
+
+    from worker.app import app
+    from worker.celery_queue import CeleryQueue
+    from worker.events.receiver import EventReceiver, serve
+    from worker.events.tokens import BadToken, check_token
+    from worker.jobs.resources import resources
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    try:
+        token = check_token(_events_token())
+    except BadToken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    receiver = EventReceiver(CeleryQueue(app), resources(), token=token, max_body=settings.events_max_body)
+    host = args.host if args.host is not None else settings.events_host
+    port = args.port if args.port is not None else settings.events_port
+    try:
+        serve(receiver, host, port)
+    except OSError as exc:  # the port is taken, the host does not resolve
+        print(f"error: the event receiver could not listen on {host}:{port}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _cmd_gen_webhook(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.errors import ConfigurationError
+    from worker.events.tokens import mask_text
+    from worker.gen.client import GenClient
+    from worker.gen.errors import GenAPIError
+    from worker.settings import get_settings
+
+    token = _events_token()
+    try:
+        client = GenClient.from_settings(get_settings())
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with client:
+        try:
+            if args.action == "register":
+                return _register_webhook(client, args.url, token)
+            if args.action == "test":
+                return _test_webhook(client, token)
+            answer = (
+                client.set_event_webhook(None) if args.action == "clear" else client.get_automation_config()
+            )
+        except GenAPIError as exc:
+            print(f"error: GEN answered: {mask_text(str(exc), token)}", file=sys.stderr)
+            return EXIT_FAILED
+    print(_masked_json(answer, token))
+    return EXIT_OK
+
+
+def _register_webhook(client: Any, url: str, token: str | None) -> int:
+    """Check the URL is the receiver's (its token ours), set it on GEN, print what GEN answered."""
+    import hmac
+
+    from worker.events.tokens import BadToken, check_token, mask_url, receiver_url, token_in
+
+    carried = token_in(url)
+    try:
+        if carried is None:
+            url = receiver_url(url, check_token(token))
+        elif token is not None and not hmac.compare_digest(carried.encode(), token.encode()):
+            print(
+                f"error: {mask_url(url)} carries a token that is not LIPSYNC_EVENTS_TOKEN: "
+                "the receiver would refuse every event",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        else:
+            check_token(carried)
+    except BadToken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not url.startswith(("https://", "http://")):
+        print(f"error: {mask_url(url)} is not an http(s) URL", file=sys.stderr)
+        return EXIT_USAGE
+    if url.startswith("http://"):
+        print(
+            "warning: an http:// URL sends the token in clear; use https:// outside a test", file=sys.stderr
+        )
+    answer = client.set_event_webhook(url)
+    print(f"GEN will post agent {client.agent_id}'s events to {mask_url(url)}", file=sys.stderr)
+    print(_masked_json(answer, token or carried))
+    return EXIT_OK
+
+
+def _test_webhook(client: Any, token: str | None) -> int:
+    answer = client.test_event_webhook()
+    print(_masked_json(answer, token))
+    if answer.get("success") is True:
+        print("GEN reached the receiver", file=sys.stderr)
+        return EXIT_OK
+    from worker.events.tokens import mask_text
+
+    error = mask_text(str(answer.get("error") or "no reason given"), token)
+    print(f"error: GEN could not reach the receiver: {error}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _masked_json(document: Any, token: str | None) -> str:
+    """GEN's answer as JSON, with the receiver's token masked wherever it appears."""
+    from worker.events.tokens import mask_text
+
+    return mask_text(json.dumps(document, indent=2), token)
 
 
 def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:

@@ -372,6 +372,40 @@ class GenClient:
         inner = data.get("content_resource", data)
         return self._validate(ContentResource, inner, "get_content_resource")
 
+    def get_automation_config(self) -> dict[str, Any]:
+        """``GET /v1/agents/{agent_id}/automation_config``: the agent's ``webhook_url`` and
+        ``callback_url`` settings, as GEN's JSON object. Raises as :meth:`get_cell`."""
+        reply = self._request("GET", self._automation_path(), endpoint="automation_config")
+        return self._parse_object(reply, "automation_config")
+
+    def set_event_webhook(self, url: str | None) -> dict[str, Any]:
+        """``PATCH …/automation_config`` with ``webhook_url`` (None: no more events): where GEN posts
+        its events for this agent (``lipsync-worker events``). Returns GEN's answer (its shape is
+        not documented; ``{}`` for an empty one).
+
+        Raises :class:`GenRejected` (422: GEN refuses the URL), :class:`GenNotFound` (an agent the
+        key cannot see), :class:`GenAuthError`; retryable errors as every call.
+        """
+        reply = self._request(
+            "PATCH",
+            self._automation_path(),
+            endpoint="set_automation_config",
+            json_body={"automation_config": {"webhook_url": url}},
+        )
+        return self._parse_object(reply, "set_automation_config") if (reply.body or b"").strip() else {}
+
+    def test_event_webhook(self) -> dict[str, Any]:
+        """``POST …/automation_config/test_webhook``: GEN posts a test event to the configured URL and
+        answers ``{"success": true}`` or ``{"success": false, "error": "Connection refused"}``.
+
+        Raises :class:`GenRejected` (422: no webhook URL configured), and as :meth:`get_cell`.
+        """
+        reply = self._request("POST", self._automation_path() + "/test_webhook", endpoint="test_webhook")
+        return self._parse_object(reply, "test_webhook")
+
+    def _automation_path(self) -> str:
+        return f"/v1/agents/{_segment(self._agent_id)}/automation_config"
+
     # -- request building -----------------------------------------------------------------------
 
     def _agent_params(self) -> dict[str, str]:
