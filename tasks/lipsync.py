@@ -97,8 +97,9 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
 
 
 # A poll runs every few seconds for minutes: no STARTED, RETRY or result write of its own in the
-# result backend (nobody reads them: the caller's id carries the progress, and Flower sees every
-# run, retry and its reason in the task events).
+# result backend (the caller's id carries the progress; Flower sees every run, retry and reason in
+# the task events). Its failure is stored all the same (_fail): Celery hands a caller's link_error
+# the id of the step that failed, and errbacks read its result.
 @app.task(name=TASK_POLL, **{**STEP_OPTIONS, "track_started": False, "ignore_result": True})
 def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Check the generation once; re-queued with a countdown until GEN reports a terminal status."""
@@ -224,6 +225,10 @@ def _run_step(self: AnyTask, job: Job, res: Resources, step: Callable[[Job, Reso
 def _fail(self: AnyTask, job: Job, exc: BaseException, res: Resources) -> NoReturn:
     failure = failure_for(exc, job=job, job_id=job.job_id, metadata=job.request.metadata, now=res.clock())
     stored = finish(_queue(self), res, job_id=job.job_id, callback=job.request.callback, outcome=failure)
+    if self.ignore_result and self.request.id:
+        # Celery keeps no result of this task, but a link_error names it: store its failure.
+        failed = LipsyncJobFailed(stored)
+        self.backend.mark_as_failure(self.request.id, failed, request=self.request, call_errbacks=False)
     if job.task_id and job.task_id != self.request.id:
         # Celery stores the failure under the caller's id, but monitors (Flower) only learn a task's
         # state from events: tell them the caller's task failed too.
