@@ -44,7 +44,7 @@ Doc = dict[str, Any]
 #: In deploy/kubernetes but never applied by ``kubectl apply -k``.
 NOT_APPLIED = {"secret.example.yaml", "hpa.yaml"}
 SETTING_VARS = {f"LIPSYNC_{name.upper()}" for name in Settings.model_fields}
-SECRET_VARS = {"LIPSYNC_GEN_API_KEY", "LIPSYNC_WEBHOOK_SECRET"}
+SECRET_VARS = {"LIPSYNC_GEN_API_KEY", "LIPSYNC_WEBHOOK_SECRET", "LIPSYNC_EVENTS_TOKEN"}
 DOWNLOAD_TIMEOUT = float(Settings.model_fields["download_timeout"].default)
 PLACEHOLDER = "REPLACE_ME"
 WORKER_COMMAND = re.compile(r"^lipsync-worker worker (?:.* )?-Q (\S+)")
@@ -379,6 +379,29 @@ def test_metrics_deployment_serves_prometheus_once() -> None:
     assert all("secretRef" not in source for source in container["envFrom"])
 
 
+def test_events_receiver_takes_only_its_token_from_the_secret() -> None:
+    deployment = named("Deployment", "lipsync-events")
+    (container,) = containers(deployment)
+    port = Settings.model_fields["events_port"].default
+    assert command_line(container) == f"lipsync-worker events --host 0.0.0.0 --port {port}"
+    assert port in {p["containerPort"] for p in container["ports"]}
+    # The Redis URLs from the ConfigMap; of the secrets, the token only (no GEN key, no webhook secret).
+    assert container["envFrom"] == [{"configMapRef": {"name": configmap()["metadata"]["name"]}}]
+    assert container["env"] == [
+        {
+            "name": "LIPSYNC_EVENTS_TOKEN",
+            "valueFrom": {
+                "secretKeyRef": {"name": secret()["metadata"]["name"], "key": "LIPSYNC_EVENTS_TOKEN"}
+            },
+        }
+    ]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/healthz"
+    # Stateless: more than one replica keeps GEN answered through a rollout.
+    assert deployment["spec"]["replicas"] >= 2
+    assert named("Service", "lipsync-events")["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
 def test_flower_requires_basic_auth_from_the_secret_and_stays_internal() -> None:
     deployment = named("Deployment", "lipsync-flower")
     (container,) = containers(deployment)
@@ -472,7 +495,12 @@ def env_file(filename: str) -> dict[str, str]:
     return pairs
 
 
-UNITS = ["lipsync-worker@.service", "lipsync-flower.service", "lipsync-metrics.service"]
+UNITS = [
+    "lipsync-worker@.service",
+    "lipsync-flower.service",
+    "lipsync-metrics.service",
+    "lipsync-events.service",
+]
 
 
 @pytest.mark.parametrize("filename", UNITS)
@@ -526,6 +554,19 @@ def test_metrics_unit_runs_the_metrics_command() -> None:
     ]
 
 
+def test_events_unit_runs_the_receiver_behind_a_local_proxy() -> None:
+    argv = shlex.split(unit("lipsync-events.service")["Service"]["ExecStart"])
+    port = str(Settings.model_fields["events_port"].default)
+    assert argv == [
+        "/opt/lipsync-worker/.venv/bin/lipsync-worker",
+        "events",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+    ]
+
+
 def test_env_example_holds_real_settings_and_placeholder_secrets() -> None:
     env = env_file("env.example")
     assert set(env) <= SETTING_VARS, f"not settings: {set(env) - SETTING_VARS}"
@@ -551,7 +592,7 @@ def cli_help() -> str:
 
 @pytest.mark.parametrize(
     "subcommand",
-    ["worker", "metrics", "health"],
+    ["worker", "metrics", "health", "events"],
 )
 def test_cli_has_the_subcommands_the_deploy_files_run(subcommand: str) -> None:
     listed = re.search(r"\{([\w,-]+)\}", cli_help())
