@@ -4,7 +4,9 @@ It is not a Grafana screenshot. It runs the product for a few minutes on this ma
 the dashboard's queries return:
 
 1. starts an embedded Redis, the GEN simulator, a webhook receiver (some of its URLs fail, one is
-   gone), one real worker process and the real metrics endpoint (``python -m worker.ops.metrics``);
+   gone), one real worker process, the real metrics endpoint (``python -m worker.ops.metrics``) and
+   the real GEN event receiver (``lipsync-worker events``), registered as the simulator's webhook
+   (its events 0.2 s late, 20 % of them lost; now and then a junk or wrongly addressed POST);
 2. enqueues jobs at a rising then falling pace, with webhook and task callbacks; along the way it
    makes GEN answer 429s, 503s and dropped connections, fails a few generations, sends two jobs to
    Celery's default queue as a misconfigured producer would, and twice kills the worker (SIGKILL)
@@ -32,12 +34,15 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -217,6 +222,7 @@ def run_and_scrape(minutes: float, interval: float, log_dir: Path) -> list[Scrap
             "LIPSYNC_SWEEP_INTERVAL": "2",
             "LIPSYNC_HEARTBEAT_INTERVAL": "1",
             "LIPSYNC_NODE_DEAD_AFTER": "6",
+            "LIPSYNC_EVENTS_TOKEN": EVENTS_TOKEN,
         }
         worker_command = [
             sys.executable,
@@ -249,6 +255,7 @@ def run_and_scrape(minutes: float, interval: float, log_dir: Path) -> list[Scrap
             str(port),
         ]
         metrics = _spawn(metrics_command, env, log_dir / "metrics.log")
+        events_url = _event_receiver(sim, env, log_dir)
         app = create_app(Settings.from_environ(env))
         misrouting = Celery(broker=env["LIPSYNC_BROKER_URL"])  # a producer without our routes
         stamp = time.strftime("%H%M%S")
@@ -283,6 +290,10 @@ def run_and_scrape(minutes: float, interval: float, log_dir: Path) -> list[Scrap
                     lambda: _fault(sim, Fault("any", 2, drop=True)),
                 ),
             ]
+        for at in (15, end * 0.3, end * 0.6, end * 0.8):
+            events.append(
+                (at, "a junk POST and a wrong token at the event receiver", lambda: _junk(events_url))
+            )
         events += [
             (end * 0.4, "3 generations fail", lambda: sim.fail_next(3)),
             (
@@ -331,10 +342,55 @@ def run_and_scrape(minutes: float, interval: float, log_dir: Path) -> list[Scrap
             for worker in workers:
                 _stop(worker)
             _stop(metrics)
+            for process in _event_receivers:
+                _stop(process)
             misrouting.close()
             app.close()
         print(f"{n} jobs enqueued, {len(scrapes)} scrapes", flush=True)
         return scrapes
+
+
+#: The event receiver's token (a throwaway, for this run only), and its process.
+EVENTS_TOKEN = secrets.token_urlsafe(24)
+_event_receivers: list[subprocess.Popen[bytes]] = []
+
+
+def _event_receiver(sim: Any, env: dict[str, str], log_dir: Path) -> str:
+    """Start ``lipsync-worker events`` and register it as the simulator's webhook; its URL."""
+    from worker.dev.embedded_redis import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "worker.cli", "events", "--host", "127.0.0.1", "--port", str(port)]
+    _event_receivers.append(_spawn(command, env, log_dir / "events.log"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1):  # noqa: S310 - our loopback URL
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    url = f"{base}/gen-events/{EVENTS_TOKEN}"
+    patch = urllib.request.Request(  # noqa: S310 - the simulator on loopback
+        f"{sim.base_url}/v1/agents/42/automation_config",
+        data=json.dumps({"automation_config": {"webhook_url": url}}).encode(),
+        headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
+        method="PATCH",
+    )
+    with urllib.request.urlopen(patch, timeout=10):  # noqa: S310
+        pass
+    sim.event_delay, sim.event_loss = 0.2, 0.2
+    return url
+
+
+def _junk(url: str) -> None:
+    """What the receiver must shrug off: a body that is not JSON, and a POST without the token."""
+    for target, body in ((url, b"<not json/>"), (url.rsplit("/", 1)[0] + "/wrong-token-000000", b"{}")):
+        request = urllib.request.Request(target, data=body, method="POST")  # noqa: S310 - loopback
+        with contextlib.suppress(urllib.error.HTTPError):
+            urllib.request.urlopen(request, timeout=5).close()  # noqa: S310
 
 
 def _fault(sim: Any, fault: Any) -> None:
@@ -663,7 +719,8 @@ def draw(dashboard: dict[str, Any], scrapes: Sequence[Scrape], interval: float) 
         f"{len(scrapes)} real scrapes of the lipsync-worker metrics endpoint, "
         "drawn by deploy/grafana/render_preview.py.",
         f"A {minutes:.0f} min run on one machine: GEN simulator with injected 429s, 503s and dropped "
-        "connections, failing webhook receivers, the worker killed twice. Axes: minutes into the run.",
+        "connections, failing webhook receivers, the worker killed twice, GEN's events 20 % lost. "
+        "Axes: minutes into the run.",
     ]
     for n, note in enumerate(notes):
         svg.text(GAP + 4, 44 + 14 * n, note, 11, DIM)

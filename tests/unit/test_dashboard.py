@@ -136,6 +136,7 @@ def test_every_row_holds_charts() -> None:
         "Polling and recovery",
         "Queues and workers",
         "Callbacks",
+        "GEN events",
     ]
     ends = [row["gridPos"]["y"] for row in rows[1:]] + [10**6]
     for row, end in zip(rows, ends, strict=True):

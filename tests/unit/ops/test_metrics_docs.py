@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import redis
@@ -30,11 +31,13 @@ from prometheus_client.samples import Sample
 from worker.callbacks.outbox import Outbox
 from worker.dev.embedded_redis import free_port
 from worker.jobs.liveness import Holders
-from worker.jobs.records import JobStore
+from worker.jobs.records import JobStore, NudgeVerdict
 from worker.names import ALL_QUEUES, HOLDERS_KEY, IN_FLIGHT_STAGES, QUEUE_FETCH, TASK_RUN, Stage
 from worker.ops.metrics import (
     record_callback,
+    record_event_nudges,
     record_gen_call,
+    record_gen_event,
     record_job_finished,
     record_misrouted,
     record_recoveries,
@@ -141,15 +144,18 @@ CALLBACKS = [
 
 
 RECOVERIES = ["dead_worker", "released_on_reconnect", "overdue", "webhook_overdue", "callbacks_redispatched"]
+EVENT_OUTCOMES = ["matched", "matched", "unmatched", "unreadable", "refused"]
+#: What worker.jobs.nudge records: sent, send_failed, or the record's verdict why not.
+NUDGE_RESULTS = ["sent", "send_failed", *(v for v in get_args(NudgeVerdict) if v != "nudged")]
 
 
 def record_everything(redis_url: str, *, round_no: int = 0) -> None:
     """Give every family a value, through the production code: GEN calls, outcomes, callbacks,
-    misrouted messages moved and recoveries (counters, histograms); a job in every stage, one of them
-    overdue (records); a message in every queue, and a ``lipsync.run`` sent by a plain Celery app to
-    its default queue (misrouted); a pending webhook and a dead-lettered one (the outbox); a live
-    worker consumer and a silent one (heartbeats). Call again with another ``round_no`` to make the
-    counters grow (the gauges grow too)."""
+    misrouted messages moved, recoveries, GEN's events and their nudges (counters, histograms); a
+    job in every stage, one of them overdue (records); a message in every queue, and a
+    ``lipsync.run`` sent by a plain Celery app to its default queue (misrouted); a pending webhook
+    and a dead-lettered one (the outbox); a live worker consumer and a silent one (heartbeats). Call
+    again with another ``round_no`` to make the counters grow (the gauges grow too)."""
     r = redis.Redis.from_url(redis_url)
     for endpoint, code, seconds in GEN_CALLS:
         record_gen_call(r, endpoint=endpoint, status=code, seconds=seconds)
@@ -160,6 +166,10 @@ def record_everything(redis_url: str, *, round_no: int = 0) -> None:
     record_misrouted(r, queue="celery", count=2)
     for n, cause in enumerate(RECOVERIES):
         record_recoveries(r, cause=cause, count=n + 1)
+    for outcome in EVENT_OUTCOMES:
+        record_gen_event(r, outcome=outcome)
+    for n, result in enumerate(NUDGE_RESULTS):
+        record_event_nudges(r, result=result, count=n + 1)
 
     jobs = JobStore(r, ttl=3600)
     now = time.time()
@@ -281,6 +291,12 @@ def test_documented_label_values_are_the_ones_the_code_writes() -> None:
     causes = next(row.line for row in documented_rows(text) if row.names == ("lipsync_recoveries_total",))
     for cause in RECOVERIES:
         assert f"`{cause}`" in causes
+    events = next(row.line for row in documented_rows(text) if row.names == ("lipsync_gen_events_total",))
+    for outcome in EVENT_OUTCOMES:
+        assert f"`{outcome}`" in events
+    nudges = next(row.line for row in documented_rows(text) if row.names == ("lipsync_event_nudges_total",))
+    for result in NUDGE_RESULTS:
+        assert f"`{result}`" in nudges
 
 
 def test_the_old_metrics_list_points_here() -> None:
