@@ -175,6 +175,17 @@ class Settings(BaseSettings):
     egress_proxy: str | None = None
 
     # -- GEN events (lipsync-worker events) ---------------------------------------------------------
+    #: The secret in the receiver's path (``/gen-events/<token>``): GEN's webhook carries no
+    #: signature, so knowing the URL is the only proof. Unset: ``lipsync-worker events`` refuses to
+    #: start. Never logged.
+    events_token: SecretStr | None = None
+    #: Where ``lipsync-worker events`` listens (GEN must reach it, usually through an ingress).
+    events_host: str = "0.0.0.0"  # noqa: S104 - a receiver for another host's POSTs
+    events_port: int = Field(default=9809, ge=0, le=65535)
+    #: Largest event body read (bytes); a longer one is refused unread (413).
+    events_max_body: int = Field(default=256 * 1024, gt=0)
+    #: At most one nudge (an early poll) per job in this many seconds, however many events name it.
+    events_nudge_interval: float = Field(default=2.0, ge=0)
 
     @field_validator("webhook_retry_delays", mode="before")
     @classmethod
