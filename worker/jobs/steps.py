@@ -409,9 +409,10 @@ def poll(job: Job, res: Resources) -> Job | Again:
     asked_at = res.clock()
     if asked_at >= job.deadline_at:
         return _deadline_passed(job, res)
-    if job.polls == 0 and job.submitted_at is not None:
+    if job.polls == 0 and job.drive == 1 and job.submitted_at is not None:
         # Straight after the submit: GEN's generations of this model usually take longer than
-        # this, so the first question waits for when they usually end (a learned plan).
+        # this, so the first question waits for when they usually end (a learned plan). A job
+        # driven again (GEN's event nudged it, or it was recovered) asks at once.
         first_in = res.planner.first_poll_in(job.model, elapsed=asked_at - job.submitted_at)
         if first_in > 0:
             return _wait(job, res, countdown=first_in)

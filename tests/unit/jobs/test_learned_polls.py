@@ -124,3 +124,16 @@ def test_the_log_keeps_the_newest_and_skips_what_it_cannot_read(make_res: ResFac
         log.add("gen", Observation.of(0.0, hi))
     res.redis.lpush(DurationLog.key("gen"), b"garbage")
     assert [o.hi for o in log.recent("gen")] == [4.0, 3.0]
+
+
+def test_a_job_driven_again_asks_gen_at_once(make_res: ResFactory, sim: GenSimulator) -> None:
+    # GEN's event nudged it, or the sweeper recovered it: the learned first-poll wait is skipped.
+    res = make_res()
+    log = DurationLog(res.redis, keep=60)
+    for _ in range(10):
+        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
+    job = submit(created(res, "j1"), res, record=res.jobs.get("j1"))
+    assert isinstance(job, Job)
+    before = status_calls(sim)
+    poll(job.model_copy(update={"drive": 2}), res)
+    assert status_calls(sim) == before + 1
