@@ -22,6 +22,9 @@ STEP_OPTIONS: dict[str, Any] = {
     "acks_late": True,
     # A failed job is an expected outcome: log it without a traceback.
     "throws": (LipsyncJobFailed,),
+    # No STARTED state in the result backend for each step (one write per task): callers read the
+    # progress under their own id (worker.ops.progress), Flower reads the task-started events.
+    "track_started": False,
 }
 
 #: Our own state store (job records, outbox) blinked: that ends nothing. Run the step again, a

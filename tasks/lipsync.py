@@ -48,9 +48,9 @@ from worker.ops.progress import report
 log = logging.getLogger("lipsync.tasks")
 
 
-# No STARTED state: Celery would store it with this task's arguments, the caller's request with its
-# callback (see _without_callback).
-@app.task(name=TASK_RUN, **{**STEP_OPTIONS, "track_started": False})
+# No STARTED state (STEP_OPTIONS): Celery would store it with this task's arguments, the caller's
+# request with its callback (see _without_callback).
+@app.task(name=TASK_RUN, **STEP_OPTIONS)
 def run(self: AnyTask, request: Any = None) -> Any:
     """Validate ``request`` and replace this task with the chain submit → poll → fetch_output.
 
@@ -90,17 +90,18 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     outcome = _run_step(self, current, res, lambda j, r: steps.submit(j, r, record=record))
     assert isinstance(outcome, Job)
     bind_generation(outcome.generation_id)
+    _first_poll_later(self, outcome, res)
     _report(self, outcome, Stage.POLLING)
     emit_event(_queue(self), res, outcome, StageEvent.SUBMITTED, {"gen_status": outcome.gen_status})
     log.info("job %s: GEN generation %s accepted", outcome.job_id, outcome.generation_id)
     return outcome.for_message()
 
 
-# A poll runs every few seconds for minutes: no STARTED, RETRY or result write of its own in the
-# result backend (the caller's id carries the progress; Flower sees every run, retry and reason in
-# the task events). Its failure is stored all the same (_fail): Celery hands a caller's link_error
-# the id of the step that failed, and errbacks read its result.
-@app.task(name=TASK_POLL, **{**STEP_OPTIONS, "track_started": False, "ignore_result": True})
+# A poll runs every few seconds for minutes: no RETRY or result write of its own in the result
+# backend (the caller's id carries the progress; Flower sees every run, retry and reason in the
+# task events). Its failure is stored all the same (_fail): Celery hands a caller's link_error the
+# id of the step that failed, and errbacks read its result.
+@app.task(name=TASK_POLL, **{**STEP_OPTIONS, "ignore_result": True})
 def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Check the generation once; re-queued with a countdown until GEN reports a terminal status."""
     current, res = Job.model_validate(job), resources()
@@ -168,6 +169,20 @@ def _guard(job: Job, res: Resources, *, final: bool = False) -> JobRecord | None
         return steps.guard(job, res, final=final)
     except steps.NothingToDo:
         raise Ignore() from None
+
+
+def _first_poll_later(task: AnyTask, job: Job, res: Resources) -> None:
+    """Send the chain's poll with the countdown to its first question (the learned plan), rather
+    than at once only to be retried: one task run fewer per job. A poll that comes early anyway
+    (a re-drive, an older worker) still waits (worker.jobs.steps.poll)."""
+    following = task.request.chain
+    if not following or job.submitted_at is None:
+        return
+    first_in = res.planner.first_poll_in(job.model, elapsed=res.clock() - job.submitted_at)
+    if first_in > 0:
+        # Celery pops the next signature from the end of the request's chain and sends it with
+        # its options when this task returns.
+        following[-1].setdefault("options", {})["countdown"] = first_in
 
 
 def _without_callback(task: AnyTask) -> None:

@@ -414,7 +414,7 @@ def poll(job: Job, res: Resources) -> Job | Again:
         # this, so the first question waits for when they usually end (a learned plan). A job
         # driven again (GEN's event nudged it, or it was recovered) asks at once.
         first_in = res.planner.first_poll_in(job.model, elapsed=asked_at - job.submitted_at)
-        if first_in > 0:
+        if first_in > EARLY_ENOUGH:
             return _wait(job, res, countdown=first_in)
     throttled = _throttle(job, res, "status")
     if throttled is not None:
@@ -431,6 +431,11 @@ def poll(job: Job, res: Resources) -> Job | Again:
         return _again_or_raise(job, exc, res, poll_policy(res.settings), until_deadline=True)
     asked = job.model_copy(update={"polls": job.polls + 1, "step_retries": 0})
     return _classify(asked, generation, res, asked_at=asked_at)
+
+
+#: A first poll this close to the plan's first time asks GEN rather than waiting once more (the
+#: countdown that brought it here may fire a little early).
+EARLY_ENOUGH = 0.25
 
 
 def _classify(job: Job, generation: Generation, res: Resources, *, asked_at: float) -> Job | Again:

@@ -14,7 +14,7 @@ from celery import Task
 
 
 def report(task: Task[Any, Any], *, caller_task_id: str | None, state: str, meta: dict[str, Any]) -> None:
-    for task_id in {caller_task_id, task.request.id} - {None}:
-        task.update_state(task_id=task_id, state=state, meta=meta)
+    # The caller's id only: nobody reads a step's own id in the backend (Flower reads the event).
+    task.update_state(task_id=caller_task_id or task.request.id, state=state, meta=meta)
     if task.request.id and not task.request.called_directly:
         task.send_event(f"task-{state.lower()}", **meta)
