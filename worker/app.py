@@ -26,7 +26,7 @@ from worker.preflight import preflight, refuse_to_start
 from worker.settings import Settings, get_settings
 
 #: The modules that define the tasks (named explicitly: no auto-discovery).
-TASK_MODULES = ["tasks.lipsync", "tasks.callbacks"]
+TASK_MODULES = ["tasks.lipsync", "tasks.callbacks", "tasks.batches"]
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

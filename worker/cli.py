@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="enqueue one job (and optionally wait for it)")
     p.add_argument("--json", dest="json_file", help="request JSON file, or - for stdin")
+    p.add_argument("--batch", dest="batch_file", help="a batch: one request per line (JSON Lines), or -")
+    p.add_argument("--batch-id", help="with --batch: the batch id (default: generated)")
+    p.add_argument("--max-parallel", type=int, help="with --batch: items in flight at once")
     p.add_argument("--sheet", dest="sheet_id")
     p.add_argument("--cell", dest="cell_id")
     p.add_argument("--layer", dest="layer_id")
@@ -115,17 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--callback-task")
     p.add_argument("--callback-queue")
     p.add_argument("--webhook-url")
-    p.add_argument("--metadata", help="JSON object passed through to the result")
+    p.add_argument("--metadata", help="JSON object passed through to the result (the batch's, with --batch)")
     p.add_argument("--wait", action="store_true", help="wait, showing progress, and print the result")
     p.add_argument("--timeout", type=float, default=3600)
     p.set_defaults(handler=_cmd_submit)
 
-    p = sub.add_parser("status", help="print a job's record and Celery state as JSON")
-    p.add_argument("job_id")
+    p = sub.add_parser("status", help="print a job's (or a batch's) record and Celery state as JSON")
+    p.add_argument("job_id", help="a job id, or a batch id")
     p.set_defaults(handler=_cmd_status)
 
-    p = sub.add_parser("cancel", help="cancel a job (stops it on GEN, fires the failure callback)")
-    p.add_argument("job_id")
+    p = sub.add_parser("cancel", help="cancel a job, or every unfinished item of a batch (stopped on GEN)")
+    p.add_argument("job_id", help="a job id, or a batch id")
     p.add_argument("--reason", default="cancelled by request")
     p.set_defaults(handler=_cmd_cancel)
 
@@ -245,6 +248,8 @@ def _cmd_submit(args: argparse.Namespace, _: list[str]) -> int:
     from worker.app import app
     from worker.enqueue import enqueue
 
+    if args.batch_file:
+        return _submit_batch(args)
     request = _request_from_args(args)
     result = enqueue(request, app=app)
     print(f"enqueued job {result.id}", file=sys.stderr)
@@ -252,6 +257,20 @@ def _cmd_submit(args: argparse.Namespace, _: list[str]) -> int:
         print(json.dumps({"job_id": result.id}))
         return 0
     return _wait_and_print(result, timeout=args.timeout)
+
+
+def _submit_batch(args: argparse.Namespace) -> int:
+    from worker.cli_batches import read_items, submit_batch
+
+    # The job options describe the batch: its id, its callback and its metadata.
+    batch = _request_from_args(argparse.Namespace(**{**vars(args), "json_file": None}))
+    batch = {k: v for k, v in batch.items() if k in ("callback", "metadata")}
+    batch["items"] = read_items(args.batch_file)
+    if args.batch_id:
+        batch["batch_id"] = args.batch_id
+    if args.max_parallel is not None:
+        batch["max_parallel"] = args.max_parallel
+    return submit_batch(batch, wait=args.wait, timeout=args.timeout)
 
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,10 +341,13 @@ def _progress_line(result: Any) -> str:
 def _cmd_status(args: argparse.Namespace, _: list[str]) -> int:
     from worker.app import app
     from worker.callbacks.delivery import MESSAGE_KINDS, message_id
+    from worker.cli_batches import print_batch_status
     from worker.enqueue import job_status
     from worker.jobs.resources import resources
     from worker.names import Stage
 
+    if (code := print_batch_status(args.job_id)) is not None:
+        return code
     res = resources()
     record = job_status(args.job_id)
     waiting = _waiting(res, args.job_id) if record is None or record.state == Stage.QUEUED else None
@@ -372,8 +394,11 @@ def _waiting(res: Any, job_id: str) -> dict[str, Any] | None:
 
 
 def _cmd_cancel(args: argparse.Namespace, _: list[str]) -> int:
+    from worker.cli_batches import cancel_batch
     from worker.enqueue import cancel
 
+    if (code := cancel_batch(args.job_id, reason=args.reason)) is not None:
+        return code
     outcome = cancel(args.job_id, reason=args.reason)
     if outcome is None:
         print(f"error: no job {args.job_id!r}", file=sys.stderr)

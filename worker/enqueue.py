@@ -20,13 +20,17 @@ from typing import Any
 from celery import Celery
 from celery.result import AsyncResult
 
+from worker.batches.progress import cancel as cancel_batch_items
+from worker.batches.progress import store_of
+from worker.batches.store import BatchRecord
+from worker.batches.validation import validate
 from worker.celery_queue import CeleryQueue
 from worker.jobs import steps
 from worker.jobs.cancel import cancel_job
 from worker.jobs.models import LipsyncRequest
 from worker.jobs.records import JobRecord, JobStore
 from worker.jobs.resources import Resources, resources
-from worker.names import TASK_RUN
+from worker.names import TASK_RUN, TASK_RUN_BATCH
 
 
 def enqueue(
@@ -65,6 +69,47 @@ def enqueue(
             # The caller learns the enqueue failed: the job must not run behind its back.
             res.jobs.forget(parsed.job_id)
         raise
+
+
+def enqueue_batch(batch: Mapping[str, Any], *, app: Celery | None = None) -> AsyncResult[Any]:
+    """Validate and enqueue a batch (``{batch_id?, items: [request, ...], callback, metadata,
+    max_parallel?}``). The result's id is the batch id; it resolves to a receipt as soon as the
+    batch started, and the batch's result goes to its callback (``lipsync.batch_result``) and to
+    :func:`batch_status`. Enqueuing a batch id that exists joins that batch.
+
+    Raises:
+        BatchInvalid: the batch or any item is not valid (errors name items by index); nothing was
+            sent.
+    """
+    app = app or _default_app()
+    res = resources_of(app)
+    parsed = validate(dict(batch), res.settings)
+    # Recorded before the message is sent, callbacks included, so the message carries only the id
+    # (webhook URLs stay out of Flower) and a lost message is continued by the sweeper.
+    store = store_of(res)
+    created = store.create(
+        parsed, max_parallel=res.settings.batch_max_parallel, due_at=res.clock() + res.settings.recovery_grace
+    )
+    try:
+        return app.send_task(TASK_RUN_BATCH, kwargs={"batch_id": parsed.batch_id}, task_id=parsed.batch_id)
+    except BaseException:
+        if created:
+            store.forget(parsed.batch_id)  # the caller learns it failed: it must not run behind its back
+        raise
+
+
+def batch_status(batch_id: str, *, app: Celery | None = None) -> BatchRecord | None:
+    """The batch's record (counts, in flight, its result once every item ended), or None."""
+    return store_of(resources_of(app or _default_app())).get(batch_id)
+
+
+def cancel_batch(
+    batch_id: str, *, app: Celery | None = None, reason: str = "batch cancelled by request"
+) -> BatchRecord | None:
+    """Cancel every unfinished item of the batch (stopped on GEN); the batch callback follows with
+    status ``cancelled``. Returns the batch's record, or None if unknown."""
+    app = app or _default_app()
+    return cancel_batch_items(CeleryQueue(app), resources_of(app), batch_id, reason=reason)
 
 
 def job_status(job_id: str, *, store: JobStore | None = None) -> JobRecord | None:

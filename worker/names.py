@@ -34,6 +34,8 @@ TASK_FETCH = "lipsync.fetch_output"
 #: A second enqueue of a running job id waits for the first one's outcome.
 TASK_AWAIT = "lipsync.await_job"
 TASK_DELIVER_WEBHOOK = "lipsync.deliver_webhook"
+#: A batch of jobs with one batch callback (worker.batches).
+TASK_RUN_BATCH = "lipsync.run_batch"
 
 #: The job's chain after ``lipsync.run``, in order.
 CHAIN = (TASK_SUBMIT, TASK_POLL, TASK_FETCH)
@@ -135,5 +137,13 @@ WEBHOOK_DRIVE_KEY = "lipsync:webhooks:drive"
 DEAD_LETTERS_KEY = "lipsync:callbacks:dead"
 #: Sliding-window logs of the fleet-wide GEN rate limits: ``lipsync:ratelimit:<budget>``.
 RATELIMIT_KEY_PREFIX = "lipsync:ratelimit:"
+#: One hash per batch: ``lipsync:batch:<batch_id>``, with ``:items`` (list of the items' requests)
+#: and ``:results`` (hash, item index -> its outcome) beside it (worker.batches.store).
+BATCH_KEY_PREFIX = "lipsync:batch:"
+#: A batch item's job id -> ``<batch_id> <index>``: how a job's end finds its batch.
+BATCH_ITEM_KEY_PREFIX = "lipsync:batchitem:"
+#: Sorted set of unfinished batches (and finished ones whose callback is not yet dispatched), scored
+#: by when the sweeper should next check them.
+ACTIVE_BATCHES_KEY = "lipsync:batches:active"
 #: Counter and histogram hashes of the fleet's metrics.
 METRICS_PREFIX = "lipsync:metrics:"

@@ -118,6 +118,12 @@ class Settings(BaseSettings):
     #: A job re-driven this many times fails with ``redrive_limit`` instead of crash-looping.
     max_redrives: int = Field(default=5, ge=1)
 
+    # -- batches (lipsync.run_batch) -----------------------------------------------------------
+    #: Items a batch may hold; a larger batch is refused whole (``batch_too_large``).
+    max_batch_items: int = Field(default=1000, ge=1)
+    #: Items of one batch in flight at once, unless the batch asks for fewer or more.
+    batch_max_parallel: int = Field(default=20, ge=1)
+
     # -- fleet-wide GEN rate limits ------------------------------------------------------------
     #: Generate calls allowed per ``gen_rate_window`` across all workers (0 = unlimited).
     gen_generate_rate: int = Field(default=0, ge=0)

@@ -81,7 +81,19 @@ def finish(
             queue.resolve(caller, stored)
         failpoint("finish.after_dispatch")
         res.jobs.mark_callbacks_dispatched(job_id)
+    _tell_batch(queue, res, job_id, stored)
     return stored
+
+
+def _tell_batch(queue: TaskQueue, res: Resources, job_id: str, outcome: dict[str, Any]) -> None:
+    """If the job is a batch item, its batch records the end and starts its next item. Never fails
+    the job's end: a batch that missed it is continued by the sweeper."""
+    from worker.batches.progress import job_ended  # here: the batches build on this module
+
+    try:
+        job_ended(queue, res, job_id, outcome)
+    except Exception:
+        log.exception("job %s: could not tell its batch; the sweeper will", job_id)
 
 
 def _callback_of(res: Resources, job_id: str) -> Callback | None:

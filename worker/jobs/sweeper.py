@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.batches.progress import sweep_batches
 from worker.callbacks.delivery import send_delivery
 from worker.callbacks.outbox import EXPIRED
 from worker.jobs import audit
@@ -63,6 +64,8 @@ class SweepReport:
     #: Silent worker consumers this round could not judge dead (see SweeperThread).
     unjudged_holders: list[str] = field(default_factory=list)
     skipped: int = 0
+    #: Batches that had stopped moving, continued (worker.batches.progress).
+    batches: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         """Whether the sweep did anything worth a log line."""
@@ -74,6 +77,7 @@ class SweepReport:
             or self.expired_webhooks
             or self.cancelled
             or self.broken
+            or self.batches
         )
 
 
@@ -93,6 +97,7 @@ def sweep_once(queue: TaskQueue, res: Resources, *, now: float | None = None) ->
             log.exception("job %s: could not sweep it; will try again next round", job_id)
             report.broken.append(job_id)
     _resend_overdue_webhooks(queue, res, now, report)
+    report.batches = sweep_batches(queue, res, now)
     return report
 
 
