@@ -89,6 +89,7 @@ def advance(queue: TaskQueue, res: Resources, batch_id: str) -> BatchRecord | No
     record = store.get(batch_id)
     if record is not None and record.outcome is None and record.ended >= record.total:
         _finish(queue, res, store, record)
+        record = store.get(batch_id)
     return record
 
 
