@@ -7,6 +7,7 @@ measured in the same run, as the median of >= 3 rounds with the range. See bench
     python -m bench burst --jobs 1000    # p95 added latency of a burst on one -c 4 worker
     python -m bench waiting --jobs 10000 # memory and CPU of jobs waiting on GEN; does it take new work?
     python -m bench download             # the output download vs curl (bench/download.py)
+    python -m bench batch --items 500    # 500 items as one batch vs 500 single jobs (bench/batch.py)
 
 Everything runs on loopback: an embedded Redis per deployment, the GEN simulator, real Celery worker
 processes. Benchmarks print figures; they are not tests, and a missed target does not fail the run.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import burst, cpu, latency, waiting
+from bench import batch, burst, cpu, latency, waiting
 from bench.figures import MIN_ROUNDS, Figure, print_table
 from bench.latency import SCENARIOS
 
@@ -128,6 +129,23 @@ def run_waiting(args: argparse.Namespace, tmp: Path) -> Section:
     return f"waiting: {args.jobs} jobs waiting on GEN on one -c {args.concurrency} worker", figures, notes
 
 
+def _batch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--items", type=int, default=500, help="items of the batch (and single jobs)")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-parallel", type=int, default=None, help="default: LIPSYNC_BATCH_MAX_PARALLEL")
+
+
+def run_batch(args: argparse.Namespace, tmp: Path) -> Section:
+    figures, notes = batch.run(
+        tmp,
+        items=args.items,
+        rounds=args.rounds,
+        concurrency=args.concurrency,
+        max_parallel=args.max_parallel,
+    )
+    return f"batch: {args.items} items with instant generations, one batch vs single jobs", figures, notes
+
+
 def run_download(argv: Sequence[str]) -> int:
     """bench/download.py's own main, imported only now: the rest works without it."""
     try:
@@ -147,6 +165,7 @@ MEASURES: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..
     "waiting-cost": (_waiting_cost_options, run_waiting_cost, "CPU per poll and per job vs plain Celery"),
     "burst": (_burst_options, run_burst, "p95 added latency of jobs started at once"),
     "waiting": (_waiting_options, run_waiting, "memory and CPU of jobs waiting on GEN"),
+    "batch": (_batch_options, run_batch, "wall time and worker CPU of a batch vs single jobs"),
 }
 
 
