@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from bench.proc import tree_cpu_seconds, tree_rss_bytes
+from bench.proc import tree_cpu_seconds, tree_rss_by_pid, tree_rss_bytes
 from gensim import GenSimulator
 from tests.conftest import AGENT_ID, API_KEY, REPO, start_celery, worker_environment
 from tests.harness import default_timings
@@ -83,6 +83,12 @@ class Worker:
 
     def rss_bytes(self) -> int:
         return tree_rss_bytes(self.pid)
+
+    def rss_split(self) -> tuple[int, int]:
+        """(RSS of the main process, sum over its pool children), bytes."""
+        sizes = tree_rss_by_pid(self.pid)
+        main = sizes.pop(self.pid, 0)
+        return main, sum(sizes.values())
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

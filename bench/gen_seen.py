@@ -33,6 +33,18 @@ class GenerationSeen:
     output_calls: int
     #: When the first request for its output arrived (wall clock); None if never fetched.
     output_fetched_at: float | None
+    #: When each of its status requests arrived (wall clock), in order.
+    status_at: tuple[float, ...] = ()
+
+    @property
+    def ready_at(self) -> float:
+        """When GEN finished it (wall clock)."""
+        return self.created_at + self.duration
+
+    def first_seen_done(self) -> float | None:
+        """When the first status request after GEN finished arrived (None: no such poll). A request
+        read just before the end can be answered just after it: 10 ms of slack."""
+        return next((t for t in self.status_at if t >= self.ready_at - 0.01), None)
 
     @property
     def calls(self) -> int:
@@ -50,6 +62,7 @@ def seen_by_key(
     """Per Idempotency-Key, the (first) generation made under it, from a simulator ``stats()`` and
     its ``generation(id)`` snapshots."""
     status_calls: Counter[int] = Counter()
+    status_at: dict[int, list[float]] = {}
     output_calls: Counter[str] = Counter()
     output_first: dict[str, float] = {}
     for arrival in stats["arrivals"]:
@@ -58,6 +71,7 @@ def seen_by_key(
             match = _STATUS_PATH.fullmatch(path)
             if match:
                 status_calls[int(match.group(1))] += 1
+                status_at.setdefault(int(match.group(1)), []).append(arrival["t"])
         elif arrival["endpoint"] == "cdn" and arrival["method"] == "GET":
             match = _OUTPUT_PATH.fullmatch(path)
             if match:
@@ -80,6 +94,7 @@ def seen_by_key(
             status_calls=status_calls[int(gen["id"])],
             output_calls=output_calls[gen["token"]],
             output_fetched_at=output_first.get(gen["token"]),
+            status_at=tuple(sorted(status_at.get(int(gen["id"]), []))),
         )
     return seen
 

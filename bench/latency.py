@@ -58,6 +58,8 @@ class Scenario:
     draw: Callable[[random.Random, bool], float]
     longest: float
     shifts: bool = False
+    #: Every duration is a whole multiple of the SDK's 2 s: its polls land just after GEN finishes.
+    sdk_in_phase: bool = True
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -65,7 +67,13 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("fixed20", "fixed L = 20 s", lambda rng, shifted: 20.0, 20.0),
         Scenario("fixed60", "fixed L = 60 s", lambda rng, shifted: 60.0, 60.0),
-        Scenario("spread", "spread L = 15-25 s", lambda rng, shifted: rng.uniform(15.0, 25.0), 25.0),
+        Scenario(
+            "spread",
+            "spread L = 15-25 s",
+            lambda rng, shifted: rng.uniform(15.0, 25.0),
+            25.0,
+            sdk_in_phase=False,
+        ),
         Scenario("bimodal", "bimodal L = 10 s | 30 s", lambda rng, shifted: rng.choice((10.0, 30.0)), 30.0),
         Scenario(
             "shifting",
@@ -181,24 +189,38 @@ class ScenarioRun:
 
 @dataclass
 class Round:
-    """One measured wave of one driver: per job, added latency / L and GEN calls."""
+    """One measured wave of one driver: per job, added latency / L and GEN calls, and the parts of
+    the added latency (see :meth:`parts_line`)."""
 
     added: list[float]
     calls: list[int]
     missing: int
+    #: Per job: (enqueue -> GEN has it, GEN done -> a poll sees it, that poll -> output requested).
+    parts: list[tuple[float, float, float]] = field(default_factory=list)
+    #: Per job: (generate, status, output) requests.
+    kinds: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
     def of(cls, seen: dict[str, GenerationSeen], jobs: Sequence[tuple[str, float]]) -> Round:
-        added, calls, missing = [], [], 0
+        round_ = cls([], [], 0)
         for key, started_at in jobs:
             generation = seen.get(key)
             late = added_latency(generation, started_at) if generation is not None else None
-            if generation is None or late is None:
-                missing += 1
+            if generation is None or late is None or generation.output_fetched_at is None:
+                round_.missing += 1
                 continue
-            added.append(late / generation.duration if generation.duration else 0.0)
-            calls.append(generation.calls)
-        return cls(added, calls, missing)
+            round_.added.append(late / generation.duration if generation.duration else 0.0)
+            round_.calls.append(generation.calls)
+            seen_done = generation.first_seen_done() or generation.output_fetched_at
+            round_.parts.append(
+                (
+                    generation.created_at - started_at,
+                    seen_done - generation.ready_at,
+                    generation.output_fetched_at - seen_done,
+                )
+            )
+            round_.kinds.append((generation.generate_calls, generation.status_calls, generation.output_calls))
+        return round_
 
     @property
     def added_median(self) -> float:
@@ -207,6 +229,21 @@ class Round:
     @property
     def calls_ratio(self) -> float:
         return statistics.fmean(self.calls) / MIN_CALLS if self.calls else float("nan")
+
+
+def parts_line(label: str, rounds: Sequence[Round]) -> str:
+    """Where ours spends its added latency and which calls it makes, over all rounds' jobs."""
+    parts = [p for r in rounds for p in r.parts]
+    kinds = [k for r in rounds for k in r.kinds]
+    if not parts:
+        return f"ours, {label}: no job finished"
+    submit, poll, fetch = (statistics.median(column) for column in zip(*parts, strict=True))
+    generate, status, output = (statistics.fmean(column) for column in zip(*kinds, strict=True))
+    return (
+        f"ours, {label}: median job: enqueue -> GEN has it {submit:.2f} s, GEN done -> a poll sees it "
+        f"{poll:.2f} s, -> output requested {fetch:.2f} s; calls: generate {generate:.2f}, status "
+        f"{status:.2f}, output {output:.2f}"
+    )
 
 
 def build(
@@ -289,6 +326,7 @@ def figures(run: ScenarioRun) -> tuple[list[Figure], list[str]]:
                 f"GEN calls / min 3: {label}", [r.calls_ratio for r in ours], _times, calls_refs, calls_target
             )
         )
+        notes.append(parts_line(label, ours))
         missing = sum(r.missing for r in (*ours, *ref, *before))
         if missing:
             notes.append(f"{label}: {missing} job(s) never had their output fetched (failed or timed out)")
@@ -298,6 +336,11 @@ def figures(run: ScenarioRun) -> tuple[list[Figure], list[str]]:
         f"{run.scenario.title}: {lookups / max(total, 1):.1f} content-resource lookups per job (vidsheet "
         "body; not in the call counts; the SDK client makes none)"
     )
+    if run.scenario.sdk_in_phase:
+        notes.append(
+            f"{run.scenario.title}: every L is a whole multiple of 2 s, so the SDK's polls (at 0 s, then "
+            "2 s after each answer) land just after GEN ends: its lateness near 0 is the simulator's exact L"
+        )
     if run.timed_out:
         notes.append(f"{run.scenario.title}: stopped at its time limit before every phase finished")
     return out, notes

@@ -95,12 +95,17 @@ def tree_cpu_seconds(root: int, proc: Path = PROC) -> float:
     return sum(stat.ticks for stat in tree(root, proc)) / CLOCK_TICKS
 
 
-def tree_rss_bytes(root: int, proc: Path = PROC) -> int:
-    """The sum of the resident set sizes of ``root``'s tree (see the module docstring)."""
-    total = 0
+def tree_rss_by_pid(root: int, proc: Path = PROC) -> dict[int, int]:
+    """The resident set size of each process of ``root``'s tree (bytes, by pid)."""
+    sizes = {}
     for stat in tree(root, proc):
         try:
-            total += parse_vmrss((proc / str(stat.pid) / "status").read_text())
+            sizes[stat.pid] = parse_vmrss((proc / str(stat.pid) / "status").read_text())
         except OSError:
             continue
-    return total
+    return sizes
+
+
+def tree_rss_bytes(root: int, proc: Path = PROC) -> int:
+    """The sum of the resident set sizes of ``root``'s tree (see the module docstring)."""
+    return sum(tree_rss_by_pid(root, proc).values())

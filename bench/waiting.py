@@ -70,6 +70,10 @@ class Fill:
         return lines
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
 def _queued(stack: Stack) -> int:
     broker = stack.redis(0)
     return sum(int(broker.llen(name)) for queue in ALL_QUEUES for name in queue_lists(queue))
@@ -142,7 +146,11 @@ def run(
     fill_timeout: float,
     settle: float,
 ) -> tuple[list[Figure], list[str]]:
-    growth, per_job, cpu_per_min, polls_per_min = [], [], [], []
+    growth: list[float] = []
+    per_job: list[float] = []
+    main_per_job: list[float] = []
+    cpu_per_min: list[float] = []
+    polls_per_min: list[float] = []
     with ExitStack() as closing:
         sim = simulator({"gen": latency, "sync_so": 1.0})
         closing.callback(sim.stop)
@@ -152,6 +160,7 @@ def run(
         warmup = [stack.enqueue("sync_so").result for _ in range(WARMUP)]
         wait_results(warmup, timeout=300)
         baseline = worker.rss_bytes()
+        main_before, pool_before = worker.rss_split()
         idle_cpu = worker.cpu_seconds()
         time.sleep(IDLE_WINDOW)
         idle_rate = (worker.cpu_seconds() - idle_cpu) / IDLE_WINDOW
@@ -162,12 +171,14 @@ def run(
             start, cpu = time.time(), worker.cpu_seconds()
             time.sleep(window)
             spent, end = worker.cpu_seconds() - cpu, time.time()
-            rss = worker.rss_bytes()
+            main_after, pool_after = worker.rss_split()
+            rss = main_after + pool_after
             stats = sim.stats()
             waiting = max(_waiting(stats), 1)
             minutes = (end - start) / 60
             growth.append(float(rss - baseline))
             per_job.append((rss - baseline) / waiting)
+            main_per_job.append((main_after - main_before) / waiting)
             cpu_per_min.append(spent / waiting / minutes)
             polls_per_min.append(count_in_window(stats, "get_generation", start, end) / waiting / minutes)
         probe = _probe(stack, sim, wait=max(120.0, window))
@@ -176,7 +187,8 @@ def run(
         Figure(
             f"worker RSS growth, {label}", growth, mebibytes, target=Target(200 * 2**20, label="<= 200 MiB")
         ),
-        Figure("memory per waiting job", per_job, kibibytes),
+        Figure("memory per waiting job (tree growth / jobs)", per_job, kibibytes),
+        Figure("main process growth per waiting job", main_per_job, kibibytes),
         Figure("worker CPU per waiting job per minute", cpu_per_min, millis),
         Figure("polls per waiting job per minute", polls_per_min, plain),
     ]
@@ -184,6 +196,9 @@ def run(
         f"waiting: one worker -c {concurrency}, default settings, L = {latency:g} s; RSS after the "
         f"warm-up {baseline / 2**20:.0f} MiB, idle CPU {1000 * idle_rate:.1f} ms/s; rounds are "
         f"{window:.0f} s windows of one fill, {settle:.0f} s after it",
+        f"RSS by process, baseline -> last round: main process (holds the countdown messages) "
+        f"{_mib(main_before)} -> {_mib(main_after)}, the {concurrency} pool processes together "
+        f"{_mib(pool_before)} -> {_mib(pool_after)}",
         *fill.lines(),
         probe,
     ]

@@ -6,6 +6,7 @@ No figure is asserted here: benchmarks print figures, they are not timed tests.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import os
@@ -176,6 +177,9 @@ def test_calls_and_the_output_fetch_are_attributed_to_their_generation() -> None
     one, two = seen["k1"], seen["k2"]
     assert (one.generate_calls, one.status_calls, one.output_calls, one.calls) == (2, 2, 2, 6)
     assert one.output_fetched_at == 3.0
+    assert one.status_at == (1.0, 2.0) and one.ready_at == 2.5
+    assert one.first_seen_done() is None  # no poll after GEN finished at 2.5
+    assert dataclasses.replace(one, duration=1.0).first_seen_done() == 2.0
     assert added_latency(one, started_at=0.4) == pytest.approx(3.0 - 0.4 - 2.0)
     assert (two.calls, two.output_fetched_at, added_latency(two, 0.0)) == (2, None, None)
 
