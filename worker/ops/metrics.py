@@ -62,8 +62,10 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker.names import (
+    ACTIVE_BATCHES_KEY,
     ACTIVE_JOBS_KEY,
     ALL_QUEUES,
+    BATCH_KEY_PREFIX,
     DEAD_LETTERS_KEY,
     HOLDERS_KEY,
     IN_FLIGHT_STAGES,
@@ -139,6 +141,8 @@ JOB_DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.
 
 #: Most active jobs whose records are read per scrape (see the module docstring for the cost).
 MAX_ACTIVE_SCAN = 50_000
+#: The states ``lipsync_batch_items`` counts a batch's items in.
+BATCH_ITEM_STATES = ("waiting", "in_flight", "ended")
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +272,9 @@ class _Snapshot:
     #: Worker consumers with a recent heartbeat, and those gone silent (not yet recovered).
     workers_alive: int = 0
     workers_silent: int = 0
+    #: Batches not yet done, and their items by state (see BATCH_ITEM_STATES).
+    batches_in_flight: int = 0
+    batch_items: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BATCH_ITEM_STATES, 0))
     #: Metric hash key -> its raw fields and values.
     hashes: dict[str, Mapping[Any, Any]] = field(default_factory=dict)
 
@@ -341,6 +348,7 @@ class MetricsCollector:
         snapshot.in_flight = self._in_flight([as_text(job_id) for job_id in job_ids])
         snapshot.queue_depth = self._queue_depths()
         snapshot.misrouted = count_misrouted(self.broker, self.misroute_queues)
+        snapshot.batches_in_flight, snapshot.batch_items = self._batches()
         return snapshot
 
     def _in_flight(self, job_ids: Sequence[str]) -> dict[str, int]:
@@ -360,6 +368,29 @@ class MetricsCollector:
             if stage in counts:
                 counts[stage] += 1
         return counts
+
+    def _batches(self) -> tuple[int, dict[str, int]]:
+        """Batches whose result is not recorded yet, and their items: not started yet (``waiting``),
+        started and not ended (``in_flight``), ``ended`` (worker.batches.store's layout)."""
+        items = dict.fromkeys(BATCH_ITEM_STATES, 0)
+        batch_ids = self.redis.zrange(ACTIVE_BATCHES_KEY, 0, self.max_scan - 1)
+        if not batch_ids:
+            return 0, items
+        pipe = self.redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            key = BATCH_KEY_PREFIX + as_text(batch_id)
+            pipe.hmget(key, ["total", "admitted", "outcome"])
+            pipe.hlen(key + ":results")
+        replies = pipe.execute()
+        running = 0
+        for (total, admitted, outcome), ended in zip(replies[::2], replies[1::2], strict=True):
+            if total is None or _present(outcome):
+                continue
+            running += 1
+            items["waiting"] += int(total) - int(admitted or 0)
+            items["in_flight"] += max(0, int(admitted or 0) - int(ended))
+            items["ended"] += int(ended)
+        return running, items
 
     def _queue_depths(self) -> dict[str, int]:
         pipe = self.broker.pipeline(transaction=False)
@@ -434,6 +465,19 @@ def _gauges(s: _Snapshot) -> Iterator[Metric]:
         "Webhooks not yet delivered (in an attempt, or waiting for the next one).",
         value=s.webhooks_pending,
     )
+    yield GaugeMetricFamily(
+        "lipsync_batches_in_flight",
+        "Batches with items not yet ended (lipsync.run_batch).",
+        value=s.batches_in_flight,
+    )
+    batch_items = GaugeMetricFamily(
+        "lipsync_batch_items",
+        "Items of the batches in flight: waiting (not started), in_flight (started, not ended), ended.",
+        labels=["state"],
+    )
+    for state in BATCH_ITEM_STATES:
+        batch_items.add_metric([state], s.batch_items.get(state, 0))
+    yield batch_items
 
 
 def _histories(s: _Snapshot) -> Iterator[Metric]:
