@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from worker.batches.models import BatchFailure, BatchRequest, BatchResult
 from worker.jobs.models import LipsyncFailure, LipsyncRequest, LipsyncResult, StageEventPayload
 
 PUBLISHED: dict[str, type[BaseModel]] = {
@@ -18,6 +19,10 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "lipsync-result": LipsyncResult,
     "lipsync-failure": LipsyncFailure,
     "lipsync-event": StageEventPayload,
+    # A batch (lipsync.run_batch's batch) and its one callback: the result, or the refusal.
+    "batch-request": BatchRequest,
+    "batch-result": BatchResult,
+    "batch-failure": BatchFailure,
 }
 
 
@@ -26,7 +31,7 @@ def schema_of(name: str) -> dict[str, Any]:
     # The request is what callers write ("validation" mode: defaults are optional); the others are
     # what we write ("serialization" mode: every field is present).
     mode: Literal["validation", "serialization"] = (
-        "validation" if model is LipsyncRequest else "serialization"
+        "validation" if model in (LipsyncRequest, BatchRequest) else "serialization"
     )
     schema = model.model_json_schema(mode=mode)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
