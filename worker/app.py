@@ -15,6 +15,7 @@ from celery import Celery, bootsteps, signals
 from kombu import Queue
 
 from worker.callbacks.webhooks import attempt_time_limits
+from worker.cards.recovery import SettleCheckThread
 from worker.celery_queue import CeleryQueue
 from worker.errors import ConfigurationError
 from worker.jobs.resources import resources
@@ -26,7 +27,7 @@ from worker.preflight import preflight, refuse_to_start
 from worker.settings import Settings, get_settings
 
 #: The modules that define the tasks (named explicitly: no auto-discovery).
-TASK_MODULES = ["tasks.lipsync", "tasks.callbacks", "tasks.batches"]
+TASK_MODULES = ["tasks.lipsync", "tasks.callbacks", "tasks.cards", "tasks.batches"]
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -123,6 +124,26 @@ class SweeperStep(bootsteps.StartStopStep):
             self.thread.stopping.set()
 
 
+class SettleCheckStep(bootsteps.StartStopStep):
+    """Celery worker bootstep: every worker runs the Lipsync cards' settle check (worker.cards.recovery)
+    next to the sweeper; one per round across the fleet settles what a lost settle left undone."""
+
+    requires = ("celery.worker.components:Pool", NodeStep)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.thread: SettleCheckThread | None = None
+
+    def start(self, worker: Any) -> None:
+        holder = f"{getattr(worker, 'hostname', None) or socket.gethostname()}"
+        self.thread = SettleCheckThread(CeleryQueue(worker.app), holder)
+        self.thread.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.thread is not None:
+            self.thread.stopping.set()
+
+
 def _preflight(sender: Any = None, **_: Any) -> None:
     """Celery's ``worker_init``: refuse to start a worker GEN would not serve (worker.preflight)."""
     settings: Settings = getattr(getattr(sender, "app", None), "lipsync_settings", None) or get_settings()
@@ -147,6 +168,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     signals.worker_init.connect(_preflight, weak=False, dispatch_uid="lipsync-preflight")
     celery.steps["worker"].add(NodeStep)
     celery.steps["worker"].add(SweeperStep)
+    celery.steps["worker"].add(SettleCheckStep)
     celery.steps["consumer"].add(ConnectionStep)
     return celery
 

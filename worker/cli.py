@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from worker.cli_cards import add_card_parser
 from worker.errors import LipsyncJobFailed, RequestInvalid
 
 #: Exit codes: done; the job failed or what was named does not exist; bad input; a ``--wait`` ran
@@ -171,6 +172,8 @@ def _parser() -> argparse.ArgumentParser:
         "health", help="exit 0 when the broker and job-record Redis answer and GEN accepts the key and agent"
     )
     p.set_defaults(handler=_cmd_health)
+
+    add_card_parser(sub)
 
     p = sub.add_parser("schema", help="write the JSON Schemas of the request, result, failure and events")
     p.add_argument("--out", type=Path, default=Path("docs/schemas"))

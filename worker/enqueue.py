@@ -129,6 +129,33 @@ def cancel(
     return cancel_job(CeleryQueue(app), resources_of(app), job_id, reason=reason)
 
 
+def configure_card(card: Mapping[str, Any], *, app: Celery | None = None) -> dict[str, Any] | None:
+    """Store a target's Lipsync card (docs/cards.md), as ``lipsync.configure_card`` does; returns it
+    (its callback left out) with its target's state.
+
+    Raises:
+        RequestInvalid: the card is not valid, e.g. an unknown model (nothing was stored).
+    """
+    from worker.cards import flow
+
+    res = resources_of(app or _default_app())
+    return flow.show(res, flow.configure(res, dict(card)).target)
+
+
+def source_changed(change: Mapping[str, Any], *, app: Celery | None = None) -> AsyncResult[Any]:
+    """Tell the workers a target's sources changed (``lipsync.source_changed``); validated first.
+
+    Raises:
+        RequestInvalid: the change names neither side, or a bad field (nothing was sent).
+    """
+    from worker.cards.models import SourceChange
+    from worker.names import TASK_SOURCE_CHANGED
+
+    app = app or _default_app()
+    change_json = SourceChange.parse(dict(change)).model_dump(mode="json", exclude_none=True)
+    return app.send_task(TASK_SOURCE_CHANGED, kwargs={"change": change_json})
+
+
 def resources_of(app: Celery) -> Resources:
     """The resources of a Celery app made by :func:`worker.app.create_app` with its own settings
     (a producer can hold apps for several deployments), per process like

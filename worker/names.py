@@ -33,6 +33,11 @@ TASK_POLL = "lipsync.poll"
 TASK_FETCH = "lipsync.fetch_output"
 #: A second enqueue of a running job id waits for the first one's outcome.
 TASK_AWAIT = "lipsync.await_job"
+#: A Lipsync card's settings for one target (worker.cards), and a change of a target's sources.
+TASK_CONFIGURE_CARD = "lipsync.configure_card"
+TASK_SOURCE_CHANGED = "lipsync.source_changed"
+#: Runs when a change's debounce window passed: starts (or supersedes) the target's generation.
+TASK_SETTLE = "lipsync.settle_sources"
 TASK_DELIVER_WEBHOOK = "lipsync.deliver_webhook"
 #: A batch of jobs with one batch callback (worker.batches).
 TASK_RUN_BATCH = "lipsync.run_batch"
@@ -147,3 +152,14 @@ BATCH_ITEM_KEY_PREFIX = "lipsync:batchitem:"
 ACTIVE_BATCHES_KEY = "lipsync:batches:active"
 #: Counter and histogram hashes of the fleet's metrics.
 METRICS_PREFIX = "lipsync:metrics:"
+#: One hash per Lipsync card: ``lipsync:card:<target>`` (worker.cards.store), and the set of them.
+CARD_KEY_PREFIX = "lipsync:card:"
+CARDS_KEY = "lipsync:cards"
+#: One hash per target whose sources changed: its sources, change sequence, generation in flight
+#: and the sources of its output (``lipsync:sources:<target>``), and the set of its outputs'
+#: resource ids and URLs (``…:outputs``, the loop guard).
+CARD_TARGET_KEY_PREFIX = "lipsync:sources:"
+#: Sorted set of targets whose change still waits to be settled, scored by when it is overdue.
+CARDS_DUE_KEY = "lipsync:cards:due"
+#: The fleet-wide lease of the settle check (one per round).
+CARDS_LEASE_KEY = "lipsync:cards:lease"

@@ -137,6 +137,7 @@ def test_every_row_holds_charts() -> None:
         "Queues and workers",
         "Callbacks",
         "GEN events",
+        "Lipsync cards",
         "Batches",
     ]
     ends = [row["gridPos"]["y"] for row in rows[1:]] + [10**6]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from worker.dev.demo_cards import run_card_demo
 from worker.dev.embedded_redis import EmbeddedRedis
 from worker.errors import LipsyncJobFailed
 
@@ -103,7 +104,8 @@ def run_demo(*, jobs: int, out: Path | None) -> int:
             results = [enqueue(r, app=app) for r in _demo_requests(jobs)]
             print(f"\nenqueued {len(results)} jobs; progress:")
             _show_progress(results)
-            return _summary(results)
+            failed = _summary(results)
+            return run_card_demo(app) or failed
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ def cancel_job(
     *,
     reason: str = DEFAULT_REASON,
     sleep: Callable[[float], None] = time.sleep,
+    superseded_by: str | None = None,
+    supersede: bool = False,
 ) -> dict[str, Any] | None:
     """Cancel ``job_id``. Returns the job's outcome (the cancellation, or an earlier end), or None
     if no such job is known.
@@ -39,12 +41,17 @@ def cancel_job(
        callback once; the caller's AsyncResult resolves as FAILURE.
 
     A canceller that dies between 1 and 3 leaves the rest to the sweeper (:func:`finish_cancel`).
+
+    ``supersede``: the job ends ``superseded`` instead (by ``superseded_by``, if a job replaced it),
+    also when the sweeper finishes the cancel (the record says so).
     """
     record = res.jobs.get(job_id)
     if record is None:
         return None
     if record.outcome is not None:
         return record.outcome
+    if supersede:
+        res.jobs.update(job_id, superseded=1, superseded_by=superseded_by)
     # Until the stop is due, the sweeper leaves this cancel to us; past it, we are presumed dead.
     record = res.jobs.request_cancel(job_id, reason=reason, overdue_at=stop_due(res))
     if record is None:
@@ -71,11 +78,13 @@ def finish_cancel(
     generation_id = latest.generation_id if latest is not None else None
     if stop is None and latest is not None:
         stop = _recorded_stop(latest)
+    superseded = latest is not None and latest.superseded
     failure = LipsyncFailure(
         job_id=job_id,
         generation_id=generation_id,
-        status="cancelled",
-        error_code="cancelled",
+        status="superseded" if superseded else "cancelled",
+        error_code="superseded" if superseded else "cancelled",
+        superseded_by=latest.superseded_by if latest is not None and superseded else None,
         message=reason if stop is None else f"{reason}; {stop.describe()}",
         model=job.model if job is not None else None,
         metadata=job.request.metadata if job is not None else {},

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from worker.errors import LipsyncError, rebuild
 
 #: The statuses a job can end with when it produced no video (see worker.jobs.models.LipsyncFailure).
-FailureStatus = Literal["failed", "stopped", "timeout", "rejected", "cancelled"]
+FailureStatus = Literal["failed", "stopped", "timeout", "rejected", "cancelled", "superseded"]
 
 
 class JobError(LipsyncError):

@@ -186,7 +186,8 @@ class LipsyncFailure(BaseModel):
     job_id: str
     generation_id: str | None = None
     #: ``failed`` (GEN failed it, or an error), ``stopped`` (stopped on GEN), ``timeout`` (deadline),
-    #: ``rejected`` (bad request, or GEN refused it), ``cancelled`` (cancelled through us).
+    #: ``rejected`` (bad request, or GEN refused it), ``cancelled`` (cancelled through us),
+    #: ``superseded`` (a card's automatic generation replaced by one for newer sources: docs/cards.md).
     status: FailureStatus
     #: Machine-readable reason, e.g. ``generation_failed``, ``validation_error``, ``gen_not_found``.
     error_code: str
@@ -201,6 +202,9 @@ class LipsyncFailure(BaseModel):
     #: are refunded). False: it had already ended there, or the stop failed; the message says which.
     #: None: there was nothing to stop (or a failure other than a cancel).
     generation_stopped: bool | None = None
+    #: For a ``superseded`` job: the job that replaced it (None: the sources went back to those of
+    #: the current output, so nothing replaced it).
+    superseded_by: str | None = None
 
 
 class StageEventPayload(BaseModel):

@@ -177,6 +177,10 @@ class JobRecord(BaseModel):
     last_error: str | None = None
     cancel_requested: bool = False
     cancel_reason: str | None = None
+    #: A cancel that supersedes the job (worker.cards) ends it ``superseded``, naming the job that
+    #: replaced it (None: nothing did, the sources went back to those of the current output).
+    superseded: bool = False
+    superseded_by: str | None = None
     #: What GEN said to our stop of the generation, and why it was not confirmed (None: never asked).
     stop_result: StopResult | None = None
     stop_error: str | None = None

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from worker.batches.models import BatchFailure, BatchRequest, BatchResult
+from worker.cards.models import Card, SourceChange
 from worker.jobs.models import LipsyncFailure, LipsyncRequest, LipsyncResult, StageEventPayload
 
 PUBLISHED: dict[str, type[BaseModel]] = {
@@ -23,7 +24,13 @@ PUBLISHED: dict[str, type[BaseModel]] = {
     "batch-request": BatchRequest,
     "batch-result": BatchResult,
     "batch-failure": BatchFailure,
+    # The Lipsync card (lipsync.configure_card) and a change of a target's sources (lipsync.source_changed).
+    "card": Card,
+    "change": SourceChange,
 }
+
+#: What callers write ("validation" mode: defaults are optional); the others are what we write.
+_WRITTEN_BY_CALLERS: tuple[type[BaseModel], ...] = (LipsyncRequest, BatchRequest, Card, SourceChange)
 
 
 def schema_of(name: str) -> dict[str, Any]:
@@ -31,7 +38,7 @@ def schema_of(name: str) -> dict[str, Any]:
     # The request is what callers write ("validation" mode: defaults are optional); the others are
     # what we write ("serialization" mode: every field is present).
     mode: Literal["validation", "serialization"] = (
-        "validation" if model in (LipsyncRequest, BatchRequest) else "serialization"
+        "validation" if model in _WRITTEN_BY_CALLERS else "serialization"
     )
     schema = model.model_json_schema(mode=mode)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

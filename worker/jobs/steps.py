@@ -23,6 +23,7 @@ from typing import Any
 
 import redis
 
+from worker.cards.store import CardStore
 from worker.errors import LipsyncError
 from worker.gen.client import idempotency_key_for
 from worker.gen.errors import GenAPIError, GenBadResponse, GenNotStoppable
@@ -119,7 +120,12 @@ def create(request: LipsyncRequest | Any, *, task_id: str, res: Resources) -> St
             request = {**request, "job_id": task_id}
         request = LipsyncRequest.parse(request)
     refuse_unsigned(request.callback, res.settings)
-    model = request.model or res.settings.default_model
+    # No model named: the target's Lipsync card's (worker.cards), then LIPSYNC_DEFAULT_MODEL.
+    model = (
+        request.model
+        or CardStore(res.redis).model_for(request.sheet_id, request.cell_id, request.layer_id)
+        or res.settings.default_model
+    )
     now = res.clock()
     job = Job(
         request=request,

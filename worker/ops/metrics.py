@@ -121,6 +121,8 @@ RECOVERIES_KEY = METRICS_PREFIX + "recoveries"
 GEN_EVENTS_KEY = METRICS_PREFIX + "gen_events"
 #: Counter hash, labels (result,): jobs GEN's events named, by what the nudge did.
 EVENT_NUDGES_KEY = METRICS_PREFIX + "event_nudges"
+#: Counter hash, labels (action,): source changes of Lipsync card targets, by what they led to.
+CARD_CHANGES_KEY = METRICS_PREFIX + "card_changes"
 METRICS_KEYS = (
     GEN_REQUESTS_KEY,
     GEN_REQUEST_DURATION_KEY,
@@ -131,6 +133,7 @@ METRICS_KEYS = (
     RECOVERIES_KEY,
     GEN_EVENTS_KEY,
     EVENT_NUDGES_KEY,
+    CARD_CHANGES_KEY,
 )
 
 INF = math.inf
@@ -207,6 +210,13 @@ def record_event_nudges(r: redis.Redis, *, result: str, count: int = 1) -> None:
     """Count jobs GEN's events named, by ``result``: ``sent`` (polled now), or why not (a
     :data:`worker.jobs.records.NudgeVerdict`: ``poll_due``, ``recently_nudged``, ``not_polling``...)."""
     _record(r, "event nudge", counters=[(EVENT_NUDGES_KEY, (result,))], amount=count)
+
+
+def record_card_change(r: redis.Redis, *, action: str) -> None:
+    """Count one source change of a card's target by what it led to (worker.cards): ``scheduled``,
+    ``stale`` (no auto_generate: recorded only), ``own_output`` (the loop guard), and, when settled,
+    ``unchanged`` (no generation needed) or ``generation_started``."""
+    _record(r, "card change", counters=[(CARD_CHANGES_KEY, (action,))])
 
 
 def _record(
@@ -540,6 +550,13 @@ def _histories(s: _Snapshot) -> Iterator[Metric]:
         "(poll_due, recently_nudged, not_polling, finished, cancelled, unknown).",
         ["result"],
         s.hashes.get(EVENT_NUDGES_KEY, {}),
+    )
+    yield _counter(
+        "lipsync_card_changes",
+        "Source changes of Lipsync card targets by what they led to (scheduled, stale, own_output, "
+        "unchanged, generation_started).",
+        ["action"],
+        s.hashes.get(CARD_CHANGES_KEY, {}),
     )
 
 

@@ -167,6 +167,7 @@ def test_every_key_written_is_under_the_metrics_prefix(r: redis.Redis) -> None:
     metrics.record_recoveries(r, cause="dead_worker", count=3)
     metrics.record_gen_event(r, outcome="matched")
     metrics.record_event_nudges(r, result="sent", count=2)
+    metrics.record_card_change(r, action="stale")
     keys = sorted(k.decode() for k in cast(list[bytes], r.keys("*")))
     assert keys == sorted(metrics.METRICS_KEYS)
     assert all(k.startswith(METRICS_PREFIX) for k in keys)

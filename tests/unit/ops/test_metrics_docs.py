@@ -35,6 +35,7 @@ from worker.jobs.records import JobStore, NudgeVerdict
 from worker.names import ALL_QUEUES, HOLDERS_KEY, IN_FLIGHT_STAGES, QUEUE_FETCH, TASK_RUN, Stage
 from worker.ops.metrics import (
     record_callback,
+    record_card_change,
     record_event_nudges,
     record_gen_call,
     record_gen_event,
@@ -147,6 +148,8 @@ RECOVERIES = ["dead_worker", "released_on_reconnect", "overdue", "webhook_overdu
 EVENT_OUTCOMES = ["matched", "matched", "unmatched", "unreadable", "refused"]
 #: What worker.jobs.nudge records: sent, send_failed, or the record's verdict why not.
 NUDGE_RESULTS = ["sent", "send_failed", *(v for v in get_args(NudgeVerdict) if v != "nudged")]
+#: What worker.cards.flow records for a change of a card's target.
+CARD_ACTIONS = ["scheduled", "stale", "own_output", "unchanged", "generation_started"]
 
 
 def record_everything(redis_url: str, *, round_no: int = 0) -> None:
@@ -170,6 +173,8 @@ def record_everything(redis_url: str, *, round_no: int = 0) -> None:
         record_gen_event(r, outcome=outcome)
     for n, result in enumerate(NUDGE_RESULTS):
         record_event_nudges(r, result=result, count=n + 1)
+    for action in CARD_ACTIONS:
+        record_card_change(r, action=action)
 
     jobs = JobStore(r, ttl=3600)
     now = time.time()
@@ -297,6 +302,9 @@ def test_documented_label_values_are_the_ones_the_code_writes() -> None:
     nudges = next(row.line for row in documented_rows(text) if row.names == ("lipsync_event_nudges_total",))
     for result in NUDGE_RESULTS:
         assert f"`{result}`" in nudges
+    cards = next(row.line for row in documented_rows(text) if row.names == ("lipsync_card_changes_total",))
+    for action in CARD_ACTIONS:
+        assert f"`{action}`" in cards
 
 
 def test_the_old_metrics_list_points_here() -> None:

@@ -1,0 +1,87 @@
+"""The Lipsync card as Celery tasks (thin: the logic is :mod:`worker.cards.flow`).
+
+* ``lipsync.configure_card(card={...})`` stores a card and returns it with its target's state;
+* ``lipsync.source_changed(change={...})`` records a change of a target's sources and, for a card
+  with ``auto_generate``, schedules ``lipsync.settle_sources`` after the debounce window;
+* ``lipsync.settle_sources(target=..., seq=...)`` settles the change: only the settle of the newest
+  change of a target does anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tasks.base import AnyTask, retry_after_redis_error
+from worker.app import app
+from worker.cards import flow
+from worker.cards.models import Target
+from worker.celery_queue import CeleryQueue
+from worker.errors import RequestInvalid
+from worker.jobs.resources import resources
+from worker.names import TASK_CONFIGURE_CARD, TASK_SETTLE, TASK_SOURCE_CHANGED
+
+log = logging.getLogger("lipsync.tasks")
+
+_OPTIONS: dict[str, Any] = {"bind": True, "max_retries": None, "acks_late": True, "throws": (RequestInvalid,)}
+
+
+@app.task(name=TASK_CONFIGURE_CARD, **_OPTIONS)
+def configure_card(self: AnyTask, card: Any = None) -> dict[str, Any] | None:
+    """Store the card; returns it (its callback left out) with its target's state.
+
+    Raises :class:`RequestInvalid` (the task fails) naming the fields, e.g. an unknown model.
+    """
+    _without_callback(self)
+    res = resources()
+    try:
+        stored = flow.configure(res, card)
+    except Exception as exc:
+        retry_after_redis_error(self, exc)
+        raise
+    return flow.show(res, stored.target)
+
+
+@app.task(name=TASK_SOURCE_CHANGED, **_OPTIONS)
+def source_changed(self: AnyTask, change: Any = None) -> dict[str, Any]:
+    """Record the change; with the card's auto_generate on, settle it after the debounce window."""
+    res = resources()
+    try:
+        result = flow.record_change(res, change)
+    except Exception as exc:
+        retry_after_redis_error(self, exc)
+        raise
+    if result.action == "scheduled" and result.seq is not None:
+        settle_sources.apply_async(
+            kwargs={"target": result.target.key, "seq": result.seq}, countdown=result.settle_in or 0.0
+        )
+    return result.as_json()
+
+
+@app.task(name=TASK_SETTLE, **{**_OPTIONS, "ignore_result": True})
+def settle_sources(self: AnyTask, target: str, seq: int) -> dict[str, Any]:
+    """Start (or supersede, or skip) the target's generation for its latest sources."""
+    res = resources()
+    try:
+        settled = flow.settle(CeleryQueue(self.app), res, Target.from_key(target), seq=seq)
+    except Exception as exc:
+        retry_after_redis_error(self, exc)
+        raise
+    if settled.action == "early":
+        raise self.retry(countdown=settled.wait or 0.0)
+    log.info("target %s: change %d settled (%s)", target, seq, settled.action)
+    return {"action": settled.action, "job_id": settled.job_id, "superseded": settled.superseded}
+
+
+def _without_callback(task: AnyTask) -> None:
+    """Drop the card's callback from the request Celery keeps with the result: its webhook URL can
+    carry a receiver's token (the card store has it)."""
+    request = task.request
+
+    def scrub(value: Any) -> Any:
+        return {k: v for k, v in value.items() if k != "callback"} if isinstance(value, dict) else value
+
+    if isinstance(request.kwargs, dict) and "card" in request.kwargs:
+        request.kwargs = {**request.kwargs, "card": scrub(request.kwargs["card"])}
+    if request.args:
+        request.args = [scrub(arg) for arg in request.args]

@@ -1,0 +1,97 @@
+"""worker.cards.flow against a real Redis and broker (nothing consumes the messages) and a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.unit.conftest import FakeClock, queued
+from worker.cards import flow
+from worker.cards.models import Target
+from worker.cards.recovery import settle_overdue
+from worker.cards.store import CardStore
+from worker.celery_queue import CeleryQueue
+from worker.jobs import steps
+from worker.jobs.resources import Resources
+from worker.names import QUEUE_JOBS, TASK_RUN
+
+TARGET = {"sheet_id": "101", "cell_id": "3000", "layer_id": "4000"}
+
+
+def card(res: Resources, **fields: Any) -> None:
+    flow.configure(res, {**TARGET, "lipSyncModel": "sync_so", "autoGenerate": True, **fields})
+
+
+def runs(res: Resources) -> list[dict[str, Any]]:
+    return [m for m in queued(res, QUEUE_JOBS) if m["task"] == TASK_RUN]
+
+
+def test_without_auto_generate_a_change_is_recorded_stale_and_nothing_is_sent(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    card(res, autoGenerate=False)
+    result = flow.record_change(res, {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001})
+    assert result.action == "stale"
+    state = CardStore(res.redis).state(Target(**TARGET))
+    assert state.stale and state.seq == 1
+    assert CardStore(res.redis).due(now=float("inf")) == []
+    assert flow.settle(queue, res, Target(**TARGET), seq=1).action == "off"
+    assert runs(res) == []
+
+
+def test_only_the_newest_change_starts_a_job_once_its_window_passed(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    card(res, debounce_seconds=5)
+    target = Target(**TARGET)
+    flow.record_change(res, {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001})
+    clock.advance(2)
+    flow.record_change(res, {**TARGET, "audio_resource_id": 6002})
+    assert flow.settle(queue, res, target, seq=1).action == "stale"
+    early = flow.settle(queue, res, target, seq=2)
+    assert early.action == "early" and early.wait is not None and 4.9 < early.wait <= 5
+    clock.advance(5)
+    started = flow.settle(queue, res, target, seq=2)
+    assert (started.action, started.job_id) == ("start", "card.101.3000.4000~2")
+    (run,) = runs(res)
+    assert run["id"] == "card.101.3000.4000~2"
+    assert run["kwargs"]["request"]["audio_resource_id"] == "6002"
+    assert run["kwargs"]["request"]["model"] == "sync_so"
+    assert "callback" not in run["kwargs"]["request"]
+    # The same settle again (a redelivery) finds the job it started.
+    assert flow.settle(queue, res, target, seq=2).job_id == "card.101.3000.4000~2"
+    assert res.jobs.get("card.101.3000.4000~2") is not None
+
+
+def test_a_job_that_names_no_model_takes_the_cards_then_the_default(res: Resources) -> None:
+    card(res, lipSyncModel="sync.so")
+    request = {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001}
+    assert steps.create({**request, "job_id": "a"}, task_id="a", res=res).job.model == "sync_so"
+    assert steps.create({**request, "job_id": "b", "model": "gen"}, task_id="b", res=res).job.model == "gen"
+    elsewhere = {**request, "cell_id": "3001", "layer_id": None, "job_id": "c"}
+    assert steps.create(elsewhere, task_id="c", res=res).job.model == res.settings.default_model
+
+
+def test_the_settle_check_settles_a_change_whose_settle_was_lost(
+    res: Resources, queue: CeleryQueue, clock: FakeClock
+) -> None:
+    card(res, debounce_seconds=5)
+    flow.record_change(res, {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001})
+    clock.advance(5)
+    assert settle_overdue(queue, res) == []  # not overdue before the recovery grace
+    clock.advance(res.settings.recovery_grace)
+    assert settle_overdue(queue, res) == ["101.3000.4000"]
+    assert [m["id"] for m in runs(res)] == ["card.101.3000.4000~1"]
+    assert CardStore(res.redis).due(now=float("inf")) == []
+
+
+def test_unchanged_sources_settle_to_nothing(res: Resources, queue: CeleryQueue, clock: FakeClock) -> None:
+    card(res, debounce_seconds=0)
+    target = Target(**TARGET)
+    store = CardStore(res.redis)
+    flow.record_change(res, {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001})
+    flow.settle(queue, res, target, seq=1)
+    assert store.retire(target, "card.101.3000.4000~1", completed=True)
+    flow.record_change(res, {**TARGET, "video_resource_id": 5001})
+    assert flow.settle(queue, res, target, seq=2).action == "nothing"
+    assert len(runs(res)) == 1
+    assert not store.state(target).stale

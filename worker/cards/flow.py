@@ -1,0 +1,279 @@
+"""What the card tasks do, without Celery: configure a card, record a source change, settle it.
+
+A change is recorded at once (:func:`record_change`) and, for a card with ``auto_generate``, settled
+when its debounce window passed with no further change (:func:`settle`, run by the task the change
+scheduled, or by the settle check after a crash). Settling the latest change:
+
+1. retires the job in flight if it ended (a completed one's sources become the output's);
+2. decides (:func:`worker.cards.changes.decide`): nothing, start, supersede or stop;
+3. claims the target's single in-flight slot for the new job atomically (the change sequence and the
+   job in flight must be unchanged), recording the job it replaces as ``superseding``;
+4. stops the replaced job on GEN and ends it ``superseded`` (:func:`worker.jobs.cancel.cancel_job`);
+5. only then creates the new job (:func:`worker.jobs.steps.create`) and sends ``lipsync.run``.
+
+Each step can be repeated: the job id is derived from the target and the change sequence, the
+cancel and the create are idempotent. A settle that dies half-way leaves the target due in
+``lipsync:cards:due``; the next settle (the settle check) redoes what is left, in the same order,
+so a new generation never starts before the one it replaces was stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from worker.cards.changes import Action, Situation, decide, fingerprint, job_id_for
+from worker.cards.models import Card, SourceChange, Target
+from worker.cards.store import CardStore, TargetState
+from worker.errors import RequestInvalid
+from worker.jobs import steps
+from worker.jobs.cancel import cancel_job
+from worker.jobs.models import Job, LipsyncRequest
+from worker.jobs.resources import Resources
+from worker.names import TASK_RUN
+from worker.ops import metrics
+from worker.ops.failpoints import failpoint
+from worker.taskqueue import TaskQueue
+
+log = logging.getLogger("lipsync.cards")
+
+
+def store_of(res: Resources) -> CardStore:
+    return CardStore(res.redis)
+
+
+# --------------------------------------------------------------------------------------------
+# cards
+# --------------------------------------------------------------------------------------------
+
+
+def configure(res: Resources, data: Any) -> Card:
+    """Validate and store a card. Raises :class:`RequestInvalid` naming the fields (an unknown
+    model, a bad target, a callback that could only go out unsigned)."""
+    from worker.callbacks.webhooks import refuse_unsigned
+
+    card = Card.parse(data)
+    refuse_unsigned(card.callback, res.settings)
+    store_of(res).put_card(card)
+    log.info("card %s: model %s, auto_generate %s", card.target.key, card.lip_sync_model, card.auto_generate)
+    return card
+
+
+def show(res: Resources, target: Target) -> dict[str, Any] | None:
+    """The card (without its callback, whose webhook URL can carry a token) and its target's state."""
+    store = store_of(res)
+    card = store.card(target)
+    state = retire_ended(res, target)
+    if card is None and state.seq == 0:
+        return None
+    shown = card.model_dump(mode="json", exclude={"callback"}) if card is not None else None
+    if shown is not None:
+        shown["has_callback"] = card is not None and card.callback is not None
+    return {"target": target.key, "card": shown, "state": state.as_json()}
+
+
+# --------------------------------------------------------------------------------------------
+# a change
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    """What recording a change did: ``scheduled`` (settled in ``settle_in`` seconds), ``stale``
+    (recorded; no card with auto_generate), or ``own_output`` (our generation's output: ignored)."""
+
+    target: Target
+    action: str
+    seq: int | None = None
+    settle_in: float | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target.key,
+            "action": self.action,
+            "seq": self.seq,
+            "settle_in": self.settle_in,
+        }
+
+
+def record_change(res: Resources, data: Any) -> ChangeResult:
+    """Record a change of a target's sources. Raises :class:`RequestInvalid` naming the fields."""
+    change = SourceChange.parse(data)
+    target, store = change.target, store_of(res)
+    retire_ended(res, target)
+    own = store.outputs(target) & set(change.sources.values())
+    if own:
+        # GEN writes a generation's output back into the target: that is not a new source.
+        log.info("target %s: change names our own output %s; ignored", target.key, sorted(own))
+        metrics.record_card_change(res.redis, action="own_output")
+        return ChangeResult(target, "own_output")
+    card = store.card(target)
+    auto = card is not None and card.auto_generate
+    debounce = card.debounce_seconds if card is not None else 0.0
+    recorded = store.record_change(
+        target,
+        change.sources,
+        now=res.clock(),
+        debounce=debounce,
+        schedule=auto,
+        grace=res.settings.recovery_grace,
+    )
+    action = "scheduled" if auto else "stale"
+    metrics.record_card_change(res.redis, action=action)
+    log.info("target %s: change %d recorded (%s)", target.key, recorded.seq, action)
+    return ChangeResult(target, action, recorded.seq, debounce if auto else None)
+
+
+# --------------------------------------------------------------------------------------------
+# settling the latest change
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a settle did: ``stale`` (a newer change settles later), ``early`` (come back in
+    ``wait`` seconds), ``off`` (the card's auto_generate is off), or the decision it carried out."""
+
+    action: str
+    job_id: str | None = None
+    superseded: str | None = None
+    wait: float | None = None
+
+
+def settle(queue: TaskQueue, res: Resources, target: Target, *, seq: int | None) -> Settled:
+    """Settle the target's latest change (``seq``: the change that scheduled this settle; None: the
+    latest, for the settle check). Safe to run twice, and concurrently."""
+    store = store_of(res)
+    while True:
+        state = retire_ended(res, target)
+        if seq is not None and state.seq != seq:
+            return Settled("stale")
+        if state.superseding is not None:
+            _supersede(queue, res, target, state.superseding, by=state.inflight_job)
+            continue
+        if state.inflight_job is not None and state.inflight_seq == state.seq:
+            # Claimed for the latest change: make sure its job exists (the claimer may have died).
+            _start(queue, res, target, state)
+            store.settled(target, state.seq)
+            return Settled("started", job_id=state.inflight_job)
+        card = store.card(target)
+        if card is None or not card.auto_generate:
+            store.settled(target, state.seq)
+            return Settled("off")
+        assert state.changed_at is not None
+        wait = state.changed_at + card.debounce_seconds - res.clock()
+        if wait > 0.05:
+            return Settled("early", wait=wait)
+        outcome = _carry_out(queue, res, target, state)
+        if outcome is not None:
+            return outcome
+
+
+def _carry_out(queue: TaskQueue, res: Resources, target: Target, state: TargetState) -> Settled | None:
+    """Carry out the decision for ``state``; None when the target moved on meanwhile (look again)."""
+    store = store_of(res)
+    assert state.sources is not None
+    action = decide(Situation(state.sources, output_fp=state.output_fp, inflight_fp=state.inflight_fp))
+    due = steps.stop_due(res, within=0.0)
+    if action in (Action.NOTHING, Action.INCOMPLETE):
+        store.settled(target, state.seq)
+        if action == Action.NOTHING:
+            metrics.record_card_change(res.redis, action="unchanged")
+        return Settled(action.value)
+    if action == Action.STOP:
+        assert state.inflight_job is not None
+        if not store.stop_inflight(target, seq=state.seq, expected=state.inflight_job, due=due):
+            return None
+        failpoint("cards.after_claim")
+        _supersede(queue, res, target, state.inflight_job, by=None)
+        store.settled(target, state.seq)
+        return Settled(action.value, superseded=state.inflight_job)
+    job_id = job_id_for(target, state.seq)
+    claimed = store.claim(
+        target,
+        seq=state.seq,
+        job_id=job_id,
+        fp=fingerprint(state.sources),
+        expected=state.inflight_job,
+        due=due,
+    )
+    if not claimed:
+        return None
+    failpoint("cards.after_claim")
+    if state.inflight_job is not None:
+        _supersede(queue, res, target, state.inflight_job, by=job_id)
+    _start(queue, res, target, store.state(target))
+    store.settled(target, state.seq)
+    return Settled(action.value, job_id=job_id, superseded=state.inflight_job)
+
+
+def _supersede(queue: TaskQueue, res: Resources, target: Target, job_id: str, *, by: str | None) -> None:
+    """Stop ``job_id`` on GEN (its credits are refunded) and end it ``superseded`` (failure callback
+    naming ``by``), then free the target for the job that replaces it."""
+    reason = f"superseded by job {by} for newer sources" if by else "the sources went back to the output's"
+    outcome = cancel_job(queue, res, job_id, reason=reason, supersede=True, superseded_by=by)
+    log.info("target %s: job %s %s", target.key, job_id, (outcome or {}).get("status", "unknown"))
+    failpoint("cards.after_supersede")
+    if outcome is not None and outcome.get("status") == "completed":
+        # It completed before the stop reached it: its output is real (if no longer the latest).
+        _add_outputs(res, target, outcome)
+    store_of(res).superseded(target, job_id)
+
+
+def _start(queue: TaskQueue, res: Resources, target: Target, state: TargetState) -> None:
+    """Create the claimed job and send it (both idempotent: a second run joins the first)."""
+    store = store_of(res)
+    card = store.card(target)
+    assert state.inflight_job is not None and state.sources is not None
+    sources = state.sources
+    request = LipsyncRequest(
+        job_id=state.inflight_job,
+        sheet_id=target.sheet_id,
+        cell_id=target.cell_id,
+        layer_id=target.layer_id,
+        video_resource_id=sources.video_resource_id or "",
+        audio_resource_id=sources.audio_resource_id or "",
+        model=card.lip_sync_model if card is not None else None,
+        callback=card.callback if card is not None else None,
+        metadata=card.metadata if card is not None else {},
+    )
+    started = steps.create(request, task_id=request.job_id, res=res)
+    if started.record.outcome is not None or (not started.created and started.record.state != "queued"):
+        return
+    payload = request.model_dump(mode="json", exclude_none=True, exclude={"callback"})
+    queue.send(TASK_RUN, kwargs={"request": payload}, task_id=request.job_id)
+    metrics.record_card_change(res.redis, action="generation_started")
+    log.info("target %s: job %s started for change %d", target.key, request.job_id, state.seq)
+
+
+def retire_ended(res: Resources, target: Target) -> TargetState:
+    """The target's state, after taking its job in flight out of flight if that job ended (a
+    completed one's sources become the output's, and its output joins the loop guard's list)."""
+    store = store_of(res)
+    state = store.state(target)
+    if state.inflight_job is None:
+        return state
+    record = res.jobs.get(state.inflight_job)
+    if record is None:
+        return state
+    if record.job is not None:
+        # GEN writes the output into the target as soon as it completes, before our fetch ends.
+        output = Job.model_validate(record.job).output_resource
+        if output is not None:
+            store.add_outputs(target, [v for v in (output.id, output.url) if v])
+    if record.outcome is None:
+        return state
+    completed = record.outcome.get("status") == "completed"
+    if completed:
+        _add_outputs(res, target, record.outcome)
+    store.retire(target, state.inflight_job, completed=completed)
+    return store.state(target)
+
+
+def _add_outputs(res: Resources, target: Target, outcome: dict[str, Any]) -> None:
+    output = outcome.get("output") or {}
+    store_of(res).add_outputs(target, [str(v) for v in (output.get("id"), output.get("url")) if v])
+
+
+__all__ = ["ChangeResult", "RequestInvalid", "Settled", "configure", "record_change", "settle", "show"]
