@@ -117,6 +117,46 @@ def test_a_worker_killed_mid_batch_still_ends_in_one_batch_callback(
     assert len(batch_callbacks(cluster, "season-1")) == 1
 
 
+def test_a_worker_killed_after_recording_the_result_still_sends_one_callback(
+    make_cluster: Callable[..., Cluster], sim: Any
+) -> None:
+    cluster = make_cluster()
+    doomed = cluster.start_worker("doomed", LIPSYNC_FAILPOINTS="batch.after_result")
+    cluster.start_consumer("media")
+    requests = items(4, first_target=300)
+    enqueue_batch({"batch_id": "last-one", "items": requests, "callback": BATCH_CALLBACK}, app=cluster.app())
+    # It dies as the last item ends: the batch result recorded, its callback not sent.
+    wait_for(lambda: doomed.process.poll() is not None, timeout=60)
+    record = batch_status("last-one", app=cluster.app())
+    assert record is not None and record.outcome is not None and not record.dispatched
+    assert batch_callbacks(cluster, "last-one") == []
+    cluster.start_worker("heir")
+    result = wait_for_batch_callback(cluster, "last-one", timeout=60)
+    assert result["counts"] == {"completed": 4}
+    assert generations_per_target(sim, requests) == [1] * 4
+    time.sleep(3)  # past LIPSYNC_RECOVERY_GRACE: the heir's sweeper sends it no second time
+    assert len(batch_callbacks(cluster, "last-one")) == 1
+
+
+def test_a_worker_killed_while_starting_items_leaves_them_to_the_sweeper(
+    make_cluster: Callable[..., Cluster], sim: Any
+) -> None:
+    cluster = make_cluster()
+    doomed = cluster.start_worker("doomed", LIPSYNC_FAILPOINTS="batch.after_admit")
+    cluster.start_consumer("media")
+    requests = items(3, first_target=310)
+    batch = {"batch_id": "lost-admission", "items": requests, "callback": BATCH_CALLBACK, "max_parallel": 2}
+    enqueue_batch(batch, app=cluster.app())
+    # It dies between reserving the first two items and recording them as jobs.
+    wait_for(lambda: doomed.process.poll() is not None, timeout=60)
+    record = batch_status("lost-admission", app=cluster.app())
+    assert record is not None and record.admitted == 2 and sim.stats()["generations_created"] == 0
+    cluster.start_worker("heir")
+    result = wait_for_batch_callback(cluster, "lost-admission", timeout=90)
+    assert result["counts"] == {"completed": 3}
+    assert generations_per_target(sim, requests) == [1] * 3
+
+
 # ----------------------------------------------------------------------------------------------
 # fairness and max_parallel
 # ----------------------------------------------------------------------------------------------

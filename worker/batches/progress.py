@@ -37,6 +37,7 @@ from worker.jobs.cancel import cancel_job
 from worker.jobs.models import LipsyncFailure
 from worker.jobs.resources import Resources
 from worker.names import TASK_RUN
+from worker.ops.failpoints import failpoint
 from worker.taskqueue import TaskQueue
 
 log = logging.getLogger("lipsync.batches")
@@ -83,6 +84,7 @@ def advance(queue: TaskQueue, res: Resources, batch_id: str) -> BatchRecord | No
         reserved = store.admit(batch_id)
         if not reserved:
             break
+        failpoint("batch.after_admit")
         for index, request in zip(reserved, store.items(batch_id, reserved), strict=True):
             _start_item(queue, res, store, batch_id, index, request)
         store.due(batch_id, _next_check(res))
@@ -154,6 +156,7 @@ def _finish(queue: TaskQueue, res: Resources, store: BatchStore, record: BatchRe
     first, stored = store.record_outcome(record.batch_id, result.model_dump(mode="json"))
     if not first:
         return  # another worker recorded it and dispatches it (or the sweeper will)
+    failpoint("batch.after_result")
     log.info("batch %s: every item ended: %s", record.batch_id, counts)
     _dispatch(queue, res, store, record, stored)
 
