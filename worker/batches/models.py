@@ -17,6 +17,9 @@ from worker.callbacks.models import Callback
 from worker.errors import LipsyncJobFailed, RequestInvalid, describe_validation_error
 from worker.jobs.models import SCHEMA_VERSION, JobId, LipsyncRequest
 
+#: Longest batch id: its items' job ids (``<batch_id>.<index>``) must stay valid job ids.
+MAX_BATCH_ID = 100
+
 
 class BatchInvalid(RequestInvalid):
     """A batch failed validation: nothing of it runs. ``errors`` lists ``{"field", "message"}``
@@ -86,6 +89,10 @@ class BatchRequest(BaseModel):
             errors.extend(describe_validation_error(exc))
             head = None
         batch_id = head.batch_id if head and head.batch_id else default_id or uuid.uuid4().hex
+        if len(batch_id) > MAX_BATCH_ID:
+            # Item job ids are <batch_id>.<index>, and a job id has at most 128 characters.
+            message = f"at most {MAX_BATCH_ID} characters (items' job ids are <batch_id>.<index>)"
+            raise BatchInvalid([{"field": "batch_id", "message": message}])
         items: list[LipsyncRequest] = []
         seen: dict[str, int] = {}
         for index, raw in enumerate(raw_items):

@@ -81,6 +81,13 @@ def test_an_empty_batch_and_one_above_the_limit_are_refused(make_res: ResFactory
     assert "LIPSYNC_MAX_BATCH_ITEMS" in str(large.value)
 
 
+def test_a_batch_id_too_long_for_its_items_job_ids_is_refused(res: Resources) -> None:
+    with pytest.raises(BatchInvalid) as caught:
+        validate({**batch_of(2), "batch_id": "b" * 101}, res.settings)
+    assert [e["field"] for e in caught.value.errors] == ["batch_id"]
+    assert validate({**batch_of(2), "batch_id": "b" * 100}, res.settings).items[1].job_id == "b" * 100 + ".1"
+
+
 def test_two_items_with_one_job_id_are_refused(res: Resources) -> None:
     raw = {"items": [item(0, job_id="same"), item(1, job_id="same")]}
     with pytest.raises(BatchInvalid) as caught:
