@@ -131,7 +131,9 @@ def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
     )
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "2 of 2 jobs completed." in demo.stdout
+    # The two jobs, and the Lipsync card's one generation for the latest of its three speech changes.
+    assert "generations started: 1 (job card.102.3099.4099~3), for audio 6053" in demo.stdout
     outputs = sorted((tmp_path / "lipsync-output").glob("*.mp4"))
-    assert len(outputs) == 2
+    assert len(outputs) == 3
     assert all(str(path) in demo.stdout for path in outputs)
     assert outputs[0].read_bytes()[4:8] == b"ftyp"
