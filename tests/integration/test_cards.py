@@ -235,3 +235,33 @@ def test_changes_sent_concurrently_to_three_workers_are_all_recorded_and_make_on
     assert latest is not None and sources_of(made) == (latest.video, latest.audio)
     (outcome,) = outcomes(receiver).values()
     assert outcome["status"] == "completed" and outcome["job_id"].endswith("~30")
+
+
+def test_a_change_by_url_generates_with_that_url(
+    make_cluster: Any, simulator: Any, receiver: WebhookReceiver
+) -> None:
+    cluster = make_cluster()
+    cluster.start_worker(concurrency=2)
+    target = own_target()
+    configure(cluster, target, receiver, debounce_seconds=0.5)
+    speech = "https://media.example/speech/episode-12-v2.mp3"
+    change(cluster, target, video_resource_id=5020, audio_url=speech).get(timeout=15)
+    wait_for(lambda: len(outcomes(receiver)) == 1, timeout=30)
+    (made,) = generations(simulator, target)
+    assert made["audio"] == speech
+    (outcome,) = outcomes(receiver).values()
+    assert outcome["status"] == "completed"
+
+
+def test_a_change_of_a_target_gen_does_not_know_ends_in_gens_404_not_silence(
+    make_cluster: Any, simulator: Any, receiver: WebhookReceiver
+) -> None:
+    cluster = make_cluster()
+    cluster.start_worker(concurrency=2)
+    target = {"sheet_id": 999, "cell_id": 3000}
+    configure(cluster, target, receiver, debounce_seconds=0.2)
+    change(cluster, target, video_resource_id=5021, audio_resource_id=6021).get(timeout=15)
+    wait_for(lambda: len(outcomes(receiver)) == 1, timeout=30)
+    (failure,) = outcomes(receiver).values()
+    assert failure["status"] == "rejected" and failure["error_code"] == "not_found"
+    assert simulator.stats()["counts"].get("generate") == 1

@@ -29,8 +29,10 @@ from worker.cards.store import CardStore, TargetState
 from worker.errors import RequestInvalid
 from worker.jobs import steps
 from worker.jobs.cancel import cancel_job
-from worker.jobs.models import Job, LipsyncRequest
+from worker.jobs.failures import reject
+from worker.jobs.models import Job
 from worker.jobs.resources import Resources
+from worker.jobs.sources import refuse_unusable_urls
 from worker.names import TASK_RUN
 from worker.ops import metrics
 from worker.ops.failpoints import failpoint
@@ -100,6 +102,7 @@ class ChangeResult:
 def record_change(res: Resources, data: Any) -> ChangeResult:
     """Record a change of a target's sources. Raises :class:`RequestInvalid` naming the fields."""
     change = SourceChange.parse(data)
+    refuse_unusable_urls({"video_url": change.video_url, "audio_url": change.audio_url}, res.settings)
     target, store = change.target, store_of(res)
     retire_ended(res, target)
     own = store.outputs(target) & set(change.sources.values())
@@ -222,29 +225,32 @@ def _supersede(queue: TaskQueue, res: Resources, target: Target, job_id: str, *,
 
 
 def _start(queue: TaskQueue, res: Resources, target: Target, state: TargetState) -> None:
-    """Create the claimed job and send it (both idempotent: a second run joins the first)."""
-    store = store_of(res)
-    card = store.card(target)
+    """Create the claimed job and send it (both idempotent: a second run joins the first). A job
+    that cannot be created (its sources refused) ends ``rejected`` with the card's callback told."""
+    card = store_of(res).card(target)
     assert state.inflight_job is not None and state.sources is not None
-    sources = state.sources
-    request = LipsyncRequest(
-        job_id=state.inflight_job,
-        sheet_id=target.sheet_id,
-        cell_id=target.cell_id,
-        layer_id=target.layer_id,
-        video_resource_id=sources.video_resource_id or "",
-        audio_resource_id=sources.audio_resource_id or "",
-        model=card.lip_sync_model if card is not None else None,
-        callback=card.callback if card is not None else None,
-        metadata=card.metadata if card is not None else {},
-    )
-    started = steps.create(request, task_id=request.job_id, res=res)
+    request: dict[str, Any] = {
+        "job_id": state.inflight_job,
+        **target.model_dump(mode="json", exclude_none=True),
+        **state.sources.model_dump(mode="json", exclude_none=True),
+        "metadata": card.metadata if card is not None else {},
+    }
+    if card is not None and card.lip_sync_model is not None:
+        request["model"] = card.lip_sync_model
+    if card is not None and card.callback is not None:
+        request["callback"] = card.callback.model_dump(mode="json")
+    try:
+        started = steps.create(request, task_id=state.inflight_job, res=res)
+    except RequestInvalid as exc:
+        reject(queue, res, request, exc, task_id=state.inflight_job)
+        log.warning("target %s: job %s refused: %s", target.key, state.inflight_job, exc)
+        return
     if started.record.outcome is not None or (not started.created and started.record.state != "queued"):
         return
-    payload = request.model_dump(mode="json", exclude_none=True, exclude={"callback"})
-    queue.send(TASK_RUN, kwargs={"request": payload}, task_id=request.job_id)
+    payload = {k: v for k, v in request.items() if k != "callback"}
+    queue.send(TASK_RUN, kwargs={"request": payload}, task_id=state.inflight_job)
     metrics.record_card_change(res.redis, action="generation_started")
-    log.info("target %s: job %s started for change %d", target.key, request.job_id, state.seq)
+    log.info("target %s: job %s started for change %d", target.key, state.inflight_job, state.seq)
 
 
 def retire_ended(res: Resources, target: Target) -> TargetState:

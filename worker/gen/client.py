@@ -257,10 +257,12 @@ class GenClient:
         cell_id: str,
         layer_id: str | None,
         model: LipsyncModel,
-        video_resource_id: str,
-        audio_resource_id: str,
+        video_resource_id: str | None,
+        audio_resource_id: str | None,
         idempotency_key: str,
         body: dict[str, Any] | None = None,
+        video_url: str | None = None,
+        audio_url: str | None = None,
     ) -> GenerationAccepted:
         """Start a lipsync generation on a layer (``layer_id`` given) or a cell.
 
@@ -285,7 +287,9 @@ class GenClient:
             raise ValueError("idempotency_key must not be empty")
         path = self._target_path(sheet_id, cell_id, layer_id) + "/generate"
         if body is None:
-            body = self.lipsync_body(model, video_resource_id, audio_resource_id)
+            body = self.lipsync_body(
+                model, video_resource_id, audio_resource_id, video_url=video_url, audio_url=audio_url
+            )
         reply = self._request(
             "POST",
             path,
@@ -418,13 +422,22 @@ class GenClient:
         return path
 
     def lipsync_body(
-        self, model: LipsyncModel, video_resource_id: str, audio_resource_id: str
+        self,
+        model: LipsyncModel,
+        video_resource_id: str | None,
+        audio_resource_id: str | None,
+        *,
+        video_url: str | None = None,
+        audio_url: str | None = None,
     ) -> dict[str, Any]:
-        """The generate request's body in this client's dialect. In ``vidsheet`` it looks the two
-        resources up (:meth:`get_content_resource`), so it raises as that does."""
+        """The generate request's body in this client's dialect. In ``vidsheet`` a source given by
+        URL goes as it is, one given by resource id is looked up (:meth:`get_content_resource`), so
+        it raises as that does. ``autocontentengine`` takes resource ids only (ValueError)."""
         if model not in _VIDSHEET_MODEL_NAMES:
             raise ValueError(f"unknown lipsync model {model!r}")
         if self._dialect == "autocontentengine":
+            if video_resource_id is None or audio_resource_id is None:
+                raise ValueError("the autocontentengine body takes content resource ids, not URLs")
             return {
                 "generation_type": "lipsync",
                 "data": {
@@ -435,14 +448,14 @@ class GenClient:
             }
         # The newer body takes URLs, not resource ids; resolve them first (two cheap GETs, or none
         # for a resource looked up in the last few minutes).
-        video = self._resource_url(video_resource_id)
-        audio = self._resource_url(audio_resource_id)
+        video = video_url or self._resource_url(_needed(video_resource_id, "video")).url
+        audio = audio_url or self._resource_url(_needed(audio_resource_id, "audio")).url
         return {
             "generation_type": "lipsync",
             "data": {
                 "talking_avatar_video_data": {
-                    "video": {"value": video.url},
-                    "audio": {"value": audio.url},
+                    "video": {"value": video},
+                    "audio": {"value": audio},
                 },
                 "lip_sync_model": _VIDSHEET_MODEL_NAMES[model],
             },
@@ -594,6 +607,12 @@ class GenClient:
         # Belt and braces: nothing we build contains the key, but text echoed from a server or from
         # requests/urllib3 is not ours to trust.
         return text.replace(self._api_key.get_secret_value(), "***")
+
+
+def _needed(resource_id: str | None, side: str) -> str:
+    if resource_id is None:
+        raise ValueError(f"the {side} source needs a content resource id or a URL")
+    return resource_id
 
 
 def _segment(value: str) -> str:

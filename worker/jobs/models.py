@@ -10,7 +10,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from worker.callbacks.models import Callback, StageEvent
 from worker.errors import RequestInvalid, describe_validation_error
@@ -25,6 +33,9 @@ SCHEMA_VERSION = 1
 #: is restricted to characters that are safe in all three (the same set sync.so allows for keys).
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
 
+#: A caller's source URL (checked against the URL guard when the job is created).
+SourceUrl = Annotated[str, StringConstraints(min_length=1, max_length=2048, strip_whitespace=True)]
+
 
 class LipsyncRequest(BaseModel):
     """One lipsync job, as another service hands it to us (``lipsync.run``'s ``request``)."""
@@ -37,8 +48,13 @@ class LipsyncRequest(BaseModel):
     cell_id: GenId
     #: Present: the layer endpoint. Absent: the cell endpoint.
     layer_id: GenId | None = None
-    video_resource_id: GenId
-    audio_resource_id: GenId
+    #: Each source is a GEN content resource id or a URL (pipelines often hold their media elsewhere):
+    #: ``vidsheet`` sends URLs to GEN as they are, ``autocontentengine`` refuses them (it takes resource
+    #: ids only; worker.jobs.sources). One of the two per side.
+    video_resource_id: GenId | None = None
+    audio_resource_id: GenId | None = None
+    video_url: SourceUrl | None = None
+    audio_url: SourceUrl | None = None
     #: ``sync_so`` (higher quality, slower) or ``gen`` (faster). Absent: LIPSYNC_DEFAULT_MODEL.
     model: LipsyncModel | None = None
     callback: Callback | None = None
@@ -49,6 +65,15 @@ class LipsyncRequest(BaseModel):
         "sheet_id", "cell_id", "layer_id", "video_resource_id", "audio_resource_id", mode="before"
     )(classmethod(lambda cls, v: coerce_id(v)))
 
+    @model_validator(mode="after")
+    def _one_source_per_side(self) -> LipsyncRequest:
+        problems = _source_problems(
+            self.model_dump(include=set(_SOURCE_SIDES["video"] + _SOURCE_SIDES["audio"]))
+        )
+        if problems:
+            raise ValueError("; ".join(f"{p['field']}: {p['message']}" for p in problems))
+        return self
+
     @classmethod
     def parse(cls, data: Any) -> LipsyncRequest:
         """Validate raw JSON, turning pydantic's error into a :class:`RequestInvalid` naming fields."""
@@ -57,7 +82,26 @@ class LipsyncRequest(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise RequestInvalid(describe_validation_error(exc)) from None
+            errors = describe_validation_error(exc)
+            # A side with no source (or two) is named by its fields, not as the whole request.
+            named = [e for e in errors if e["field"] != "request"]
+            named += [p for p in _source_problems(data) if p not in named]
+            raise RequestInvalid(named or errors) from None
+
+
+_SOURCE_SIDES = {"video": ("video_resource_id", "video_url"), "audio": ("audio_resource_id", "audio_url")}
+
+
+def _source_problems(data: dict[str, Any]) -> list[dict[str, str]]:
+    """Each side needs a resource id or a URL, not both."""
+    problems = []
+    for side, (by_id, by_url) in _SOURCE_SIDES.items():
+        given = [name for name in (by_id, by_url) if data.get(name) not in (None, "")]
+        if not given:
+            problems.append({"field": by_id, "message": f"Field required (or {by_url})"})
+        elif len(given) == 2:
+            problems.append({"field": by_url, "message": f"give the {side} as {by_id} or {by_url}, not both"})
+    return problems
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from worker.jobs.ratelimit import Budget
 from worker.jobs.records import JobRecord, StopResult
 from worker.jobs.resources import Resources
 from worker.jobs.schedule import Observation
+from worker.jobs.sources import refuse_unusable_sources
 from worker.names import TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
 from worker.ops.failpoints import failpoint
 from worker.output.download import download
@@ -120,6 +121,7 @@ def create(request: LipsyncRequest | Any, *, task_id: str, res: Resources) -> St
             request = {**request, "job_id": task_id}
         request = LipsyncRequest.parse(request)
     refuse_unsigned(request.callback, res.settings)
+    refuse_unusable_sources(request, res.settings)
     # No model named: the target's Lipsync card's (worker.cards), then LIPSYNC_DEFAULT_MODEL.
     model = (
         request.model
@@ -225,7 +227,13 @@ def submit(
     # between the fleet's generate limiter admitting this call and GEN receiving it.
     expect_next(job, res, within=3 * (s.gen_connect_timeout + s.gen_read_timeout), state=Stage.SUBMITTING)
     try:
-        body = res.gen.lipsync_body(job.model, request.video_resource_id, request.audio_resource_id)
+        body = res.gen.lipsync_body(
+            job.model,
+            request.video_resource_id,
+            request.audio_resource_id,
+            video_url=request.video_url,
+            audio_url=request.audio_url,
+        )
     except GenAPIError as exc:
         return _again_or_raise(job, exc, res, transient_policy(s))
     throttled = _throttle(job, res, "generate")
@@ -240,6 +248,8 @@ def submit(
             model=job.model,
             video_resource_id=request.video_resource_id,
             audio_resource_id=request.audio_resource_id,
+            video_url=request.video_url,
+            audio_url=request.audio_url,
             idempotency_key=idempotency_key_for(job.job_id),
             body=body,
         )
