@@ -120,6 +120,26 @@ class GenSimulator:
         """The next ``n`` generations created will end ``failed`` with ``reason``."""
         self._ctx.state.fail_next(n, reason)
 
+    def set_sources(
+        self,
+        sheet_id: int | str,
+        cell_id: int | str,
+        layer_id: int | str | None = None,
+        *,
+        video: int | str | None = None,
+        audio: int | str | None = None,
+    ) -> dict[str, Any]:
+        """Change the sources of a cell's (or its layer's) Lipsync card: a resource id or a URL per
+        side; a side not given keeps its value (also ``POST /_sim/sources``). Returns the cell or
+        layer as GEN's ``GET`` answers it."""
+        return self._ctx.state.set_sources(
+            sheet=str(sheet_id),
+            cell=str(cell_id),
+            layer=None if layer_id is None else str(layer_id),
+            video=None if video is None else str(video),
+            audio=None if audio is None else str(audio),
+        )
+
     def reset(self) -> None:
         """Forget generations, keys, faults, pending failures, cell edits and stats; keep the world."""
         self._ctx.reset()

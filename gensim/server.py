@@ -486,6 +486,9 @@ class SimHandler(BaseHTTPRequestHandler):
         if route == ("POST", "/_sim/config"):
             apply_config(ctx.state, _json_object(raw_body))
             return Reply.json(200, ctx.config())
+        if route == ("POST", "/_sim/sources"):
+            body = _json_object(raw_body)
+            return Reply.json(200, ctx.state.set_sources(**_sources_args(body)))
         match = re.fullmatch(r"/_sim/generations/([^/]+)", path)
         if match and method == "GET":
             try:
@@ -518,6 +521,25 @@ def apply_config(state: SimState, changes: dict[str, Any]) -> None:
         state.output_size = changes["output_size"]
     state.strict_dialect = strict
     state.durations = durations
+
+
+def _sources_args(body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /_sim/sources`` {sheet_id, cell_id, layer_id?, video?, audio?} as set_sources' arguments."""
+    unknown = sorted(set(body) - {"sheet_id", "cell_id", "layer_id", "video", "audio"})
+    if unknown:
+        raise ValueError(f"unknown fields: {unknown}")
+
+    def text(name: str) -> str | None:
+        value = body.get(name)
+        return None if value is None else str(value)
+
+    return {
+        "sheet": text("sheet_id") or "",
+        "cell": text("cell_id") or "",
+        "layer": text("layer_id"),
+        "video": text("video"),
+        "audio": text("audio"),
+    }
 
 
 def _parse_json(raw: bytes) -> object:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gensim import media
-from gensim.bodies import BodyInvalid, LipsyncInputs, as_id, parse_lipsync
+from gensim.bodies import BodyInvalid, LipsyncInputs, as_id, is_http_url, parse_lipsync
 from gensim.events import AutomationConfig, EventSender, apply_patch, post_json
 from gensim.stats import Stats, target_key
 
@@ -148,6 +148,9 @@ class _Cell:
     additional_attributes: dict[str, Any] = field(default_factory=dict)
     value: Any = None
     updated_at_ts: int = 0
+    #: The cell's one layer's additional_attributes (its Lipsync card's sources, when set).
+    layer_attributes: dict[str, Any] = field(default_factory=dict)
+    layer_updated_at_ts: int = 0
 
 
 def _int_id(raw: str) -> int | None:
@@ -540,9 +543,9 @@ class SimState:
             "name": "Talking head",
             "position": 1,
             "type": "clip",
-            "additional_attributes": {},
+            "additional_attributes": dict(self._cell(sheet_id, cell_id).layer_attributes),
             "created_at_ts": self._seeded_ts,
-            "updated_at_ts": self._seeded_ts,
+            "updated_at_ts": self._cell(sheet_id, cell_id).layer_updated_at_ts or self._seeded_ts,
             "default_user_job": default,
             "user_jobs": jobs,
             "execution_cost": None,
@@ -600,6 +603,41 @@ class SimState:
                 state.value = source["value"]
             state.updated_at_ts = int(time.time() * 1000)
             return self._cell_view(sheet_id, cell_id, self._clock())
+
+    def set_sources(
+        self, *, sheet: str, cell: str, layer: str | None, video: str | None, audio: str | None
+    ) -> dict[str, Any]:
+        """Change the source video and/or audio of a cell's or layer's Lipsync card (what a script
+        edit or a re-cut does), as the card's ``talking_avatar_video_data`` URLs in the target's
+        ``additional_attributes`` (GEN documents no field for them: this is the newer body's
+        shape). A resource id is turned into its URL; a side not given keeps its value. Returns
+        the cell or layer as ``GET`` answers it."""
+        with self._lock:
+            sheet_id, cell_id, layer_id = self._target(sheet, cell, layer)
+            if video is None and audio is None:
+                raise ApiError(422, "validation_error", "Nothing to change: give video and/or audio")
+            state = self._cell(sheet_id, cell_id)
+            attributes = state.layer_attributes if layer_id is not None else state.additional_attributes
+            data = attributes.setdefault("talking_avatar_video_data", {})
+            for side, given in (("video", video), ("audio", audio)):
+                if given is not None:
+                    data[side] = {"value": self._source_url(str(given))}
+            now_ts = int(time.time() * 1000)
+            if layer_id is not None:
+                state.layer_updated_at_ts = now_ts
+                return self._layer_view(sheet_id, cell_id, self._clock())
+            state.updated_at_ts = now_ts
+            return self._cell_view(sheet_id, cell_id, self._clock())
+
+    def _source_url(self, given: str) -> str:
+        if given in self.resources:
+            return self._upload_url(given)
+        gen = self._completed_output(given)
+        if gen is not None:
+            return self._output_url(gen)
+        if is_http_url(given):
+            return given
+        raise ApiError(422, "validation_error", f"Unknown content resource {given[:50]!r}")
 
     # ------------------------------------------------------------------ content resources and CDN
 

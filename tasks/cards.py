@@ -4,7 +4,9 @@
 * ``lipsync.source_changed(change={...})`` records a change of a target's sources and, for a card
   with ``auto_generate``, schedules ``lipsync.settle_sources`` after the debounce window;
 * ``lipsync.settle_sources(target=..., seq=...)`` settles the change: only the settle of the newest
-  change of a target does anything.
+  change of a target does anything;
+* ``lipsync.reread_target(target=...)``: a GEN event named the target's cell or layer: its sources
+  are read from GEN and acted on as a change.
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from worker.cards import flow
 from worker.cards.models import Target
 from worker.celery_queue import CeleryQueue
 from worker.errors import RequestInvalid
+from worker.gen.errors import GenAPIError
 from worker.jobs.resources import resources
-from worker.names import TASK_CONFIGURE_CARD, TASK_SETTLE, TASK_SOURCE_CHANGED
+from worker.names import TASK_CONFIGURE_CARD, TASK_REREAD, TASK_SETTLE, TASK_SOURCE_CHANGED
 
 log = logging.getLogger("lipsync.tasks")
+
+#: Tries of a GEN read that failed transiently, before the event is given up (the next event, or
+#: a lipsync.source_changed, brings the sources again).
+REREAD_RETRIES = 5
 
 _OPTIONS: dict[str, Any] = {"bind": True, "max_retries": None, "acks_late": True, "throws": (RequestInvalid,)}
 
@@ -51,11 +58,33 @@ def source_changed(self: AnyTask, change: Any = None) -> dict[str, Any]:
     except Exception as exc:
         retry_after_redis_error(self, exc)
         raise
+    _schedule_settle(result)
+    return result.as_json()
+
+
+@app.task(name=TASK_REREAD, **_OPTIONS)
+def reread_target(self: AnyTask, target: str) -> dict[str, Any]:
+    """A GEN event named the target's cell or layer: read its sources from GEN, act as on a change."""
+    res = resources()
+    try:
+        result = flow.reread(res, Target.from_key(target))
+    except GenAPIError as exc:
+        if exc.retryable and self.request.retries < REREAD_RETRIES:
+            raise self.retry(countdown=exc.retry_after or 2.0 * (self.request.retries + 1)) from None
+        log.warning("target %s: could not read its sources from GEN: %s", target, exc)
+        return {"target": target, "action": "gen_error", "error": str(exc)}
+    except Exception as exc:
+        retry_after_redis_error(self, exc)
+        raise
+    _schedule_settle(result)
+    return result.as_json()
+
+
+def _schedule_settle(result: flow.ChangeResult) -> None:
     if result.action == "scheduled" and result.seq is not None:
         settle_sources.apply_async(
             kwargs={"target": result.target.key, "seq": result.seq}, countdown=result.settle_in or 0.0
         )
-    return result.as_json()
 
 
 @app.task(name=TASK_SETTLE, **{**_OPTIONS, "ignore_result": True})

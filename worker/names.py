@@ -38,6 +38,8 @@ TASK_CONFIGURE_CARD = "lipsync.configure_card"
 TASK_SOURCE_CHANGED = "lipsync.source_changed"
 #: Runs when a change's debounce window passed: starts (or supersedes) the target's generation.
 TASK_SETTLE = "lipsync.settle_sources"
+#: A GEN event named a card's cell or layer: read its sources from GEN and act on them as a change.
+TASK_REREAD = "lipsync.reread_target"
 TASK_DELIVER_WEBHOOK = "lipsync.deliver_webhook"
 #: A batch of jobs with one batch callback (worker.batches).
 TASK_RUN_BATCH = "lipsync.run_batch"
@@ -155,6 +157,9 @@ METRICS_PREFIX = "lipsync:metrics:"
 #: One hash per Lipsync card: ``lipsync:card:<target>`` (worker.cards.store), and the set of them.
 CARD_KEY_PREFIX = "lipsync:card:"
 CARDS_KEY = "lipsync:cards"
+#: The cards on a cell or a layer (``lipsync:cards:at:cell:<id>``, ``…:layer:<id>``): which targets a
+#: GEN event naming that cell or layer is about.
+CARDS_AT_KEY_PREFIX = "lipsync:cards:at:"
 #: One hash per target whose sources changed: its sources, change sequence, generation in flight
 #: and the sources of its output (``lipsync:sources:<target>``), and the set of its outputs'
 #: resource ids and URLs (``…:outputs``, the loop guard).

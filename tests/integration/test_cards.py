@@ -19,7 +19,7 @@ from tests.harness import own_target, target_of
 from tests.webhook_receiver import WebhookReceiver
 from worker.cards.models import Target
 from worker.cards.store import CardStore
-from worker.names import TASK_CONFIGURE_CARD, TASK_SOURCE_CHANGED
+from worker.names import TASK_CONFIGURE_CARD, TASK_REREAD, TASK_SOURCE_CHANGED
 from worker.ops.metrics import CARD_CHANGES_KEY
 
 pytestmark = pytest.mark.integration
@@ -265,3 +265,23 @@ def test_a_change_of_a_target_gen_does_not_know_ends_in_gens_404_not_silence(
     (failure,) = outcomes(receiver).values()
     assert failure["status"] == "rejected" and failure["error_code"] == "not_found"
     assert simulator.stats()["counts"].get("generate") == 1
+
+
+def test_a_gen_event_rereads_the_target_and_generates_for_what_gen_shows(
+    make_cluster: Any, simulator: Any, receiver: WebhookReceiver
+) -> None:
+    cluster = make_cluster()
+    cluster.start_worker(concurrency=2)
+    target = own_target()
+    configure(cluster, target, receiver, debounce_seconds=0.5)
+    simulator.set_sources(target["sheet_id"], target["cell_id"], target["layer_id"], video=5030, audio=6030)
+    # What the event receiver sends for an event naming the target's cell or layer.
+    key = Target.model_validate(target).key
+    reread = cluster.app().send_task(TASK_REREAD, kwargs={"target": key}).get(timeout=15)
+    assert reread["action"] == "scheduled"
+    wait_for(lambda: len(outcomes(receiver)) == 1, timeout=30)
+    again = cluster.app().send_task(TASK_REREAD, kwargs={"target": key}).get(timeout=15)
+    assert again["action"] == "unchanged"
+    time.sleep(DEBOUNCE + 1)
+    (made,) = generations(simulator, target)
+    assert sources_of(made) == ("5030", "6030")

@@ -20,10 +20,12 @@ so a new generation never starts before the one it replaces was stopped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.cards.changes import Action, Situation, decide, fingerprint, job_id_for
+from worker.cards.changes import Action, Situation, decide, fingerprint, job_id_for, merge
+from worker.cards.gen_sources import sources_in
 from worker.cards.models import Card, SourceChange, Target
 from worker.cards.store import CardStore, TargetState
 from worker.errors import RequestInvalid
@@ -33,7 +35,7 @@ from worker.jobs.failures import reject
 from worker.jobs.models import Job
 from worker.jobs.resources import Resources
 from worker.jobs.sources import refuse_unusable_urls
-from worker.names import TASK_RUN
+from worker.names import TASK_REREAD, TASK_RUN
 from worker.ops import metrics
 from worker.ops.failpoints import failpoint
 from worker.taskqueue import TaskQueue
@@ -126,6 +128,35 @@ def record_change(res: Resources, data: Any) -> ChangeResult:
     metrics.record_card_change(res.redis, action=action)
     log.info("target %s: change %d recorded (%s)", target.key, recorded.seq, action)
     return ChangeResult(target, action, recorded.seq, debounce if auto else None)
+
+
+def reread(res: Resources, target: Target) -> ChangeResult:
+    """Read the target's sources from GEN (``GET`` the cell or layer: a GEN event named it) and act
+    on them as on a change, unless they are the ones known already. ``no_sources``: GEN shows none
+    (:func:`worker.cards.gen_sources.sources_in`). Raises GEN's errors (GenAPIError)."""
+    if target.layer_id is not None:
+        document = res.gen.get_layer(target.sheet_id, target.cell_id, target.layer_id)
+    else:
+        document = res.gen.get_cell(target.sheet_id, target.cell_id)
+    sources = sources_in(document)
+    if sources is None:
+        return ChangeResult(target, "no_sources")
+    known = store_of(res).state(target).sources
+    if known is not None and fingerprint(merge(known, sources)) == fingerprint(known):
+        return ChangeResult(target, "unchanged")
+    change = {**target.model_dump(mode="json", exclude_none=True), **sources.model_dump(exclude_none=True)}
+    return record_change(res, change)
+
+
+def reread_named(
+    queue: TaskQueue, res: Resources, cell_ids: Iterable[str], layer_ids: Iterable[str]
+) -> list[str]:
+    """Send ``lipsync.reread_target`` for every card on these cells or layers (a GEN event named
+    them); returns the targets' names."""
+    targets = store_of(res).targets_at(cell_ids, layer_ids)
+    for target in targets:
+        queue.send(TASK_REREAD, kwargs={"target": target.key})
+    return [target.key for target in targets]
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,14 @@ import redis
 
 from worker.cards.changes import fingerprint, merge
 from worker.cards.models import Card, Sources, Target
-from worker.names import CARD_KEY_PREFIX, CARD_TARGET_KEY_PREFIX, CARDS_DUE_KEY, CARDS_KEY, LipsyncModel
+from worker.names import (
+    CARD_KEY_PREFIX,
+    CARD_TARGET_KEY_PREFIX,
+    CARDS_AT_KEY_PREFIX,
+    CARDS_DUE_KEY,
+    CARDS_KEY,
+    LipsyncModel,
+)
 
 _T = TypeVar("_T")
 
@@ -103,7 +110,18 @@ class CardStore:
         pipe = self.redis.pipeline()
         pipe.set(self.card_key(card), card.model_dump_json())
         pipe.sadd(CARDS_KEY, card.target.key)
+        for at in _places(card.target):
+            pipe.sadd(at, card.target.key)
         pipe.execute()
+
+    def targets_at(self, cell_ids: Iterable[str], layer_ids: Iterable[str]) -> list[Target]:
+        """The targets with a card on one of these cells or layers (what a GEN event names)."""
+        keys = [f"{CARDS_AT_KEY_PREFIX}cell:{c}" for c in cell_ids]
+        keys += [f"{CARDS_AT_KEY_PREFIX}layer:{layer}" for layer in layer_ids]
+        if not keys:
+            return []
+        names = cast(Iterable[bytes], self.redis.sunion(keys))
+        return [Target.from_key(name) for name in sorted(_text(raw) for raw in names)]
 
     def card(self, target: Target) -> Card | None:
         raw = self.redis.get(self.card_key(target))
@@ -120,6 +138,8 @@ class CardStore:
         pipe = self.redis.pipeline()
         pipe.delete(self.card_key(target))
         pipe.srem(CARDS_KEY, target.key)
+        for at in _places(target):
+            pipe.srem(at, target.key)
         pipe.delete(self.state_key(target), self.outputs_key(target))
         pipe.zrem(CARDS_DUE_KEY, target.key)
         return bool(pipe.execute()[0])
@@ -276,6 +296,13 @@ class CardStore:
                     return result
                 except redis.WatchError:
                     continue
+
+
+def _places(target: Target) -> list[str]:
+    """The index sets a target's card is in: its cell's, or its layer's."""
+    if target.layer_id is not None:
+        return [f"{CARDS_AT_KEY_PREFIX}layer:{target.layer_id}"]
+    return [f"{CARDS_AT_KEY_PREFIX}cell:{target.cell_id}"]
 
 
 def _text(raw: bytes | str) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
+from worker.cards.flow import reread_named
 from worker.events import payload
 from worker.events.tokens import mask_text, token_matches
 from worker.jobs.nudge import Named, nudge_jobs
@@ -151,7 +152,9 @@ class EventReceiver:
             self.res,
             Named(tuple(ids.generation), tuple(ids.cell), tuple(ids.layer)),
         )
-        outcome = "matched" if report.matched else "unmatched"
+        # A Lipsync card on a cell or layer the event names: its sources are read again (worker.cards).
+        reread = reread_named(self.queue, self.res, ids.cell, ids.layer)
+        outcome = "matched" if report.matched or reread else "unmatched"
         metrics.record_gen_event(self.res.redis, outcome=outcome)
         logger.debug(
             "GEN event: %s (generations %s, cells %s, layers %s); polled now: %s",
