@@ -33,6 +33,7 @@ from worker.jobs import steps
 from worker.jobs.cancel import cancel_job
 from worker.jobs.failures import reject
 from worker.jobs.models import Job
+from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources
 from worker.jobs.sources import refuse_unusable_urls
 from worker.names import TASK_REREAD, TASK_RUN
@@ -184,7 +185,8 @@ def settle(queue: TaskQueue, res: Resources, target: Target, *, seq: int | None)
         if seq is not None and state.seq != seq:
             return Settled("stale")
         if state.superseding is not None:
-            _supersede(queue, res, target, state.superseding, by=state.inflight_job)
+            if not _supersede(queue, res, target, state.superseding, by=state.inflight_job):
+                return Settled("stop_unconfirmed", superseded=state.superseding)
             continue
         if state.inflight_job is not None and state.inflight_seq == state.seq:
             # Claimed for the latest change: make sure its job exists (the claimer may have died).
@@ -220,7 +222,8 @@ def _carry_out(queue: TaskQueue, res: Resources, target: Target, state: TargetSt
         if not store.stop_inflight(target, seq=state.seq, expected=state.inflight_job, due=due):
             return None
         failpoint("cards.after_claim")
-        _supersede(queue, res, target, state.inflight_job, by=None)
+        if not _supersede(queue, res, target, state.inflight_job, by=None):
+            return Settled("stop_unconfirmed", superseded=state.inflight_job)
         store.settled(target, state.seq)
         return Settled(action.value, superseded=state.inflight_job)
     job_id = job_id_for(target, state.seq)
@@ -235,24 +238,46 @@ def _carry_out(queue: TaskQueue, res: Resources, target: Target, state: TargetSt
     if not claimed:
         return None
     failpoint("cards.after_claim")
-    if state.inflight_job is not None:
-        _supersede(queue, res, target, state.inflight_job, by=job_id)
+    if state.inflight_job is not None and not _supersede(queue, res, target, state.inflight_job, by=job_id):
+        return Settled("stop_unconfirmed", job_id=job_id, superseded=state.inflight_job)
     _start(queue, res, target, store.state(target))
     store.settled(target, state.seq)
     return Settled(action.value, job_id=job_id, superseded=state.inflight_job)
 
 
-def _supersede(queue: TaskQueue, res: Resources, target: Target, job_id: str, *, by: str | None) -> None:
+def _supersede(queue: TaskQueue, res: Resources, target: Target, job_id: str, *, by: str | None) -> bool:
     """Stop ``job_id`` on GEN (its credits are refunded) and end it ``superseded`` (failure callback
-    naming ``by``), then free the target for the job that replaces it."""
+    naming ``by``), then free the target for the job that replaces it.
+
+    False when GEN did not confirm the stop (it stayed unreachable, or refused for another reason
+    than the generation having ended): the target stays held by the old generation, so nothing new
+    starts beside it; the settle check asks GEN again after LIPSYNC_RECOVERY_GRACE.
+    """
+    earlier = res.jobs.get(job_id)
+    if earlier is not None and earlier.outcome is not None and _unconfirmed(earlier):
+        assert earlier.generation_id is not None
+        steps.try_stop(res, job_id, earlier.generation_id, retries=0)
     reason = f"superseded by job {by} for newer sources" if by else "the sources went back to the output's"
     outcome = cancel_job(queue, res, job_id, reason=reason, supersede=True, superseded_by=by)
+    ended = res.jobs.get(job_id)
+    if ended is not None and _unconfirmed(ended):
+        log.warning(
+            "target %s: GEN did not confirm the stop of job %s; asking again later", target.key, job_id
+        )
+        store_of(res).postpone(target, res.clock() + res.settings.recovery_grace)
+        return False
     log.info("target %s: job %s %s", target.key, job_id, (outcome or {}).get("status", "unknown"))
     failpoint("cards.after_supersede")
     if outcome is not None and outcome.get("status") == "completed":
         # It completed before the stop reached it: its output is real (if no longer the latest).
         _add_outputs(res, target, outcome)
     store_of(res).superseded(target, job_id)
+    return True
+
+
+def _unconfirmed(record: JobRecord) -> bool:
+    """The job had a generation on GEN and GEN did not confirm our stop of it."""
+    return record.generation_id is not None and record.stop_result == "failed"
 
 
 def _start(queue: TaskQueue, res: Resources, target: Target, state: TargetState) -> None:
@@ -277,6 +302,15 @@ def _start(queue: TaskQueue, res: Resources, target: Target, state: TargetState)
         log.warning("target %s: job %s refused: %s", target.key, state.inflight_job, exc)
         return
     if started.record.outcome is not None or (not started.created and started.record.state != "queued"):
+        return
+    current = store_of(res).state(target).inflight_job
+    if current != state.inflight_job:
+        # A newer change's settle took the target while this job was being created. Its record
+        # exists now, so that settle's stop would have found it; end it here before it is sent.
+        reason = (
+            f"superseded by job {current} before it started" if current else "superseded before it started"
+        )
+        cancel_job(queue, res, state.inflight_job, reason=reason, supersede=True, superseded_by=current)
         return
     payload = {k: v for k, v in request.items() if k != "callback"}
     queue.send(TASK_RUN, kwargs={"request": payload}, task_id=state.inflight_job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gensim import Fault, GenSimulator
 from tests.unit.conftest import FakeClock, queued
 from worker.cards import flow
 from worker.cards.models import Target
@@ -11,6 +12,7 @@ from worker.cards.recovery import settle_overdue
 from worker.cards.store import CardStore
 from worker.celery_queue import CeleryQueue
 from worker.jobs import steps
+from worker.jobs.models import Job
 from worker.jobs.resources import Resources
 from worker.names import QUEUE_JOBS, TASK_RUN
 
@@ -95,3 +97,55 @@ def test_unchanged_sources_settle_to_nothing(res: Resources, queue: CeleryQueue,
     assert flow.settle(queue, res, target, seq=2).action == "nothing"
     assert len(runs(res)) == 1
     assert not store.state(target).stale
+
+
+def test_a_supersede_whose_stop_gen_does_not_confirm_starts_nothing_until_it_does(
+    res: Resources, queue: CeleryQueue, clock: FakeClock, sim: GenSimulator
+) -> None:
+    sim.durations = {"gen": 1000.0, "sync_so": 1000.0}  # still running when the stop is asked again
+    card(res, debounce_seconds=0)
+    target = Target(**TARGET)
+    flow.record_change(res, {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001})
+    first = flow.settle(queue, res, target, seq=1).job_id
+    assert first is not None
+    record = res.jobs.get(first)
+    assert record is not None and record.job is not None
+    submitted = steps.submit(Job.model_validate(record.job), res, record=record)
+    assert isinstance(submitted, Job) and submitted.generation_id is not None
+    sim.add_fault(Fault(endpoint="stop", status=403, times=None))
+
+    flow.record_change(res, {**TARGET, "audio_resource_id": 6002})
+    held = flow.settle(queue, res, target, seq=2)
+    assert held.action == "stop_unconfirmed"
+    assert [m["id"] for m in runs(res)] == [first], "a new job started beside a generation still running"
+    ended = res.jobs.get(first)
+    assert ended is not None and ended.outcome is not None
+    assert ended.outcome["status"] == "superseded" and ended.outcome["generation_stopped"] is False
+
+    sim.clear_faults()
+    clock.advance(res.settings.recovery_grace + 1)
+    assert settle_overdue(queue, res) == ["101.3000.4000"]
+    assert sim.generation(submitted.generation_id)["stopped_by_api"]
+    assert [m["id"] for m in runs(res)] == [first, "card.101.3000.4000~2"]
+
+
+def test_a_job_whose_target_was_taken_while_it_was_created_is_never_sent(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    # The interleaving: settle A claimed change 1 and is about to create its job when settle B
+    # claims change 2 (finding no job 1 to stop yet). A must not send job 1.
+    card(res, debounce_seconds=0)
+    target, store = Target(**TARGET), CardStore(res.redis)
+    first, second = "card.101.3000.4000~1", "card.101.3000.4000~2"
+    flow.record_change(res, {**TARGET, "video_resource_id": 5001, "audio_resource_id": 6001})
+    assert store.claim(target, seq=1, job_id=first, fp="a", expected=None, due=0)
+    seen_by_a = store.state(target)
+    flow.record_change(res, {**TARGET, "audio_resource_id": 6002})
+    assert store.claim(target, seq=2, job_id=second, fp="b", expected=first, due=0)
+
+    flow._start(queue, res, target, seen_by_a)
+
+    assert runs(res) == []
+    ended = res.jobs.get(first)
+    assert ended is not None and ended.outcome is not None
+    assert (ended.outcome["status"], ended.outcome["superseded_by"]) == ("superseded", second)
