@@ -77,6 +77,13 @@ def _waiting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stall", type=float, default=60.0, help="no new generation this long: stalled")
     parser.add_argument("--fill-timeout", type=float, default=900.0)
     parser.add_argument("--settle", type=float, default=100.0, help="seconds between the fill and the rounds")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="LIPSYNC_NAME=VALUE",
+        help="run the worker with this setting changed (repeatable; default: every setting at its default)",
+    )
 
 
 def run_latency(args: argparse.Namespace, tmp: Path) -> Section:
@@ -125,6 +132,7 @@ def run_waiting(args: argparse.Namespace, tmp: Path) -> Section:
         stall=args.stall,
         fill_timeout=args.fill_timeout,
         settle=args.settle,
+        settings=dict(item.split("=", 1) for item in args.setting),
     )
     return f"waiting: {args.jobs} jobs waiting on GEN on one -c {args.concurrency} worker", figures, notes
 

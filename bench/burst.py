@@ -12,29 +12,16 @@ it (GEN done -> output requested).
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 from bench.common import Stack, simulator, wait_results
-from bench.figures import Figure, Spread, Target, seconds
+from bench.figures import Figure, Spread, Target, median, p95, seconds
 from bench.gen_seen import GenerationSeen, snapshot
 from bench.polling_client import FixedIntervalPoller
 from tests.conftest import AGENT_ID, API_KEY
-
-
-def p95(values: Sequence[float]) -> float:
-    """The 95th percentile (nearest rank), NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, -(-95 * len(ordered) // 100) - 1)]
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def _added(seen: dict[str, GenerationSeen], jobs: Sequence[tuple[str, float]]) -> tuple[list[float], int]:

@@ -64,6 +64,19 @@ class Target:
         return f"target {label}: met"
 
 
+def p95(values: Sequence[float]) -> float:
+    """The 95th percentile (nearest rank), NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, -(-95 * len(ordered) // 100) - 1)]
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, NaN for no values."""
+    return statistics.median(values) if values else float("nan")
+
+
 def ratios(ours: Sequence[float], reference: Sequence[float]) -> list[float]:
     """Ours / reference, round by round (a zero reference gives infinity, not an error)."""
     if len(ours) != len(reference):

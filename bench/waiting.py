@@ -22,14 +22,16 @@ thrown away (the "flush").
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.common import Stack, Worker, simulator, wait_results
-from bench.figures import Figure, Target, kibibytes, mebibytes, millis, plain
+from bench.figures import Figure, Target, kibibytes, mebibytes, median, millis, p95, plain, seconds
 from bench.gen_seen import count_in_window
 from gensim import GenSimulator
 from worker.names import ALL_QUEUES, BROKER_UNACKED_KEY
@@ -70,6 +72,10 @@ class Fill:
         return lines
 
 
+def _redis_memory(stack: Stack) -> int:
+    return int(stack.redis(0).info("memory")["used_memory"])
+
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
@@ -91,25 +97,49 @@ def _fill(stack: Stack, sim: GenSimulator, jobs: int, *, stall: float, timeout: 
         stack.enqueue()
     fill.enqueue_seconds = time.monotonic() - started
     progress_at, last = time.monotonic(), -1
+    all_in_at: float | None = None
     while True:
         generated = int(sim.stats()["counts"]["generate"]) - before
         now = time.monotonic()
-        fill.samples.append((now - started, generated, _queued(stack), _unacked(stack)))
-        if generated >= jobs and fill.samples[-1][2] == 0:
-            fill.ended = f"GEN had every generation and the queues were empty after {now - started:.0f} s"
-            return fill
-        if generated != last:
+        queued, held = _queued(stack), _unacked(stack)
+        fill.samples.append((now - started, generated, queued, held))
+        if generated >= jobs:
+            all_in_at = all_in_at if all_in_at is not None else now
+            if queued == 0:
+                fill.ended = f"GEN had every generation and the queues were empty after {now - started:.0f} s"
+                return fill
+            if now - all_in_at > stall:
+                fill.ended = (
+                    f"GEN had every generation after {all_in_at - started:.0f} s, but {stall:.0f} s later "
+                    f"{queued} messages were still queued and the worker held {held}: it takes due polls "
+                    "one by one from the queue instead of holding them (it does not keep up)"
+                )
+                return fill
+        elif generated != last:
             progress_at, last = now, generated
         elif now - progress_at > stall:
             fill.ended = (
-                f"STALLED: GEN had {generated} of {jobs} generations, none new for {stall:.0f} s "
-                "(the worker stopped taking new work)"
+                f"STALLED: GEN had {generated} of {jobs} generations, none new for {stall:.0f} s, "
+                f"{queued} messages queued, {held} held (the worker stopped taking new work)"
             )
             return fill
         if now - started > timeout:
             fill.ended = f"fill timeout: GEN had {generated} of {jobs} generations after {timeout:.0f} s"
             return fill
         time.sleep(CHECK_EVERY)
+
+
+def poll_gaps(stats: dict[str, Any], start: float, end: float) -> list[float]:
+    """Seconds between consecutive status requests of the same generation, the later one in
+    ``[start, end)``: how often each waiting job is really polled."""
+    times: dict[str, list[float]] = {}
+    for arrival in stats["arrivals"]:
+        if arrival["endpoint"] == "get_generation" and arrival["t"] < end:
+            times.setdefault(arrival["path"], []).append(arrival["t"])
+    gaps = []
+    for seen in times.values():
+        gaps += [b - a for a, b in itertools.pairwise(seen) if b >= start]
+    return gaps
 
 
 def _waiting(stats: dict[str, Any]) -> int:
@@ -119,6 +149,7 @@ def _waiting(stats: dict[str, Any]) -> int:
 
 
 def _probe(stack: Stack, sim: GenSimulator, wait: float) -> str:
+    ahead = _queued(stack)
     probes = [stack.enqueue() for _ in range(PROBE)]
     keys = {job.key for job in probes}
     started = time.monotonic()
@@ -129,9 +160,12 @@ def _probe(stack: Stack, sim: GenSimulator, wait: float) -> str:
         )
         if seen == PROBE:
             took = time.monotonic() - started
-            return f"probe: {PROBE} new jobs reached GEN within {took:.1f} s (it takes new work)"
+            return f"probe: {PROBE} new jobs reached GEN within {took:.1f} s ({ahead} messages queued ahead)"
         time.sleep(1.0)
-    return f"probe: NOT TAKING NEW WORK: {seen} of {PROBE} new jobs reached GEN in {wait:.0f} s"
+    return (
+        f"probe: NOT TAKING NEW WORK: {seen} of {PROBE} new jobs reached GEN in {wait:.0f} s "
+        f"({ahead} messages queued ahead)"
+    )
 
 
 def run(
@@ -145,22 +179,27 @@ def run(
     stall: float,
     fill_timeout: float,
     settle: float,
+    settings: Mapping[str, str] | None = None,
 ) -> tuple[list[Figure], list[str]]:
+    settings = dict(settings or {})
     growth: list[float] = []
     per_job: list[float] = []
     main_per_job: list[float] = []
     cpu_per_min: list[float] = []
     polls_per_min: list[float] = []
+    gap_p50: list[float] = []
+    gap_p95: list[float] = []
     with ExitStack() as closing:
         sim = simulator({"gen": latency, "sync_so": 1.0})
         closing.callback(sim.stop)
-        stack = closing.enter_context(Stack("waiting", tmp / "waiting", sim))
+        stack = closing.enter_context(Stack("waiting", tmp / "waiting", sim, settings))
         worker: Worker = stack.start_worker(concurrency=concurrency)
         stack.wait_ready(worker)
         warmup = [stack.enqueue("sync_so").result for _ in range(WARMUP)]
         wait_results(warmup, timeout=300)
         baseline = worker.rss_bytes()
         main_before, pool_before = worker.rss_split()
+        redis_before = _redis_memory(stack)
         idle_cpu = worker.cpu_seconds()
         time.sleep(IDLE_WINDOW)
         idle_rate = (worker.cpu_seconds() - idle_cpu) / IDLE_WINDOW
@@ -181,6 +220,10 @@ def run(
             main_per_job.append((main_after - main_before) / waiting)
             cpu_per_min.append(spent / waiting / minutes)
             polls_per_min.append(count_in_window(stats, "get_generation", start, end) / waiting / minutes)
+            gaps = poll_gaps(stats, start, end)
+            gap_p50.append(median(gaps))
+            gap_p95.append(p95(gaps))
+        redis_growth = _redis_memory(stack) - redis_before
         probe = _probe(stack, sim, wait=max(120.0, window))
     label = f"{waiting} waiting"
     figures = [
@@ -191,15 +234,21 @@ def run(
         Figure("main process growth per waiting job", main_per_job, kibibytes),
         Figure("worker CPU per waiting job per minute", cpu_per_min, millis),
         Figure("polls per waiting job per minute", polls_per_min, plain),
+        Figure("gap between a job's polls, median", gap_p50, seconds),
+        Figure("gap between a job's polls, p95", gap_p95, seconds),
     ]
     notes = [
-        f"waiting: one worker -c {concurrency}, default settings, L = {latency:g} s; RSS after the "
+        f"waiting: one worker -c {concurrency}, L = {latency:g} s; RSS after the "
         f"warm-up {baseline / 2**20:.0f} MiB, idle CPU {1000 * idle_rate:.1f} ms/s; rounds are "
         f"{window:.0f} s windows of one fill, {settle:.0f} s after it",
         f"RSS by process, baseline -> last round: main process (holds the countdown messages) "
         f"{_mib(main_before)} -> {_mib(main_after)}, the {concurrency} pool processes together "
         f"{_mib(pool_before)} -> {_mib(pool_after)}",
+        f"Redis (broker, results, job records) grew {_mib(redis_growth)}: "
+        f"{redis_growth / max(waiting, 1) / 1024:.1f} KiB per waiting job",
         *fill.lines(),
         probe,
     ]
+    if settings:
+        notes.insert(0, f"waiting: settings changed from their defaults: {dict(settings)}")
     return figures, notes

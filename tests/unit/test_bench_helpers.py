@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
+import math
 import os
 import subprocess
 import sys
@@ -19,11 +20,12 @@ from typing import Any
 import pytest
 
 from bench import __main__ as umbrella
-from bench.figures import DASH, Figure, Spread, Target, percent, print_table, ratios
+from bench.figures import DASH, Figure, Spread, Target, median, p95, percent, print_table, ratios
 from bench.gen_seen import added_latency, seen_by_key
 from bench.plain_celery import ROUTING, plain_config
 from bench.polling_client import FixedIntervalPoller
 from bench.proc import CLOCK_TICKS, parse_stat, parse_vmrss, tree, tree_cpu_seconds, tree_rss_bytes
+from bench.waiting import poll_gaps
 from gensim import GenSimulator
 from tests.conftest import REPO
 from worker.app import celery_config
@@ -38,6 +40,13 @@ def test_spread_is_the_median_with_the_lowest_and_highest() -> None:
     assert spread.text() == f"2.50 [1.00{DASH}10.00]"
     with pytest.raises(ValueError):
         Spread.of([])
+
+
+def test_p95_is_the_nearest_rank_and_nothing_gives_nan() -> None:
+    assert p95([float(v) for v in range(1, 101)]) == 95.0
+    assert p95([3.0, 1.0, 2.0]) == 3.0
+    assert math.isnan(p95([])) and math.isnan(median([]))
+    assert median([4.0, 1.0, 2.0]) == 2.0
 
 
 def test_ratios_are_taken_round_by_round() -> None:
@@ -182,6 +191,16 @@ def test_calls_and_the_output_fetch_are_attributed_to_their_generation() -> None
     assert dataclasses.replace(one, duration=1.0).first_seen_done() == 2.0
     assert added_latency(one, started_at=0.4) == pytest.approx(3.0 - 0.4 - 2.0)
     assert (two.calls, two.output_fetched_at, added_latency(two, 0.0)) == (2, None, None)
+
+
+def test_poll_gaps_are_between_polls_of_the_same_generation_ending_in_the_window() -> None:
+    def status(t: float, gen: int) -> dict[str, Any]:
+        return {"t": t, "method": "GET", "endpoint": "get_generation", "path": f"/v1/generations/{gen}"}
+
+    stats = {"arrivals": [status(0.0, 1), status(5.0, 2), status(30.0, 1), status(40.0, 2), status(95.0, 1)]}
+    # Window [20, 60): 1's poll at 30 (gap 30) and 2's at 40 (gap 35); 1's poll at 95 is after it.
+    assert sorted(poll_gaps(stats, 20.0, 60.0)) == [30.0, 35.0]
+    assert poll_gaps(stats, 41.0, 60.0) == []
 
 
 def test_the_reference_client_polls_at_its_interval_and_fetches_the_output_once() -> None:
