@@ -12,6 +12,7 @@ ENDPOINT_KINDS = (
     "get_layer",
     "patch_cell",
     "content_resource",
+    "upload_content_resource",
     "cdn",
     "me",
     "automation_config",

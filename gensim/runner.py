@@ -140,6 +140,10 @@ class GenSimulator:
             audio=None if audio is None else str(audio),
         )
 
+    def uploaded(self, resource_id: int | str) -> bytes:
+        """The bytes uploaded to ``POST /v1/content_resources`` as ``resource_id`` (KeyError if none)."""
+        return self._ctx.state.uploaded(str(resource_id))
+
     def reset(self) -> None:
         """Forget generations, keys, faults, pending failures, cell edits and stats; keep the world."""
         self._ctx.reset()

@@ -13,6 +13,8 @@ connections and the faults have to behave the way they would on a real pooled co
 from __future__ import annotations
 
 import contextlib
+import email.parser
+import email.policy
 import hmac
 import json
 import logging
@@ -55,6 +57,7 @@ ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
     (frozenset({"POST"}), re.compile(_GEN + "/stop"), "stop"),
     (frozenset({"POST"}), re.compile(_GEN + "/continue"), "continue"),
     (frozenset({"GET"}), re.compile(r"/v1/content_resources/(?P<resource>[^/]+)"), "content_resource"),
+    (frozenset({"POST"}), re.compile(r"/v1/content_resources"), "upload_content_resource"),
     (frozenset({"GET"}), re.compile(r"/v1/me"), "me"),
     (frozenset({"GET"}), re.compile(_AGENT + "/automation_config"), "automation_config"),
     (frozenset({"PATCH"}), re.compile(_AGENT + "/automation_config"), "set_automation_config"),
@@ -397,6 +400,11 @@ class SimHandler(BaseHTTPRequestHandler):
             agent = body.get("agent_id")
         if kind == "content_resource":
             return Reply.json(200, state.content_resource(agent=agent, raw_id=params["resource"]))
+        if kind == "upload_content_resource":
+            file_name, content_type, data = _uploaded_file(self.headers.get("Content-Type", ""), raw_body)
+            return Reply.json(
+                201, state.upload(agent=agent, file_name=file_name, content_type=content_type, data=data)
+            )
         sheet, cell = params["sheet"], params["cell"]
         if kind == "get_cell":
             return Reply.json(200, state.get_cell(agent=agent, sheet=sheet, cell=cell))
@@ -521,6 +529,22 @@ def apply_config(state: SimState, changes: dict[str, Any]) -> None:
         state.output_size = changes["output_size"]
     state.strict_dialect = strict
     state.durations = durations
+
+
+def _uploaded_file(content_type: str, raw: bytes) -> tuple[str, str, bytes]:
+    """The ``content_resource[file]`` part of a multipart/form-data body: (file name, type, bytes)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(422, "content_resource_creation_failed", "Expected multipart/form-data")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    for part in message.iter_parts():
+        if part.get_param("name", header="content-disposition") == "content_resource[file]":
+            payload = part.get_payload(decode=True)
+            name = part.get_filename() or "upload"
+            if isinstance(payload, bytes) and payload:
+                return str(name), part.get_content_type(), payload
+    raise ApiError(422, "content_resource_creation_failed", "content_resource[file] is missing or empty")
 
 
 def _sources_args(body: dict[str, Any]) -> dict[str, Any]:

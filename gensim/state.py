@@ -47,6 +47,8 @@ PENDING_SHARE = 0.2
 IDEMPOTENCY_TTL = 24 * 3600.0
 #: Output content resource ids are derived from generation ids so they never collide with uploads.
 OUTPUT_RESOURCE_BASE = 1_000_000
+#: Uploaded content resources are numbered from here (below the outputs, above the seeded world).
+UPLOAD_ID_BASE = 700_000
 _FIRST_GENERATION_ID = 9001  # the numbering GEN's docs examples use
 _UPLOAD_VIDEO_SIZE = 4096
 
@@ -197,6 +199,7 @@ class SimState:
         self.resources = seed_resources()
         self._seeded_ts = int(time.time() * 1000)
         self._next_id = _FIRST_GENERATION_ID
+        self._next_upload = 1
         #: The agents' event webhook: status changes go out from its thread (started by the server).
         self.events = EventSender(clock=clock, source=self._event_for, log=stats.event_sent)
         self._clear()
@@ -217,6 +220,10 @@ class SimState:
         self._fail_queue: deque[str] = deque()
         self._cells: dict[tuple[int, int], _Cell] = {}
         self._automation: dict[str, AutomationConfig] = {}
+        # Content resources uploaded (POST /v1/content_resources): id -> the bytes received.
+        for resource_id in getattr(self, "_uploads", {}):
+            self.resources.pop(resource_id, None)
+        self._uploads: dict[str, bytes] = {}
 
     def reset(self) -> None:
         """Forget generations, keys, pending failures, cell edits, the agents' automation configs
@@ -673,6 +680,29 @@ class SimState:
                 "generator": {"id": gen.id, "status": "completed", "type": "lipsync"},
             }
 
+    def upload(self, *, agent: object, file_name: str, content_type: str, data: bytes) -> dict[str, Any]:
+        """``POST /v1/content_resources`` (multipart): a new video or audio resource holding ``data``,
+        read back with ``GET /v1/content_resources/{id}`` and served from the CDN. Uploading is free."""
+        with self._lock:
+            self._check_agent(agent)
+            kind = content_type.split("/", 1)[0]
+            if kind not in ("video", "audio"):
+                raise ApiError(
+                    422, "content_resource_creation_failed", f"Unsupported file type {content_type[:50]!r}"
+                )
+            resource_id = str(UPLOAD_ID_BASE + self._next_upload)
+            self._next_upload += 1
+            self.resources[resource_id] = Resource(resource_id, "video" if kind == "video" else "audio")
+            self._uploads[resource_id] = bytes(data)
+        answer = self.content_resource(agent=agent, raw_id=resource_id)
+        answer["content_resource"]["file_name"] = file_name
+        return answer
+
+    def uploaded(self, resource_id: str) -> bytes:
+        """The bytes uploaded as ``resource_id`` (KeyError if none), for tests."""
+        with self._lock:
+            return self._uploads[resource_id]
+
     def _completed_by_token(self, token: str) -> Generation | None:
         gen_id = self._by_token.get(token)
         gen = self._generations.get(gen_id) if gen_id is not None else None
@@ -696,6 +726,8 @@ class SimState:
         resource = self.resources.get(resource_id)
         if resource is None or resource.extension != extension:
             return None
+        if resource_id in self._uploads:
+            return self._uploads[resource_id]
         if resource.kind == "video":
             return media.build_mp4(f"upload-{resource_id}", _UPLOAD_VIDEO_SIZE)
         return media.build_mp3()

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     #: current documentation, SDK and MCP server use ``vidsheet`` (migrated from
     #: ``autocontentengine`` on 2026-06-01); the older dialect is kept for GENs that still want it.
     gen_dialect: Dialect = "vidsheet"
+    #: Sources given by URL (``video_url``/``audio_url``) in the ``autocontentengine`` dialect are
+    #: downloaded and uploaded to GEN as content resources first; off: such requests are refused.
+    gen_upload_sources: bool = True
     gen_connect_timeout: float = Field(default=5.0, gt=0)
     gen_read_timeout: float = Field(default=30.0, gt=0)
     #: Model used when a request names none (GEN's ``lipSyncModel`` card setting).

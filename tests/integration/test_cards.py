@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 
 from tests.conftest import WEBHOOK_SECRET, Cluster, wait_for
 from tests.harness import own_target, target_of
@@ -285,3 +286,22 @@ def test_a_gen_event_rereads_the_target_and_generates_for_what_gen_shows(
     time.sleep(DEBOUNCE + 1)
     (made,) = generations(simulator, target)
     assert sources_of(made) == ("5030", "6030")
+
+
+def test_with_autocontentengine_a_change_by_url_is_uploaded_to_gen_then_generated(
+    make_cluster: Any, simulator: Any, receiver: WebhookReceiver
+) -> None:
+    cluster = make_cluster(LIPSYNC_GEN_DIALECT="autocontentengine")
+    cluster.start_worker(concurrency=2)
+    target = own_target()
+    configure(cluster, target, receiver, debounce_seconds=0.5)
+    speech = f"{simulator.base_url}/cdn/uploads/6040.mp3"
+    change(cluster, target, video_resource_id=5040, audio_url=speech).get(timeout=15)
+    wait_for(lambda: len(outcomes(receiver)) == 1, timeout=30)
+    (made,) = generations(simulator, target)
+    uploads = [r for r in simulator.stats()["requests"] if r["endpoint"] == "upload_content_resource"]
+    assert len(uploads) == 1
+    assert made["dialect"] == "old" and made["video"] == "5040"
+    assert simulator.uploaded(made["audio"]) == requests.get(speech, timeout=10).content
+    (outcome,) = outcomes(receiver).values()
+    assert outcome["status"] == "completed"

@@ -376,6 +376,25 @@ class GenClient:
         inner = data.get("content_resource", data)
         return self._validate(ContentResource, inner, "get_content_resource")
 
+    def upload_content_resource(self, file_name: str, data: bytes, content_type: str) -> ContentResource:
+        """``POST /v1/content_resources?agent_id=`` with ``content_resource[file]`` (multipart, GEN's
+        way for files up to 50 MB) → the new resource. Uploading is free.
+
+        Raises :class:`GenRejected` (422 ``content_resource_creation_failed``), :class:`GenAuthError`
+        - not retryable; the retryable errors of every call.
+        """
+        reply = self._request(
+            "POST",
+            "/v1/content_resources",
+            endpoint="upload_content_resource",
+            params=self._agent_params(),
+            files={"content_resource[file]": (file_name, data, content_type)},
+        )
+        data_json = self._parse_object(reply, "upload_content_resource")
+        return self._validate(
+            ContentResource, data_json.get("content_resource", data_json), "upload_content_resource"
+        )
+
     def get_automation_config(self) -> dict[str, Any]:
         """``GET /v1/agents/{agent_id}/automation_config``: the agent's ``webhook_url`` and
         ``callback_url`` settings, as GEN's JSON object. Raises as :meth:`get_cell`."""
@@ -487,11 +506,15 @@ class GenClient:
         params: dict[str, str] | None = None,
         json_body: Any = None,
         headers: dict[str, str] | None = None,
+        files: dict[str, tuple[str, bytes, str]] | None = None,
     ) -> _Reply:
-        """Send one request, read its body (capped) and raise for anything but a 2xx."""
+        """Send one request, read its body (capped) and raise for anything but a 2xx. ``files``:
+        a multipart/form-data body instead of JSON."""
         if self._pace is not None:
             self._pace(endpoint)
         request_headers = {**self._headers, "X-API-Key": self._api_key.get_secret_value()}
+        if files is not None:
+            del request_headers["Content-Type"]  # requests writes multipart's, with its boundary
         if headers:
             request_headers.update(headers)
         started = time.monotonic()
@@ -502,6 +525,7 @@ class GenClient:
                 self._base_url + path,
                 params=params,
                 json=json_body,
+                files=files,
                 headers=request_headers,
                 timeout=self._timeout,
                 allow_redirects=False,

@@ -3,8 +3,9 @@
 The ``vidsheet`` dialect sends a URL to GEN as it is (GEN fetches it); the URL must pass the URL
 guard all the same (http(s), no credentials, a public address unless LIPSYNC_ALLOW_PRIVATE_URLS),
 so a caller cannot make GEN, or us, fetch from inside the network. The ``autocontentengine``
-dialect takes content resource ids only: uploading a URL to GEN as a content resource first is not
-built, so such a request is refused up front rather than failing at GEN.
+dialect takes content resource ids only: the submit uploads URL sources to GEN first
+(:mod:`worker.jobs.uploads`), unless LIPSYNC_GEN_UPLOAD_SOURCES is off, when such a request is
+refused up front rather than failing at GEN.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def refuse_unusable_urls(urls: Mapping[str, str | None], settings: Settings) -> 
         if url is None:
             continue
         side = field.removesuffix("_url")
-        if settings.gen_dialect == "autocontentengine":
+        if settings.gen_dialect == "autocontentengine" and not settings.gen_upload_sources:
             message = (
-                f"LIPSYNC_GEN_DIALECT=autocontentengine takes content resource ids; uploading a URL to "
-                f"GEN is not supported: give {side}_resource_id"
+                f"LIPSYNC_GEN_DIALECT=autocontentengine takes content resource ids and uploading URLs to "
+                f"GEN is off (LIPSYNC_GEN_UPLOAD_SOURCES=false): give {side}_resource_id"
             )
             errors.append({"field": field, "message": message})
             continue

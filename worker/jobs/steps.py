@@ -44,6 +44,7 @@ from worker.jobs.records import JobRecord, StopResult
 from worker.jobs.resources import Resources
 from worker.jobs.schedule import Observation
 from worker.jobs.sources import refuse_unusable_sources
+from worker.jobs.uploads import needs_upload, upload_sources
 from worker.names import TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
 from worker.ops.failpoints import failpoint
 from worker.output.download import download
@@ -222,6 +223,13 @@ def submit(
     if res.clock() >= job.deadline_at:
         raise JobTimeout("the deadline passed before GEN accepted the generation")
     s = res.settings
+    if needs_upload(job, res):
+        # autocontentengine takes resource ids: upload URL sources to GEN first, and record the ids.
+        expect_next(job, res, within=4 * (s.gen_connect_timeout + s.gen_read_timeout), state=Stage.SUBMITTING)
+        try:
+            job = upload_sources(job, res)
+        except (GenAPIError, OutputError) as exc:
+            return _again_or_raise(job, exc, res, transient_policy(s))
     request = job.request
     # The body first: in the vidsheet dialect it takes two resource lookups, which must not sit
     # between the fleet's generate limiter admitting this call and GEN receiving it.

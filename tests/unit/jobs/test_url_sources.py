@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import requests
 
 from gensim import GenSimulator
 from tests.unit.conftest import ResFactory
@@ -33,8 +34,30 @@ def test_vidsheet_sends_a_source_url_to_gen_as_it_is(res: Resources, sim: GenSim
     assert seen["audio"].endswith("/6001.mp3")
 
 
-def test_autocontentengine_refuses_source_urls_naming_the_field(make_res: ResFactory) -> None:
+def test_autocontentengine_uploads_a_source_url_to_gen_first_and_generates_with_its_id(
+    make_res: ResFactory, sim: GenSimulator
+) -> None:
     res = make_res(gen_dialect="autocontentengine")
+    speech = f"{sim.base_url}/cdn/uploads/6001.mp3"
+    request: dict[str, Any] = {**TARGET, "job_id": "up-1", "video_resource_id": 5001, "audio_url": speech}
+    started = steps.create(request, task_id="up-1", res=res)
+    submitted = steps.submit(started.job, res, record=started.record)
+    assert isinstance(submitted, Job) and submitted.generation_id is not None
+    uploaded = submitted.request.audio_resource_id
+    assert uploaded is not None and submitted.request.audio_url is None
+    assert sim.uploaded(uploaded) == requests.get(speech, timeout=10).content
+    seen = sim.generation(submitted.generation_id)
+    assert (seen["dialect"], seen["video"], seen["audio"]) == ("old", "5001", uploaded)
+    # Recorded before the generate went out: a re-driven submit finds the id, never uploads again.
+    record = res.jobs.get("up-1")
+    assert record is not None and record.job is not None
+    assert record.job["request"]["audio_resource_id"] == uploaded
+    uploads = [r for r in sim.stats()["requests"] if r["endpoint"] == "upload_content_resource"]
+    assert len(uploads) == 1
+
+
+def test_autocontentengine_refuses_source_urls_when_uploads_are_off(make_res: ResFactory) -> None:
+    res = make_res(gen_dialect="autocontentengine", gen_upload_sources=False)
     with pytest.raises(RequestInvalid) as refused:
         steps.create({**TARGET, "video_resource_id": 5001, "audio_url": VIDEO_URL}, task_id="u2", res=res)
     assert fields_of(refused) == ["audio_url"]
