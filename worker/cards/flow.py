@@ -26,7 +26,7 @@ from typing import Any
 
 from worker.cards.changes import Action, Situation, decide, fingerprint, job_id_for, merge
 from worker.cards.gen_sources import sources_in
-from worker.cards.models import Card, SourceChange, Target
+from worker.cards.models import Card, SourceChange, Sources, Target
 from worker.cards.store import CardStore, TargetState
 from worker.errors import RequestInvalid
 from worker.jobs import steps
@@ -108,10 +108,10 @@ def record_change(res: Resources, data: Any) -> ChangeResult:
     refuse_unusable_urls({"video_url": change.video_url, "audio_url": change.audio_url}, res.settings)
     target, store = change.target, store_of(res)
     retire_ended(res, target)
-    own = store.outputs(target) & set(change.sources.values())
-    if own:
+    sources = _without_own_outputs(change.sources, store.outputs(target))
+    if sources is None:
         # GEN writes a generation's output back into the target: that is not a new source.
-        log.info("target %s: change names our own output %s; ignored", target.key, sorted(own))
+        log.info("target %s: change names only our own output; ignored", target.key)
         metrics.record_card_change(res.redis, action="own_output")
         return ChangeResult(target, "own_output")
     card = store.card(target)
@@ -119,7 +119,7 @@ def record_change(res: Resources, data: Any) -> ChangeResult:
     debounce = card.debounce_seconds if card is not None else 0.0
     recorded = store.record_change(
         target,
-        change.sources,
+        sources,
         now=res.clock(),
         debounce=debounce,
         schedule=auto,
@@ -158,6 +158,19 @@ def reread_named(
     for target in targets:
         queue.send(TASK_REREAD, kwargs={"target": target.key})
     return [target.key for target in targets]
+
+
+def _without_own_outputs(sources: Sources, outputs: set[str]) -> Sources | None:
+    """``sources`` without a side that names one of our outputs (GEN wrote it back into the target:
+    the loop guard); None when no side is left. The other side of such a change is still a change
+    (GEN shows our output as the video and a new speech as the audio)."""
+    kept: dict[str, str] = {}
+    for side in ("video", "audio"):
+        values = {name: getattr(sources, f"{side}_{name}") for name in ("resource_id", "url")}
+        named = {k: v for k, v in values.items() if v is not None}
+        if named and not set(named.values()) & outputs:
+            kept.update({f"{side}_{k}": v for k, v in named.items()})
+    return Sources.model_validate(kept) if kept else None
 
 
 # --------------------------------------------------------------------------------------------

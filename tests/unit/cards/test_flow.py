@@ -149,3 +149,16 @@ def test_a_job_whose_target_was_taken_while_it_was_created_is_never_sent(
     ended = res.jobs.get(first)
     assert ended is not None and ended.outcome is not None
     assert (ended.outcome["status"], ended.outcome["superseded_by"]) == ("superseded", second)
+
+
+def test_the_loop_guard_drops_only_the_side_that_is_our_output(res: Resources) -> None:
+    card(res, debounce_seconds=0)
+    target, store = Target(**TARGET), CardStore(res.redis)
+    store.add_outputs(target, ["1009001", "https://cdn.example/outputs/lipsynced-9001.mp4"])
+    ours = flow.record_change(res, {**TARGET, "video_url": "https://cdn.example/outputs/lipsynced-9001.mp4"})
+    assert ours.action == "own_output" and store.state(target).seq == 0
+    # GEN shows our output as the video and a new speech as the audio: the speech is a change.
+    mixed = flow.record_change(res, {**TARGET, "video_resource_id": 1009001, "audio_resource_id": 6002})
+    assert mixed.action == "scheduled"
+    sources = store.state(target).sources
+    assert sources is not None and (sources.video, sources.audio) == (None, "6002")
