@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from bench.proc import tree_cpu_seconds, tree_rss_by_pid, tree_rss_bytes
+from bench.proc import CLOCK_TICKS, tree, tree_cpu_seconds, tree_rss_by_pid, tree_rss_bytes
 from gensim import GenSimulator
 from tests.conftest import AGENT_ID, API_KEY, REPO, start_celery, worker_environment
 from tests.harness import default_timings
@@ -83,6 +83,14 @@ class Worker:
 
     def rss_bytes(self) -> int:
         return tree_rss_bytes(self.pid)
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(CPU seconds of the main process, sum over its pool children, reaped ones included)."""
+        stats = tree(self.pid)
+        total = sum(stat.ticks for stat in stats)
+        # The main process's own time; its cutime/cstime are children it reaped (pool processes).
+        main = sum(stat.utime + stat.stime for stat in stats if stat.pid == self.pid)
+        return main / CLOCK_TICKS, (total - main) / CLOCK_TICKS
 
     def rss_split(self) -> tuple[int, int]:
         """(RSS of the main process, sum over its pool children), bytes."""

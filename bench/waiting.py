@@ -38,6 +38,8 @@ from worker.names import ALL_QUEUES, BROKER_UNACKED_KEY
 from worker.ops.broker import queue_lists
 
 PROBE = 10
+#: How long the probe waits before it calls the worker one that takes no new work.
+PROBE_WAIT = 600.0
 WARMUP = 20
 IDLE_WINDOW = 10.0
 CHECK_EVERY = 5.0
@@ -206,6 +208,7 @@ def run(
         fill = _fill(stack, sim, jobs, stall=stall, timeout=fill_timeout)
         time.sleep(settle)
         waiting = 0
+        split_before = worker.cpu_split()
         for _ in range(rounds):
             start, cpu = time.time(), worker.cpu_seconds()
             time.sleep(window)
@@ -224,7 +227,8 @@ def run(
             gap_p50.append(median(gaps))
             gap_p95.append(p95(gaps))
         redis_growth = _redis_memory(stack) - redis_before
-        probe = _probe(stack, sim, wait=max(120.0, window))
+        main_cpu, pool_cpu = (b - a for a, b in zip(split_before, worker.cpu_split(), strict=True))
+        probe = _probe(stack, sim, wait=PROBE_WAIT)
     label = f"{waiting} waiting"
     figures = [
         Figure(
@@ -244,6 +248,7 @@ def run(
         f"RSS by process, baseline -> last round: main process (holds the countdown messages) "
         f"{_mib(main_before)} -> {_mib(main_after)}, the {concurrency} pool processes together "
         f"{_mib(pool_before)} -> {_mib(pool_after)}",
+        f"CPU by process over the rounds: main process {main_cpu:.1f} s, the pool processes {pool_cpu:.1f} s",
         f"Redis (broker, results, job records) grew {_mib(redis_growth)}: "
         f"{redis_growth / max(waiting, 1) / 1024:.1f} KiB per waiting job",
         *fill.lines(),
