@@ -179,10 +179,11 @@ def _first_poll_later(task: AnyTask, job: Job, res: Resources) -> None:
     if not following or job.submitted_at is None:
         return
     first_in = res.planner.first_poll_in(job.model, elapsed=res.clock() - job.submitted_at)
-    if first_in > 0:
-        # Celery pops the next signature from the end of the request's chain and sends it with
-        # its options when this task returns.
-        following[-1].setdefault("options", {})["countdown"] = first_in
+    following_step = following[-1]
+    if first_in > 0 and isinstance(following_step, dict):
+        # Celery pops the next signature (a dict in the message) from the end of the request's
+        # chain and sends it with its options when this task returns.
+        following_step.setdefault("options", {})["countdown"] = first_in
 
 
 def _without_callback(task: AnyTask) -> None:
