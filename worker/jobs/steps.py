@@ -26,7 +26,7 @@ import redis
 from worker.cards.store import CardStore
 from worker.errors import LipsyncError
 from worker.gen.client import idempotency_key_for
-from worker.gen.errors import GenAPIError, GenBadResponse, GenNotStoppable
+from worker.gen.errors import GenAPIError, GenBadResponse, GenNotStoppable, GenRateLimited
 from worker.gen.models import Generation, GenerationStatus
 from worker.jobs.backoff import clamp_to_deadline
 from worker.jobs.errors import (
@@ -261,6 +261,10 @@ def submit(
             idempotency_key=idempotency_key_for(job.job_id),
             body=body,
         )
+    except GenRateLimited as exc:
+        # GEN asks us to slow down: a busy GEN is never a reason to fail a job (a batch of 500
+        # must not lose items to it). Wait as it says, backing off, until the job's deadline.
+        return _again_or_raise(job, exc, res, poll_policy(s), until_deadline=True)
     except GenAPIError as exc:
         return _again_or_raise(job, exc, res, transient_policy(s))
     failpoint("submit.after_generate")

@@ -929,3 +929,21 @@ def test_an_output_that_is_not_a_video_is_refused(
         fetch(job, res)
     assert len(requests_to(sim, "cdn")) == 1  # not retried
     assert not (settings.storage_dir / f"{JOB_ID}.mp4").exists()
+
+
+def test_gen_asking_to_slow_down_never_fails_a_submit(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    # More 429s in a row than the transient retries allow: the submit keeps coming back (backing
+    # off) and GEN starts the generation once it stops refusing.
+    res = make_res(max_transient_retries=2)
+    job = new_job(res)
+    sim.add_fault(Fault(endpoint="generate", status=429, times=5))
+    for _ in range(5):
+        again = as_again(submit(job, res, record=record_of(res)))
+        assert again.countdown <= job.deadline_at - clock.now
+        clock.advance(again.countdown)
+        job = again.job
+    accepted = as_job(submit(job, res, record=record_of(res)))
+    assert accepted.generation_id is not None
+    assert sim.stats()["generations_created"] == 1
