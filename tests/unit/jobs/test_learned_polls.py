@@ -27,11 +27,24 @@ def status_calls(sim: GenSimulator) -> int:
     return int(sim.stats()["counts"]["get_generation"])
 
 
+def taught(res: Resources) -> DurationLog:
+    """The fleet has seen ten generations of ``gen`` end just after GEN_SECONDS."""
+    log = DurationLog(res.redis, keep=60)
+    for _ in range(10):
+        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
+    return log
+
+
+def submitted(res: Resources, job_id: str) -> Job:
+    job = submit(created(res, job_id), res, record=res.jobs.get(job_id))
+    assert isinstance(job, Job)
+    return job
+
+
 def run_job(res: Resources, clock: FakeClock, job_id: str) -> tuple[Job, int]:
     """Submit and poll one job to completion, moving the clock by each countdown; the polls it
     took (GEN's status calls are counted by the caller from the simulator)."""
-    job = submit(created(res, job_id), res, record=res.jobs.get(job_id))
-    assert isinstance(job, Job)
+    job = submitted(res, job_id)
     steps = 0
     while True:
         outcome = poll(job, res)
@@ -71,11 +84,8 @@ def test_the_first_poll_after_submit_waits_without_asking_gen(
     make_res: ResFactory, sim: GenSimulator, clock: FakeClock
 ) -> None:
     res = make_res()
-    log = DurationLog(res.redis, keep=60)
-    for _ in range(10):
-        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
-    job = submit(created(res, "j1"), res, record=res.jobs.get("j1"))
-    assert isinstance(job, Job)
+    taught(res)
+    job = submitted(res, "j1")
     before = status_calls(sim)
     first = poll(job, res)
     assert isinstance(first, Again) and first.job.polls == 0
@@ -90,11 +100,8 @@ def test_without_learning_the_configured_schedule_runs(
     make_res: ResFactory, sim: GenSimulator, clock: FakeClock, overrides: dict[str, Any]
 ) -> None:
     res = make_res(poll_initial_delay=3.0, poll_backoff_factor=1.0, poll_jitter=0.0, **overrides)
-    log = DurationLog(res.redis, keep=60)
-    for _ in range(10):
-        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
-    job = submit(created(res, "j1"), res, record=res.jobs.get("j1"))
-    assert isinstance(job, Job)
+    log = taught(res)
+    job = submitted(res, "j1")
     before = status_calls(sim)
     first = poll(job, res)
     assert isinstance(first, Again) and first.countdown == pytest.approx(3.0)
@@ -129,11 +136,8 @@ def test_the_log_keeps_the_newest_and_skips_what_it_cannot_read(make_res: ResFac
 def test_a_job_driven_again_asks_gen_at_once(make_res: ResFactory, sim: GenSimulator) -> None:
     # GEN's event nudged it, or the sweeper recovered it: the learned first-poll wait is skipped.
     res = make_res()
-    log = DurationLog(res.redis, keep=60)
-    for _ in range(10):
-        log.add("gen", Observation.of(GEN_SECONDS - 0.2, GEN_SECONDS + 0.1))
-    job = submit(created(res, "j1"), res, record=res.jobs.get("j1"))
-    assert isinstance(job, Job)
+    taught(res)
+    job = submitted(res, "j1")
     before = status_calls(sim)
     poll(job.model_copy(update={"drive": 2}), res)
     assert status_calls(sim) == before + 1
