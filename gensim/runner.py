@@ -140,6 +140,11 @@ class GenSimulator:
             audio=None if audio is None else str(audio),
         )
 
+    def direct_uploads(self) -> list[dict[str, Any]]:
+        """The blobs of ``POST /v1/direct_upload``, oldest first, each with the headers of every
+        ``PUT`` its upload URL received (``puts``) and whether its bytes arrived (``uploaded``)."""
+        return self._ctx.uploads.snapshot()
+
     def uploaded(self, resource_id: int | str) -> bytes:
         """The bytes uploaded to ``POST /v1/content_resources`` as ``resource_id`` (KeyError if none)."""
         return self._ctx.state.uploaded(str(resource_id))

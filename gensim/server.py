@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from gensim.direct_uploads import STORAGE_PATH, DirectUploads
 from gensim.events import validate_event_delay, validate_event_loss
 from gensim.faults import Fault, FaultBook
 from gensim.state import ApiError, SimState, validate_durations
@@ -38,6 +39,8 @@ MALFORMED_BODY = b'{"id": 9001, "status": '
 TRICKLE_CHUNK = 1024
 #: Request bodies larger than this are refused; the real API takes small JSON documents only.
 MAX_BODY = 1 << 20
+#: ... except the PUT of a direct upload's bytes (held in memory: tests send small files).
+MAX_PUT_BODY = 256 << 20
 #: Idle keep-alive connections are closed after this long (clients reconnect transparently).
 IDLE_TIMEOUT = 120.0
 
@@ -57,7 +60,11 @@ ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
     (frozenset({"POST"}), re.compile(_GEN + "/stop"), "stop"),
     (frozenset({"POST"}), re.compile(_GEN + "/continue"), "continue"),
     (frozenset({"GET"}), re.compile(r"/v1/content_resources/(?P<resource>[^/]+)"), "content_resource"),
+    # Step 3 of a direct upload (a JSON signed id) and a multipart upload share a path; see JSON_ONLY.
+    (frozenset({"POST"}), re.compile(r"/v1/content_resources"), "create_content_resource"),
     (frozenset({"POST"}), re.compile(r"/v1/content_resources"), "upload_content_resource"),
+    (frozenset({"POST"}), re.compile(r"/v1/direct_upload"), "direct_upload"),
+    (frozenset({"PUT"}), re.compile(re.escape(STORAGE_PATH) + r"(?P<key>[^/]+)"), "direct_upload_put"),
     (frozenset({"GET"}), re.compile(r"/v1/me"), "me"),
     (frozenset({"GET"}), re.compile(_AGENT + "/automation_config"), "automation_config"),
     (frozenset({"PATCH"}), re.compile(_AGENT + "/automation_config"), "set_automation_config"),
@@ -69,6 +76,9 @@ ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
         "cdn",
     ),
 ]
+
+#: Kinds routed only for a JSON request body (otherwise the next matching route is taken).
+JSON_ONLY = frozenset({"create_content_resource"})
 
 #: Endpoint kinds of the agent's automation config (answered by SimHandler._agent_api).
 AGENT_KINDS = frozenset({"automation_config", "set_automation_config", "test_webhook", "test_callback"})
@@ -92,12 +102,15 @@ class SimContext:
     api_key: str
     #: Set when the simulator stops, to cut delays and trickles short.
     stopping: threading.Event = field(default_factory=threading.Event)
+    #: GEN's direct upload: blobs and the bytes PUT to them.
+    uploads: DirectUploads = field(default_factory=DirectUploads)
 
     def stats_snapshot(self) -> dict[str, Any]:
         return {**self.stats.snapshot(), "faults": self.faults.snapshot()}
 
     def reset(self) -> None:
         self.faults.clear()
+        self.uploads.clear()
         self.state.reset()
         self.stats.reset()
 
@@ -272,6 +285,8 @@ class SimHandler(BaseHTTPRequestHandler):
         kind, params = "unknown", {}
         for methods, pattern, route_kind in ROUTES:
             match = pattern.fullmatch(path)
+            if route_kind in JSON_ONLY and self.headers.get_content_type() != "application/json":
+                continue
             if match and method in methods:
                 kind, params = route_kind, match.groupdict()
                 break
@@ -301,7 +316,7 @@ class SimHandler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked()
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        if length > (MAX_PUT_BODY if self.command == "PUT" else MAX_BODY):
             raise ValueError("Request body too large")
         return self.rfile.read(length) if length > 0 else b""
 
@@ -364,6 +379,12 @@ class SimHandler(BaseHTTPRequestHandler):
     ) -> Reply:
         if kind == "cdn":  # a public CDN: no API key
             return self._cdn(params)
+        if kind == "direct_upload_put":  # a presigned storage URL: no API key either
+            try:
+                self.ctx.uploads.put(params["key"], dict(self.headers.items()), raw_body)
+            except ApiError as exc:
+                return Reply.json(exc.status, exc.body())
+            return Reply(200, b"", {"ETag": '"sim"'})
         if not path.startswith("/v1/"):
             return Reply.error(404, "not_found", "Not found")
         if not self._authorized():
@@ -393,18 +414,17 @@ class SimHandler(BaseHTTPRequestHandler):
             return Reply.json(200, state.me())
         if kind in AGENT_KINDS:
             return self._agent_api(kind, params["agent"], raw_body)
-        body = _parse_json(raw_body) if kind in ("generate", "patch_cell") else None
+        if kind == "direct_upload":
+            return Reply.json(200, self.ctx.uploads.create(_parse_json(raw_body), state.base_url))
+        body = (
+            _parse_json(raw_body) if kind in ("generate", "patch_cell", "create_content_resource") else None
+        )
         # agent_id may come in the query (documented) or in the JSON body (what GEN's MCP sends).
         agent: object = query.get("agent_id", [None])[0]
         if agent is None and isinstance(body, dict):
             agent = body.get("agent_id")
-        if kind == "content_resource":
-            return Reply.json(200, state.content_resource(agent=agent, raw_id=params["resource"]))
-        if kind == "upload_content_resource":
-            file_name, content_type, data = _uploaded_file(self.headers.get("Content-Type", ""), raw_body)
-            return Reply.json(
-                201, state.upload(agent=agent, file_name=file_name, content_type=content_type, data=data)
-            )
+        if kind in ("content_resource", "create_content_resource", "upload_content_resource"):
+            return self._resources_api(kind, agent, params, body, raw_body)
         sheet, cell = params["sheet"], params["cell"]
         if kind == "get_cell":
             return Reply.json(200, state.get_cell(agent=agent, sheet=sheet, cell=cell))
@@ -424,6 +444,29 @@ class SimHandler(BaseHTTPRequestHandler):
             idempotency_key=self.headers.get("Idempotency-Key") or None,
         )
         return Reply.json(201, response, {"Idempotent-Replayed": "true"} if replayed else None)
+
+    def _resources_api(
+        self, kind: str, agent: object, params: dict[str, str], body: object, raw_body: bytes
+    ) -> Reply:
+        """Content resources: read one, upload one (multipart), make one of a direct upload."""
+        state = self.ctx.state
+        if kind == "content_resource":
+            return Reply.json(200, state.content_resource(agent=agent, raw_id=params["resource"]))
+        if kind == "create_content_resource":
+            blob = self.ctx.uploads.take(_signed_id(body))
+            assert blob.data is not None  # (take returns uploaded blobs only)
+            return Reply.json(
+                201,
+                state.upload(
+                    agent=agent, file_name=blob.filename, content_type=blob.content_type, data=blob.data
+                ),
+            )
+        if kind == "upload_content_resource":
+            file_name, content_type, data = _uploaded_file(self.headers.get("Content-Type", ""), raw_body)
+            return Reply.json(
+                201, state.upload(agent=agent, file_name=file_name, content_type=content_type, data=data)
+            )
+        raise AssertionError(kind)
 
     def _agent_api(self, kind: str, agent: str, raw_body: bytes) -> Reply:
         """The agent's automation config and its webhook tests (gensim.events)."""
@@ -545,6 +588,12 @@ def _uploaded_file(content_type: str, raw: bytes) -> tuple[str, str, bytes]:
             if isinstance(payload, bytes) and payload:
                 return str(name), part.get_content_type(), payload
     raise ApiError(422, "content_resource_creation_failed", "content_resource[file] is missing or empty")
+
+
+def _signed_id(body: object) -> object:
+    """``{"content_resource": {"file": "<signed id>"}}``'s signed id (None when missing)."""
+    inner = body.get("content_resource") if isinstance(body, dict) else None
+    return inner.get("file") if isinstance(inner, dict) else None
 
 
 def _sources_args(body: dict[str, Any]) -> dict[str, Any]:
