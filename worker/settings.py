@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     #: Sources given by URL (``video_url``/``audio_url``) in the ``autocontentengine`` dialect are
     #: downloaded and uploaded to GEN as content resources first; off: such requests are refused.
     gen_upload_sources: bool = True
+    #: Largest source uploaded multipart (bytes; GEN takes up to 50 MB that way); larger ones go through
+    #: GEN's 3-step direct upload (up to 1 GiB), streamed from a temporary file.
+    gen_multipart_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     gen_connect_timeout: float = Field(default=5.0, gt=0)
     gen_read_timeout: float = Field(default=30.0, gt=0)
     #: Model used when a request names none (GEN's ``lipSyncModel`` card setting).

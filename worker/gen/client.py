@@ -40,6 +40,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.exceptions import ReadTimeoutError
 
 from worker.errors import ConfigurationError, describe_validation_error
+from worker.gen.direct_upload import DirectUploadBlob
 from worker.gen.errors import (
     GenAPIError,
     GenBadResponse,
@@ -394,6 +395,42 @@ class GenClient:
         return self._validate(
             ContentResource, data_json.get("content_resource", data_json), "upload_content_resource"
         )
+
+    def create_direct_upload(
+        self, *, file_name: str, byte_size: int, checksum: str, content_type: str
+    ) -> DirectUploadBlob:
+        """Step 1 of GEN's direct upload (files over 50 MB, up to 1 GiB): ``POST /v1/direct_upload``
+        with the blob (``checksum``: base64 of the file's MD5) -> its signed id and where to ``PUT``
+        the bytes (:func:`worker.gen.direct_upload.put_blob`, not with this client: no API key there).
+
+        Raises :class:`GenRejected` (422 ``invalid_content_type``, ``file_size_exceeded``),
+        :class:`GenAuthError` - not retryable; the retryable errors of every call.
+        """
+        blob = {
+            "filename": file_name,
+            "byte_size": byte_size,
+            "checksum": checksum,
+            "content_type": content_type,
+        }
+        reply = self._request("POST", "/v1/direct_upload", endpoint="direct_upload", json_body={"blob": blob})
+        return self._parse_model(reply, DirectUploadBlob, "direct_upload")
+
+    def create_content_resource(self, signed_id: str) -> ContentResource:
+        """Step 3 of GEN's direct upload: ``POST /v1/content_resources?agent_id=`` with
+        ``{"content_resource": {"file": signed_id}}`` -> the new resource, once the bytes are up.
+
+        Raises :class:`GenRejected` (422 ``direct_upload_failed``: the bytes never arrived or do not
+        match), :class:`GenAuthError` - not retryable; the retryable errors of every call.
+        """
+        reply = self._request(
+            "POST",
+            "/v1/content_resources",
+            endpoint="create_content_resource",
+            params=self._agent_params(),
+            json_body={"content_resource": {"file": signed_id}},
+        )
+        data = self._parse_object(reply, "create_content_resource")
+        return self._validate(ContentResource, data.get("content_resource", data), "create_content_resource")
 
     def get_automation_config(self) -> dict[str, Any]:
         """``GET /v1/agents/{agent_id}/automation_config``: the agent's ``webhook_url`` and
