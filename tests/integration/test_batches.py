@@ -254,13 +254,14 @@ def test_an_invalid_batch_runs_nothing(pipeline: Cluster, sim: Any) -> None:
     batch = {"batch_id": "bad", "items": requests, "callback": BATCH_CALLBACK}
     with pytest.raises(BatchInvalid) as refused:
         enqueue_batch(batch, app=pipeline.app())
-    assert refused.value.errors == [{"index": 2, "field": "audio_resource_id", "message": "Field required"}]
+    missing_audio = {"index": 2, "field": "audio_resource_id", "message": "Field required (or audio_url)"}
+    assert refused.value.errors == [missing_audio]
     # A raw send_task: the batch callback gets the refusal, and the task fails with it.
     sent = pipeline.app().send_task(TASK_RUN_BATCH, kwargs={"batch": batch})
     with pytest.raises(LipsyncJobFailed):
         sent.get(timeout=30)
     failure = wait_for_batch_callback(pipeline, "bad", timeout=30)
     assert failure["type"] == "lipsync.batch_failure" and failure["status"] == "rejected"
-    assert failure["errors"] == [{"index": 2, "field": "audio_resource_id", "message": "Field required"}]
+    assert failure["errors"] == [missing_audio]
     assert sim.stats()["generations_created"] == 0
     assert batch_status("bad", app=pipeline.app()) is None
