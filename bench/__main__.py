@@ -197,11 +197,18 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def parse(arguments: Sequence[str]) -> argparse.Namespace:
+    """The command line; no measure named (``python -m bench [--rounds N]``) means ``all``."""
+    if not arguments or arguments[0].startswith("-") and arguments[0] not in ("-h", "--help"):
+        arguments = ["all", *arguments]
+    return parser().parse_args(arguments)
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["download"]:  # its options are bench/download.py's own
         return run_download(arguments[1:])
-    args = parser().parse_args(arguments)
+    args = parse(arguments)
     command = args.command or "all"
     from bench.common import machine
 

@@ -258,3 +258,11 @@ def test_the_umbrella_says_when_the_download_bench_is_missing(
     monkeypatch.setattr(importlib, "import_module", missing)
     assert umbrella.run_download([]) == 0
     assert "download: MISSING" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [[], ["--rounds", "4"], ["all"], ["latency", "--rounds", "3"]])
+def test_no_measure_named_means_all_with_the_common_options(argv: list[str]) -> None:
+    # `python -m bench` alone once failed: the common options live on the subcommands.
+    args = umbrella.parse(argv)
+    assert (args.command or "all") == (argv[0] if argv and not argv[0].startswith("-") else "all")
+    assert args.rounds >= 3 and args.seed == 7
