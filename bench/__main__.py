@@ -199,7 +199,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(arguments: Sequence[str]) -> argparse.Namespace:
     """The command line; no measure named (``python -m bench [--rounds N]``) means ``all``."""
-    if not arguments or arguments[0].startswith("-") and arguments[0] not in ("-h", "--help"):
+    if not arguments or (arguments[0].startswith("-") and arguments[0] not in ("-h", "--help")):
         arguments = ["all", *arguments]
     return parser().parse_args(arguments)
 
