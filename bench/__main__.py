@@ -204,6 +204,13 @@ def parse(arguments: Sequence[str]) -> argparse.Namespace:
     return parser().parse_args(arguments)
 
 
+def measure_defaults(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """What ``all`` runs measure ``name`` with: its own defaults, and the common options given."""
+    defaults = argparse.ArgumentParser(add_help=False)
+    MEASURES[name][0](defaults)
+    return defaults.parse_args([], namespace=argparse.Namespace(**vars(args)))
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["download"]:  # its options are bench/download.py's own
@@ -218,12 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     names = list(MEASURES) if command == "all" else [command]
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-") as tmp:
         for name in names:
-            options, measure, _ = MEASURES[name]
-            measure_args = args
-            if command == "all":  # each measure at its own defaults, with the common options
-                defaults = argparse.ArgumentParser(add_help=False)
-                options(defaults)
-                measure_args = defaults.parse_args([], namespace=argparse.Namespace(**vars(args)))
+            _, measure, _ = MEASURES[name]
+            measure_args = args if command != "all" else measure_defaults(args, name)
             print(f"\n-- running {name} ...", flush=True)
             section = measure(measure_args, Path(tmp) / name)
             sections.append(section)

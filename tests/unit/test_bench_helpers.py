@@ -266,3 +266,11 @@ def test_no_measure_named_means_all_with_the_common_options(argv: list[str]) -> 
     args = umbrella.parse(argv)
     assert (args.command or "all") == (argv[0] if argv and not argv[0].startswith("-") else "all")
     assert args.rounds >= 3 and args.seed == 7
+
+
+@pytest.mark.parametrize("name", sorted(umbrella.MEASURES))
+def test_all_gives_each_measure_its_own_options_and_the_common_ones(name: str) -> None:
+    args = umbrella.measure_defaults(umbrella.parse(["--rounds", "4"]), name)
+    alone = umbrella.parse([name])
+    assert set(vars(alone)) <= set(vars(args))
+    assert args.rounds == 4 and args.seed == alone.seed
