@@ -1,7 +1,7 @@
 """``python -m bench`` (``./dev bench``): the performance figures of issue 10, each beside its reference
 measured in the same run, as the median of >= 3 rounds with the range. See bench/README.md.
 
-    python -m bench                      # everything at moderate scale (about 15 minutes on 2 cores)
+    python -m bench                      # everything at moderate scale (about 20 minutes on 2 cores)
     python -m bench latency              # the poll schedule: added latency / L and GEN calls per job
     python -m bench waiting-cost         # CPU of a poll vs a no-op task; the chain vs a plain chain
     python -m bench burst --jobs 1000    # p95 added latency of a burst on one -c 4 worker
