@@ -44,3 +44,18 @@ def retry_after_redis_error(task: AnyTask, exc: BaseException) -> None:
     assert isinstance(verdict, Retry)  # an unlimited policy never gives up
     log.warning("Redis error in %s (%s); retrying the step", task.name, type(exc).__name__)
     raise task.retry(countdown=verdict.delay, exc=exc) from None
+
+
+def without_callback(task: AnyTask, argument: str) -> None:
+    """Drop the callback from the ``argument`` Celery keeps with this task's result (it stores a
+    task's arguments): its webhook URL can carry a receiver's token, and our own store (the job
+    record, the card) has it. The argument itself was read already."""
+    request = task.request
+
+    def scrub(value: Any) -> Any:
+        return {k: v for k, v in value.items() if k != "callback"} if isinstance(value, dict) else value
+
+    if isinstance(request.kwargs, dict) and argument in request.kwargs:
+        request.kwargs = {**request.kwargs, argument: scrub(request.kwargs[argument])}
+    if request.args:
+        request.args = [scrub(arg) for arg in request.args]

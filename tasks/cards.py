@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks.base import AnyTask, retry_after_redis_error
+from tasks.base import AnyTask, retry_after_redis_error, without_callback
 from worker.app import app
 from worker.cards import flow
 from worker.cards.models import Target
@@ -39,7 +39,7 @@ def configure_card(self: AnyTask, card: Any = None) -> dict[str, Any] | None:
 
     Raises :class:`RequestInvalid` (the task fails) naming the fields, e.g. an unknown model.
     """
-    _without_callback(self)
+    without_callback(self, "card")
     res = resources()
     try:
         stored = flow.configure(res, card)
@@ -100,17 +100,3 @@ def settle_sources(self: AnyTask, target: str, seq: int) -> dict[str, Any]:
         raise self.retry(countdown=settled.wait or 0.0)
     log.info("target %s: change %d settled (%s)", target, seq, settled.action)
     return {"action": settled.action, "job_id": settled.job_id, "superseded": settled.superseded}
-
-
-def _without_callback(task: AnyTask) -> None:
-    """Drop the card's callback from the request Celery keeps with the result: its webhook URL can
-    carry a receiver's token (the card store has it)."""
-    request = task.request
-
-    def scrub(value: Any) -> Any:
-        return {k: v for k, v in value.items() if k != "callback"} if isinstance(value, dict) else value
-
-    if isinstance(request.kwargs, dict) and "card" in request.kwargs:
-        request.kwargs = {**request.kwargs, "card": scrub(request.kwargs["card"])}
-    if request.args:
-        request.args = [scrub(arg) for arg in request.args]

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from celery import Task
 from celery.exceptions import Ignore
 
-from tasks.base import STEP_OPTIONS, AnyTask, retry_after_redis_error
+from tasks.base import STEP_OPTIONS, AnyTask, retry_after_redis_error, without_callback
 from worker.app import app
 from worker.callbacks.models import StageEvent
 from worker.celery_queue import CeleryQueue
@@ -49,7 +49,7 @@ log = logging.getLogger("lipsync.tasks")
 
 
 # No STARTED state (STEP_OPTIONS): Celery would store it with this task's arguments, the caller's
-# request with its callback (see _without_callback).
+# request with its callback (see tasks.base.without_callback).
 @app.task(name=TASK_RUN, **STEP_OPTIONS)
 def run(self: AnyTask, request: Any = None) -> Any:
     """Validate ``request`` and replace this task with the chain submit → poll → fetch_output.
@@ -65,9 +65,9 @@ def run(self: AnyTask, request: Any = None) -> Any:
     except Exception as exc:  # noqa: BLE001 - the retry decision tells a Redis blink from a bad request
         retry_after_redis_error(self, exc)
         failure = reject(_queue(self), res, request, exc, task_id=task_id)
-        _without_callback(self)
+        without_callback(self, "request")
         raise LipsyncJobFailed(failure) from None
-    _without_callback(self)
+    without_callback(self, "request")
     job = started.job
     if job.request.callback is not None:
         # A record from before the callback had its own field holds it in its job only; the chain
@@ -184,21 +184,6 @@ def _first_poll_later(task: AnyTask, job: Job, res: Resources) -> None:
         # Celery pops the next signature (a dict in the message) from the end of the request's
         # chain and sends it with its options when this task returns.
         following_step.setdefault("options", {})["countdown"] = first_in
-
-
-def _without_callback(task: AnyTask) -> None:
-    """Drop the callback from the request Celery keeps of this ``lipsync.run`` (it stores a task's
-    arguments with its result): its webhook URL can carry a receiver's token, and the job record
-    has it. The request itself was read already."""
-    request = task.request
-
-    def scrub(value: Any) -> Any:
-        return {k: v for k, v in value.items() if k != "callback"} if isinstance(value, dict) else value
-
-    if isinstance(request.kwargs, dict) and "request" in request.kwargs:
-        request.kwargs = {**request.kwargs, "request": scrub(request.kwargs["request"])}
-    if request.args:
-        request.args = [scrub(arg) for arg in request.args]
 
 
 def _deliver_recorded(outcome: dict[str, Any]) -> dict[str, Any]:
