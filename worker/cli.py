@@ -582,10 +582,17 @@ def _masked_json(document: Any, token: str | None) -> str:
 def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:
     import redis
 
-    from worker.preflight import cached_check, check_gen_now
+    from worker.errors import ConfigurationError
+    from worker.preflight import cached_check, check_gen_now, require_gen_settings
     from worker.settings import get_settings
 
     settings = get_settings()
+    # This process's own settings first: a verdict on another worker's key says nothing about these.
+    try:
+        require_gen_settings(settings)
+    except ConfigurationError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     clients = {}
     for name, url in (("broker", settings.broker_url), ("job records", settings.effective_redis_url)):
         try:
@@ -594,9 +601,10 @@ def _cmd_health(args: argparse.Namespace, _: list[str]) -> int:
         except redis.RedisError as exc:
             print(f"unhealthy: {name} Redis does not answer: {type(exc).__name__}", file=sys.stderr)
             return EXIT_FAILED
-    # GEN's verdict on the key and agent, as the last check left it (cached a few minutes).
+    # GEN's verdict on this process's base URL, key and agent, as the last check of the same
+    # configuration left it (cached a few minutes, per configuration).
     records = clients["job records"]
-    check = cached_check(records) or check_gen_now(settings, records)
+    check = cached_check(records, settings) or check_gen_now(settings, records)
     if not check.ok and not check.detail.startswith("GEN unreachable"):
         print(f"unhealthy: {check.detail}", file=sys.stderr)
         return EXIT_FAILED

@@ -114,8 +114,10 @@ FREE_REDRIVE = "free_redrive"
 #: Sorted set of unfinished jobs (and finished ones whose callbacks are not yet dispatched),
 #: scored by ``overdue_at``.
 ACTIVE_JOBS_KEY = "lipsync:jobs:active"
-#: The last verdict of GEN on the workers' key and agent (worker.preflight), read by ``health``.
-GEN_CHECK_KEY = "lipsync:gen_check"
+#: The last verdict of GEN on a key and agent (worker.preflight), read by ``health``: one key per
+#: configuration, ``lipsync:gen_check:<hash of base URL, agent id and key>`` (never the key itself),
+#: so one misconfigured worker's verdict never answers for the rest of the fleet.
+GEN_CHECK_KEY = "lipsync:gen_check:"
 #: When the audit of lost messages last ran and until when it runs every sweep (worker.jobs.audit).
 AUDIT_STATE_KEY = "lipsync:audit:state"
 #: Jobs and webhooks with no message in the broker at the last audit, with their record's last change.

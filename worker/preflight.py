@@ -6,7 +6,8 @@ never takes jobs only to fail them (``configuration_error``, failure callbacks f
 * GEN accepts them: ``GET /v1/me`` (the key) and the agent's automation config (the key can see the
   agent). A 401, 404 or 422 refuses to start; while GEN is unreachable or busy the worker waits and
   retries (a GEN outage must not crash-loop a fleet). The verdict is kept in Redis for a while, so
-  ``lipsync-worker health`` reports it cheaply.
+  ``lipsync-worker health`` reports it cheaply; it is kept per configuration (a hash of the base URL,
+  agent and key), so a verdict on one worker's settings never answers for another's.
 * A GEN base URL on a loopback or private address while private URLs are refused is almost always a
   simulator run by hand: the worker warns, naming ``LIPSYNC_ALLOW_PRIVATE_URLS`` (its outputs would
   otherwise fail as ``unsafe_url`` after the whole generation ran).
@@ -18,6 +19,7 @@ for ``lipsync-worker worker`` and ``celery -A worker worker`` alike.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import socket
@@ -125,12 +127,22 @@ def verify_gen(
             sleep(verdict.delay)
 
 
-def record_check(r: redis.Redis, check: GenCheck, *, ttl: int = CHECK_TTL) -> None:
-    r.set(GEN_CHECK_KEY, json.dumps(check.__dict__), ex=ttl)
+def check_key(settings: Settings) -> str:
+    """The Redis key of the verdict on these settings' GEN configuration (base URL, agent, key).
+
+    A hash, so neither the key nor anything that identifies it in a log lands in Redis."""
+    key = settings.gen_api_key.get_secret_value() if settings.gen_api_key else ""
+    material = f"{settings.gen_base}|{settings.gen_agent_id or ''}|{key}"
+    return GEN_CHECK_KEY + hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
-def cached_check(r: redis.Redis) -> GenCheck | None:
-    raw: Any = r.get(GEN_CHECK_KEY)
+def record_check(r: redis.Redis, settings: Settings, check: GenCheck, *, ttl: int = CHECK_TTL) -> None:
+    r.set(check_key(settings), json.dumps(check.__dict__), ex=ttl)
+
+
+def cached_check(r: redis.Redis, settings: Settings) -> GenCheck | None:
+    """The verdict last recorded on exactly these settings' GEN configuration, if still fresh."""
+    raw: Any = r.get(check_key(settings))
     if raw is None:
         return None
     data = json.loads(raw)
@@ -149,7 +161,7 @@ def check_gen_now(settings: Settings, r: redis.Redis | None) -> GenCheck:
         # Unreachable is not a verdict: not cached, so the next look asks again.
         return GenCheck(False, f"GEN unreachable: {type(exc).__name__}", time.time())
     if r is not None:
-        record_check(r, check)
+        record_check(r, settings, check)
     return check
 
 
@@ -163,16 +175,16 @@ def preflight(settings: Settings, r: redis.Redis | None, *, say: Callable[[str],
     try:
         verify_gen(gen, say=say)
     except ConfigurationError as exc:
-        _record_quietly(r, GenCheck(False, str(exc), time.time()))
+        _record_quietly(r, settings, GenCheck(False, str(exc), time.time()))
         raise
-    _record_quietly(r, GenCheck(True, "GEN accepts the key and the agent", time.time()))
+    _record_quietly(r, settings, GenCheck(True, "GEN accepts the key and the agent", time.time()))
 
 
-def _record_quietly(r: redis.Redis | None, check: GenCheck) -> None:
+def _record_quietly(r: redis.Redis | None, settings: Settings, check: GenCheck) -> None:
     # The cache only serves `health`; a Redis not up yet must not stop a worker (Celery waits for it).
     if r is not None:
         with contextlib.suppress(redis.RedisError):
-            record_check(r, check)
+            record_check(r, settings, check)
 
 
 def refuse_to_start(reason: str) -> None:

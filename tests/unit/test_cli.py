@@ -10,9 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import redis
+
+from gensim import GenSimulator
 from tests.conftest import REPO
+from tests.unit.conftest import AGENT_ID, API_KEY, unit_settings
 from worker.cli import EXIT_FAILED, EXIT_STILL_RUNNING, EXIT_UNREACHABLE, _parser
 from worker.dev.embedded_redis import free_port
+from worker.errors import ConfigurationError
+from worker.preflight import preflight
 
 CLI = [sys.executable, "-m", "worker.cli"]
 
@@ -81,3 +88,41 @@ def test_submit_wait_past_its_timeout_says_the_job_goes_on(redis_url: str, tmp_p
     assert "Traceback" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last == "job slow-1 still running after 1 s; see `lipsync-worker status slow-1`"
+
+
+def _gen_env(redis_url: str, sim: GenSimulator, **overrides: str) -> dict[str, str]:
+    env = {
+        "LIPSYNC_BROKER_URL": redis_url,
+        "LIPSYNC_GEN_BASE_URL": sim.base_url,
+        "LIPSYNC_GEN_API_KEY": API_KEY,
+        "LIPSYNC_GEN_AGENT_ID": AGENT_ID,
+        "LIPSYNC_ALLOW_PRIVATE_URLS": "true",
+    }
+    env.update(overrides)
+    return {k: v for k, v in env.items() if v}
+
+
+def test_health_without_a_key_is_unhealthy_even_when_another_worker_left_a_good_verdict(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    preflight(unit_settings(redis_url, sim.base_url, tmp_path), redis.Redis.from_url(redis_url), say=print)
+    assert run_cli("health", env=_gen_env(redis_url, sim)).returncode == 0
+    done = run_cli("health", env=_gen_env(redis_url, sim, LIPSYNC_GEN_API_KEY="", LIPSYNC_GEN_AGENT_ID=""))
+    assert done.returncode == EXIT_FAILED, done.stdout
+    assert "LIPSYNC_GEN_API_KEY and LIPSYNC_GEN_AGENT_ID are not set" in done.stderr
+    assert done.stdout == ""
+
+
+def test_health_is_not_told_unhealthy_by_a_bad_verdict_on_another_configuration(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    wrong = unit_settings(redis_url, sim.base_url, tmp_path, gen_api_key="sk-wrong")
+    with pytest.raises(ConfigurationError):
+        preflight(wrong, redis.Redis.from_url(redis_url), say=print)
+    done = run_cli("health", env=_gen_env(redis_url, sim))
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+    # ...while the misconfigured process itself still hears GEN's refusal.
+    done = run_cli("health", env=_gen_env(redis_url, sim, LIPSYNC_GEN_API_KEY="sk-wrong"))
+    assert done.returncode == EXIT_FAILED
+    assert "GEN refused LIPSYNC_GEN_API_KEY (401)" in done.stderr
+    assert "sk-wrong" not in done.stderr

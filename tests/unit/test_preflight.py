@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from gensim import GenSimulator
-from tests.unit.conftest import unit_settings
+from tests.unit.conftest import API_KEY, unit_settings
 from worker.dev.embedded_redis import free_port
 from worker.errors import ConfigurationError
 from worker.gen.client import GenClient
@@ -33,7 +33,7 @@ def test_a_key_gen_refuses_stops_the_worker(redis_url: str, sim: GenSimulator, t
     settings = unit_settings(redis_url, sim.base_url, tmp_path, gen_api_key="sk-wrong")
     with pytest.raises(ConfigurationError, match=r"GEN refused LIPSYNC_GEN_API_KEY \(401\)"):
         preflight(settings, redis.Redis.from_url(redis_url), say=print)
-    check = cached_check(redis.Redis.from_url(redis_url))
+    check = cached_check(redis.Redis.from_url(redis_url), settings)
     assert check is not None and not check.ok and "401" in check.detail
 
 
@@ -51,7 +51,7 @@ def test_good_credentials_pass_and_are_remembered_for_health(
     settings = unit_settings(redis_url, sim.base_url, tmp_path)
     r = redis.Redis.from_url(redis_url)
     preflight(settings, r, say=print)
-    check = cached_check(r)
+    check = cached_check(r, settings)
     assert check is not None and check.ok
     assert sim.stats()["counts"]["me"] == 1 and sim.stats()["counts"]["automation_config"] == 1
 
@@ -67,7 +67,7 @@ def test_an_unreachable_gen_is_waited_for_not_a_refusal(redis_url: str, tmp_path
     # health does not cache "unreachable" as a verdict
     r = redis.Redis.from_url(redis_url)
     assert not check_gen_now(settings, r).ok
-    assert cached_check(r) is None
+    assert cached_check(r, settings) is None
 
 
 def test_a_loopback_gen_with_private_urls_refused_is_warned_about(
@@ -77,3 +77,28 @@ def test_a_loopback_gen_with_private_urls_refused_is_warned_about(
     warning = private_gen_warning(refused)
     assert warning is not None and "LIPSYNC_ALLOW_PRIVATE_URLS=true" in warning and "unsafe_url" in warning
     assert private_gen_warning(unit_settings(redis_url, sim.base_url, tmp_path)) is None
+
+
+def test_verdicts_are_kept_per_configuration_and_never_name_the_key(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    r = redis.Redis.from_url(redis_url)
+    good = unit_settings(redis_url, sim.base_url, tmp_path)
+    wrong_key = unit_settings(redis_url, sim.base_url, tmp_path, gen_api_key="sk-wrong-SECRET")
+    with pytest.raises(ConfigurationError):
+        preflight(wrong_key, r, say=print)
+    # Another process's refusal is no verdict on these settings.
+    assert cached_check(r, good) is None
+    preflight(good, r, say=print)
+    good_check, wrong_check = cached_check(r, good), cached_check(r, wrong_key)
+    assert good_check is not None and good_check.ok
+    assert wrong_check is not None and not wrong_check.ok
+    for other in (
+        unit_settings(redis_url, sim.base_url, tmp_path, gen_api_key=None, gen_agent_id=None),
+        unit_settings(redis_url, sim.base_url, tmp_path, gen_agent_id="43"),
+        unit_settings(redis_url, "http://127.0.0.1:1", tmp_path),
+    ):
+        assert cached_check(r, other) is None
+    keys = [k.decode() for k in r.keys("lipsync:gen_check*")]
+    assert len(keys) == 2
+    assert not any("SECRET" in k or API_KEY in k for k in keys)
