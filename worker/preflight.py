@@ -11,6 +11,8 @@ never takes jobs only to fail them (``configuration_error``, failure callbacks f
 * A GEN base URL on a loopback or private address while private URLs are refused is almost always a
   simulator run by hand: the worker warns, naming ``LIPSYNC_ALLOW_PRIVATE_URLS`` (its outputs would
   otherwise fail as ``unsafe_url`` after the whole generation ran).
+* A webhook secret still at docker-compose's public placeholder signs webhooks anyone can forge:
+  the worker warns, naming ``LIPSYNC_WEBHOOK_SECRET``.
 
 Runs on Celery's ``worker_init`` signal (before logging is set up: it writes to stderr itself),
 for ``lipsync-worker worker`` and ``celery -A worker worker`` alike.
@@ -43,6 +45,8 @@ from worker.settings import Settings
 CHECK_TTL = 300
 #: Exit status of a worker that refuses to start (sysexits' EX_CONFIG).
 EXIT_CONFIG = 78
+#: docker-compose.yml's default LIPSYNC_WEBHOOK_SECRET: public, so a signature made with it proves nothing.
+COMPOSE_PLACEHOLDER_WEBHOOK_SECRET = "change-me-compose-webhook-secret"  # noqa: S105 (a known public value)
 #: Waiting for an unreachable GEN: 1, 2, 4… seconds, at most a minute apart, for as long as it takes.
 WAITING_FOR_GEN = RetryPolicy(limit=None, cap=60.0)
 
@@ -87,6 +91,17 @@ def private_gen_warning(settings: Settings) -> str | None:
         f"LIPSYNC_GEN_BASE_URL {settings.gen_base} is on a non-public address ({private[0]}) while "
         "LIPSYNC_ALLOW_PRIVATE_URLS is off: outputs served from there will fail as unsafe_url. "
         "For a simulator, set LIPSYNC_ALLOW_PRIVATE_URLS=true"
+    )
+
+
+def placeholder_secret_warning(settings: Settings) -> str | None:
+    """A warning when the webhook secret is docker-compose's published placeholder."""
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    if secret != COMPOSE_PLACEHOLDER_WEBHOOK_SECRET:
+        return None
+    return (
+        "LIPSYNC_WEBHOOK_SECRET is docker-compose's public placeholder: anyone can forge this worker's "
+        "webhook signatures. Set LIPSYNC_WEBHOOK_SECRET to a secret of your own (e.g. `openssl rand -hex 32`)"
     )
 
 
@@ -168,9 +183,9 @@ def check_gen_now(settings: Settings, r: redis.Redis | None) -> GenCheck:
 def preflight(settings: Settings, r: redis.Redis | None, *, say: Callable[[str], None]) -> None:
     """Everything a worker checks before it starts. Raises :class:`ConfigurationError` to refuse."""
     require_gen_settings(settings)
-    warning = private_gen_warning(settings)
-    if warning:
-        say(f"warning: {warning}")
+    for warning in (private_gen_warning(settings), placeholder_secret_warning(settings)):
+        if warning:
+            say(f"warning: {warning}")
     gen = GenClient.from_settings(settings)
     try:
         verify_gen(gen, say=say)

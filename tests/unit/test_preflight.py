@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from gensim import GenSimulator
+from tests.conftest import REPO
 from tests.unit.conftest import API_KEY, unit_settings
 from worker.dev.embedded_redis import free_port
 from worker.errors import ConfigurationError
@@ -102,3 +103,22 @@ def test_verdicts_are_kept_per_configuration_and_never_name_the_key(
     keys = [k.decode() for k in r.keys("lipsync:gen_check*")]
     assert len(keys) == 2
     assert not any("SECRET" in k or API_KEY in k for k in keys)
+
+
+def test_the_compose_placeholder_webhook_secret_is_warned_about_once_at_start(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    compose = (REPO / "docker-compose.yml").read_text()
+    placeholder = "change-me-compose-webhook-secret"
+    assert f"LIPSYNC_WEBHOOK_SECRET:-{placeholder}" in compose  # the value a compose user gets unless set
+    said: list[str] = []
+    settings = unit_settings(redis_url, sim.base_url, tmp_path, webhook_secret=placeholder)
+    preflight(settings, redis.Redis.from_url(redis_url), say=said.append)
+    assert len(said) == 1, said
+    assert said[0].startswith("warning: LIPSYNC_WEBHOOK_SECRET is docker-compose's public placeholder")
+    assert placeholder not in said[0]
+    said.clear()
+    preflight(
+        unit_settings(redis_url, sim.base_url, tmp_path), redis.Redis.from_url(redis_url), say=said.append
+    )
+    assert said == []
