@@ -172,3 +172,35 @@ def test_every_failure_status_is_in_the_readmes_status_table() -> None:
     table = set(re.findall(r"^\| `(\w+)` \|", README, re.M))
     statuses = set(get_args(LipsyncFailure.model_fields["status"].annotation))
     assert statuses <= table, statuses - table
+
+
+def _compose_worker_env() -> dict[str, str]:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return {k: str(v) for k, v in compose["services"]["worker"]["environment"].items()}
+
+
+def _workers_redis(env: dict[str, str]) -> tuple[str, str]:
+    """The broker and result backend a worker with this environment uses (Settings' defaults when unset)."""
+    settings = Settings.model_validate(
+        {"broker_url": env["LIPSYNC_BROKER_URL"], "result_backend": env.get("LIPSYNC_RESULT_BACKEND")}
+    )
+    return settings.broker_url, settings.effective_result_backend
+
+
+def test_the_any_service_snippet_reads_results_where_the_compose_workers_write_them() -> None:
+    section = README.split("### From any service", 1)[1].split("\n### ", 1)[0]
+    found = re.search(r'Celery\(broker="([^"]+)", backend="([^"]+)"\)', section)
+    assert found is not None, "the snippet no longer names its broker and backend"
+    assert found.groups() == _workers_redis(_compose_worker_env())
+    assert "LIPSYNC_RESULT_BACKEND" in section and "LIPSYNC_BROKER_URL" in section
+
+
+def test_the_examples_use_the_compose_workers_broker_and_backend() -> None:
+    broker, backend = _workers_redis(_compose_worker_env())
+    raw = (ROOT / "examples" / "raw_redis_enqueue.py").read_text()
+    found = re.search(r"--broker (\S+) \\\s+--backend (\S+)", raw)
+    assert found is not None and found.groups() == (broker, backend)
+    for name in ("README.md", "enqueue.js"):
+        text = (ROOT / "examples" / "node" / name).read_text()
+        assert re.findall(r"\bBROKER_URL=(\S+)", text) == [broker], name
+        assert re.findall(r"\bRESULT_BACKEND=(\S+)", text) == [backend], name
