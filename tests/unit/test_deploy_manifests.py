@@ -728,3 +728,20 @@ def test_hpa_metrics_count_exactly_the_stages_each_deployment_carries(exported: 
             assert value == expected_load(deployment, metric["name"]), (metric, value)
             checked += 1
     assert checked >= 3
+
+
+# -- the deployments agree with each other and with the defaults ----------------------------------
+
+
+def compose_worker_env() -> dict[str, str]:
+    """docker-compose.yml's worker environment, ``${VAR:-default}`` read as its default."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    env = compose["services"]["worker"]["environment"]
+    return {k: re.sub(r"^\$\{\w+:-(.*)\}$", r"\1", str(v)) for k, v in env.items()}
+
+
+def test_compose_configmap_and_env_example_use_the_default_dialect() -> None:
+    default = Settings.model_fields["gen_dialect"].default
+    assert compose_worker_env()["LIPSYNC_GEN_DIALECT"] == default
+    assert configmap()["data"]["LIPSYNC_GEN_DIALECT"] == default
+    assert env_file("env.example")["LIPSYNC_GEN_DIALECT"] == default
