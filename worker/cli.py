@@ -7,6 +7,8 @@ Every error is one line on stderr, with one of these exit codes (the README list
   2  bad input (the field is named)
   3  submit --wait timed out; the job is still running
   4  Redis (the broker or the job records) unreachable
+  78 worker: refused to start, its configuration cannot work (GEN key or agent missing or refused);
+     the line names the setting. It waits, instead, while GEN is unreachable
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from tests.unit.conftest import AGENT_ID, API_KEY, unit_settings
 from worker.cli import EXIT_FAILED, EXIT_STILL_RUNNING, EXIT_UNREACHABLE, _parser
 from worker.dev.embedded_redis import free_port
 from worker.errors import ConfigurationError
-from worker.preflight import preflight
+from worker.preflight import EXIT_CONFIG, preflight
 
 CLI = [sys.executable, "-m", "worker.cli"]
 
@@ -47,7 +47,7 @@ def test_help_lists_every_command_and_the_exit_codes() -> None:
     assert commands
     for name in commands:
         assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.MULTILINE), f"{name} missing from --help"
-    for code in ("0", "1", "2", "3", "4"):
+    for code in ("0", "1", "2", "3", "4", str(EXIT_CONFIG)):
         assert re.search(rf"^\s+{code}\s+\w", done.stdout, re.MULTILINE)
 
 

@@ -33,6 +33,7 @@ from worker.names import (
     STAGES_BY_QUEUE,
 )
 from worker.ops.metrics import MetricsCollector
+from worker.preflight import EXIT_CONFIG
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -527,6 +528,8 @@ def test_worker_unit_runs_one_queue_per_instance_and_outlasts_a_download() -> No
     assert float(service["TimeoutStopSec"]) > float(env_file("env.example")["LIPSYNC_DOWNLOAD_TIMEOUT"])
     # SIGTERM to the main process only: the pool's children would die on it mid-download.
     assert service["KillMode"] == "mixed"
+    # A worker that refused to start (bad GEN settings) is not restarted into the same refusal.
+    assert service["RestartPreventExitStatus"] == str(EXIT_CONFIG)
     assert service["ReadWritePaths"] == "/var/lib/lipsync-worker"
     assert env_file("env.example")["LIPSYNC_STORAGE_DIR"].startswith("/var/lib/lipsync-worker/")
 
