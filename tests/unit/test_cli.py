@@ -16,7 +16,7 @@ import redis
 from gensim import GenSimulator
 from tests.conftest import REPO
 from tests.unit.conftest import AGENT_ID, API_KEY, unit_settings
-from worker.cli import EXIT_FAILED, EXIT_STILL_RUNNING, EXIT_UNREACHABLE, _parser
+from worker.cli import EXIT_FAILED, EXIT_STILL_RUNNING, EXIT_UNREACHABLE
 from worker.dev.embedded_redis import free_port
 from worker.errors import ConfigurationError
 from worker.preflight import EXIT_CONFIG, preflight
@@ -42,13 +42,22 @@ def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
 def test_help_lists_every_command_and_the_exit_codes() -> None:
     done = run_cli("--help", env={})
     assert done.returncode == 0
-    parser = _parser()
-    commands = next(a for a in parser._actions if a.dest == "command").choices
-    assert commands
-    for name in commands:
+    readme = (REPO / "README.md").read_text()
+    # The README's command list (Running it > CLI) is what users read: --help must list the same.
+    cli_block = re.search(r"### CLI\n\n```\n(.*?)```", readme, re.S)
+    assert cli_block is not None
+    documented = set(re.findall(r"^lipsync-worker ([\w-]+)", cli_block.group(1), re.MULTILINE))
+    listed = re.search(r"^\s+\{([\w,-]+)\}\s*$", done.stdout, re.MULTILINE)
+    assert listed is not None
+    assert set(listed.group(1).split(",")) == documented
+    for name in documented:
         assert re.search(rf"^\s+{name}\s+\S", done.stdout, re.MULTILINE), f"{name} missing from --help"
-    for code in ("0", "1", "2", "3", "4", str(EXIT_CONFIG)):
-        assert re.search(rf"^\s+{code}\s+\w", done.stdout, re.MULTILINE)
+    # The exit codes: the same in --help as in the README's list.
+    errors = readme.split("Errors are one line on stderr", 1)[1].split("\n\n", 1)[0]
+    readme_codes = set(re.findall(r"`(\d+)` ", errors))
+    help_codes = set(re.findall(r"^  (\d+) +\w", done.stdout, re.MULTILINE))
+    assert readme_codes == help_codes
+    assert {"0", "1", "2", "3", "4", str(EXIT_CONFIG)} <= help_codes
 
 
 def test_an_unreachable_redis_is_one_line_naming_the_url_without_its_password() -> None:
