@@ -11,6 +11,7 @@ import pytest
 import redis
 from celery import Celery
 
+from gensim.stats import target_key
 from tests.conftest import Cluster, wait_for
 from worker.ops.metrics import MetricsCollector
 
@@ -43,9 +44,8 @@ def test_a_job_sent_to_celerys_default_queue_still_completes_and_is_reported(
     samples = {s.name: s for family in collector.collect() for s in family.samples if "misrouted" in s.name}
     assert samples["lipsync_misrouted_messages_total"].value == 1
     assert samples["lipsync_misrouted_messages_total"].labels == {"queue": "celery"}
-    assert (
-        len(simulator.generations_for(101, 3001, 4001)) == 1
-        if hasattr(simulator, "generations_for")
-        else True
-    )
+    # Moved, not copied: GEN made (and charged) exactly one generation for the target.
+    stats = simulator.stats()
+    assert stats["generations_by_target"] == {target_key(101, 3001, 4001): [int(outcome["generation_id"])]}
+    assert (stats["generations_created"], stats["charges"]) == (1, 1)
     producer.close()
