@@ -7,6 +7,7 @@ import os
 import socket
 import stat
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +28,16 @@ VIDEO = b"\x00\x00\x00\x18ftypmp42" + b"lipsync-bytes" * 100
 
 
 def staged(storage: Any, data: bytes = VIDEO) -> Path:
-    """A finished download, as worker.output.download leaves it in the staging directory."""
+    """A finished download, as worker.output.download leaves it in the staging directory: made by
+    ``mkstemp`` (so ``-rw-------`` whatever the umask), written, closed."""
     staging: Path = storage.staging_dir()  # every backend's staging_dir() returns a Path
     staging.mkdir(parents=True, exist_ok=True)
-    path = staging / f".download-{uuid.uuid4().hex}.partial"
-    path.write_bytes(data)
-    return path
+    fd, name = tempfile.mkstemp(prefix=".download-", suffix=".partial", dir=staging)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return Path(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +282,9 @@ def test_resources_pick_the_configured_backend(tmp_path: Path, aws_env: None) ->
 
 def test_a_published_output_is_readable_by_a_consumer_under_another_uid(tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path / "out")
-    published = storage.publish("j-mode", staged(storage), content_type="video/mp4")
+    download = staged(storage)
+    assert stat.S_IMODE(os.stat(download).st_mode) == 0o600  # as mkstemp leaves it
+    published = storage.publish("j-mode", download, content_type="video/mp4")
     assert published.path is not None
     assert stat.S_IMODE(os.stat(published.path).st_mode) == 0o644
 
