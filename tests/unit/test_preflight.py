@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from gensim import GenSimulator
+from gensim import Fault, GenSimulator
 from tests.conftest import REPO
 from tests.unit.conftest import API_KEY, unit_settings
 from worker.dev.embedded_redis import free_port
@@ -122,3 +122,22 @@ def test_the_compose_placeholder_webhook_secret_is_warned_about_once_at_start(
         unit_settings(redis_url, sim.base_url, tmp_path), redis.Redis.from_url(redis_url), say=said.append
     )
     assert said == []
+
+
+def test_a_422_on_the_credential_check_stops_the_worker_without_waiting(
+    redis_url: str, sim: GenSimulator, tmp_path: Path
+) -> None:
+    # GEN answers 422 (e.g. agent_not_found) on the agent's automation config: a refusal, not an outage.
+    sim.add_fault(Fault(endpoint="automation_config", status=422, times=None))
+    settings = unit_settings(redis_url, sim.base_url, tmp_path)
+    said: list[str] = []
+    slept: list[float] = []
+    with pytest.raises(ConfigurationError, match=r"^GEN refused the worker's configuration: .*422"):
+        verify_gen(GenClient.from_settings(settings), say=said.append, sleep=slept.append)
+    assert said == [] and slept == []
+    assert sim.stats()["counts"]["automation_config"] == 1
+    r = redis.Redis.from_url(redis_url)
+    with pytest.raises(ConfigurationError):
+        preflight(settings, r, say=said.append)
+    check = cached_check(r, settings)
+    assert check is not None and not check.ok and "422" in check.detail
