@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import requests
 from celery import Celery
 
-from tests.conftest import API_KEY, REPO, Cluster, wait_for
+from tests.conftest import API_KEY, REPO, Cluster
 from worker.dev.embedded_redis import free_port
 
 pytestmark = pytest.mark.integration
@@ -36,26 +38,43 @@ def run_cli(
 
 def test_simulator_command_serves_gen(tmp_path: Path) -> None:
     port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LIPSYNC_")}
     process = subprocess.Popen(
         [*CLI, "simulator", "--port", str(port), "--api-key", "cli-key"],
         cwd=REPO,
+        env=clean,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{port}"
+        # What a person pastes into a worker's shell: read from the output, up to the seeded data.
+        printed: list[str] = []
+        while not printed or not printed[-1].startswith("Seeded:"):
+            printed.append(lines.get(timeout=30).rstrip("\n"))
+        assert printed[0] == base  # the first stdout line, for programs that start it
+        exports = [line.strip() for line in printed if line.strip().startswith("export ")]
+        assert exports[:4] == [
+            f"export LIPSYNC_GEN_BASE_URL={base}",
+            "export LIPSYNC_GEN_API_KEY=cli-key",
+            "export LIPSYNC_GEN_AGENT_ID=42",
+            "export LIPSYNC_ALLOW_PRIVATE_URLS=true   # its outputs are served from this loopback address",
+        ]
+        env = dict(line.split("#")[0].removeprefix("export ").strip().split("=", 1) for line in exports)
 
-        def up() -> bool:
-            try:
-                return requests.get(f"{base}/v1/generations/1", timeout=1).status_code == 401
-            except requests.ConnectionError:
-                return False
-
-        wait_for(up, timeout=30)
+        # ...and the printed environment is the one the simulator accepts.
         response = requests.get(
-            f"{base}/v1/autocontentengine/101/cells/3000",
-            params={"agent_id": "42"},
-            headers={"X-API-Key": "cli-key"},
+            f"{env['LIPSYNC_GEN_BASE_URL']}/v1/autocontentengine/101/cells/3000",
+            params={"agent_id": env["LIPSYNC_GEN_AGENT_ID"]},
+            headers={"X-API-Key": env["LIPSYNC_GEN_API_KEY"]},
             timeout=5,
         )
         assert response.status_code == 200
