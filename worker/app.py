@@ -22,7 +22,7 @@ from worker.jobs.resources import resources
 from worker.jobs.sweeper import SweeperThread
 from worker.names import ALL_QUEUES, QUEUE_JOBS, ROUTES, TASK_DELIVER_WEBHOOK
 from worker.node import ConnectionStep, Node, NodeStep
-from worker.ops import einfo_fixes, kombu_fixes, logs
+from worker.ops import einfo_fixes, kombu_fixes, kombu_reuse, logs
 from worker.preflight import preflight, refuse_to_start
 from worker.settings import Settings, get_settings
 
@@ -161,6 +161,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     kombu_fixes.install()
     einfo_fixes.install()
+    kombu_reuse.install()
     logs.install(json_logs=settings.log_json)
     celery = Celery("lipsync", include=TASK_MODULES)
     celery.conf.update(celery_config(settings))
