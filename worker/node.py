@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -71,8 +70,12 @@ class Node:
             old, self.holder = self.holder, self._new_holder()
             self._to_release.append(old)
         log.warning("broker connection re-established; re-driving what this worker held before it (%s)", old)
-        with contextlib.suppress(redis.RedisError):  # still owed: the heartbeat writes it
+        try:
             self._release_pending()
+        except redis.RedisError:  # still owed: the heartbeat writes it
+            pass
+        except Exception:  # still owed too; never stop the consumer from (re)connecting
+            log.warning("could not release %s yet; the heartbeat will", old, exc_info=True)
 
     def took(self, request: Any) -> None:
         """Record that this node holds the job the message in ``request`` (a Celery Request) drives.
@@ -116,13 +119,24 @@ class Node:
     def _write_pending_holds(self) -> None:
         """Holdings Redis refused at receipt. One taken under an earlier connection's holder is written
         as that holder's, and the holder is released again: the sweeper may have recovered it
-        already, without this job."""
+        already, without this job.
+
+        A holding that fails with anything but a Redis error would fail the same way on every beat:
+        it is logged and dropped (its job is then recovered by its timers, as before liveness), so
+        it never blocks the holdings behind it."""
         with self._lock:
             pending, self._pending_holds = self._pending_holds, []
         try:
             while pending:
                 holding, holder = pending[0]
-                self._write(holding, holder)
+                try:
+                    self._write(holding, holder)
+                except redis.RedisError:
+                    raise
+                except Exception:
+                    log.exception("dropping the holding of %s (%s): cannot write it", holding.task_id, holder)
+                    pending.pop(0)
+                    continue
                 if holder != self.holder:
                     with self._lock:
                         self._to_release.append(holder)
@@ -135,10 +149,13 @@ class Node:
     # -- the heartbeat's side --------------------------------------------------------------------
 
     def beat(self) -> None:
-        """Write the current holder's heartbeat (and any release still owed)."""
+        """Write the current holder's heartbeat first, then the holdings and releases still owed.
+
+        The heartbeat goes first so that nothing owed (a holding that cannot be written) can keep a
+        live node from looking alive. A non-Redis error from the heartbeat itself propagates (the
+        thread logs it and beats again); the link is then not trusted until beats land again.
+        """
         try:
-            self._write_pending_holds()
-            self._release_pending()
             if not self.resources().holders.beat(self.holder):
                 # Released already (never by us for the current holder, but be safe): take a new one.
                 with self._lock:
@@ -148,8 +165,16 @@ class Node:
                 log.warning("heartbeat: Redis unreachable (%s); will keep trying", type(exc).__name__)
             self.healthy_since = None
             return
+        except Exception:
+            self.healthy_since = None
+            raise
         if self.healthy_since is None:
             self.healthy_since = time.monotonic()
+        try:
+            self._write_pending_holds()
+            self._release_pending()
+        except redis.RedisError as exc:  # still owed: the next beat writes it
+            log.warning("heartbeat: could not write what is owed (%s); will retry", type(exc).__name__)
 
     def trusts_silence(self, dead_after: float) -> bool:
         """Whether this node has reached Redis for the last ``dead_after`` seconds without a gap, so
@@ -198,8 +223,13 @@ class HeartbeatThread(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        # Never dies: a node whose heartbeat thread stopped would look dead while it works, and the
+        # sweeper would re-drive everything it takes (each re-drive counting toward the limit).
         while not self.stopping.is_set():
-            self.node.beat()
+            try:
+                self.node.beat()
+            except Exception:
+                log.exception("heartbeat failed; will retry in %.0f s", self.interval)
             self.stopping.wait(self.interval)
 
 

@@ -359,12 +359,16 @@ class SweeperThread(threading.Thread):
         self.holder = holder
         self.trust_silence = trust_silence or (lambda _dead_after: True)
         self.stopping = threading.Event()
+        #: How soon to retry when not even the settings could be read (then: the sweep interval).
+        self.retry_interval = 5.0
 
     def run(self) -> None:
+        interval = self.retry_interval
         while not self.stopping.is_set():
-            res = resources()
-            interval = res.settings.sweep_interval
             try:
+                # Inside the try: an error building the resources must not end the sweeper thread.
+                res = resources()
+                interval = res.settings.sweep_interval
                 if try_lease(res, self.holder, interval * 0.9):
                     trusted = self.trust_silence(res.settings.node_dead_after)
                     if sweep_round(self.queue, res, trust_silence=trusted).unjudged_holders:

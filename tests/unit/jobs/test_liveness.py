@@ -32,7 +32,7 @@ from worker.names import (
     TASK_POLL,
     TASK_RUN,
 )
-from worker.node import Node
+from worker.node import HeartbeatThread, Node, _holding_of
 from worker.settings import Settings
 
 SILENCE = 0.3
@@ -359,3 +359,121 @@ def test_a_sweeper_too_new_to_judge_silence_hands_the_lease_to_one_that_can(
     newcomer.run()
     assert res.redis.zscore(HOLDERS_KEY, "dead") is not None  # not judged by the newcomer
     assert try_lease(res, "old-timer", 60)  # and the next round is someone else's
+
+
+# --------------------------------------------------------------------------------------------
+# the heartbeat and the sweeper never die of an error
+# --------------------------------------------------------------------------------------------
+
+
+class _FailingHolders:
+    """``res.holders`` whose first heartbeat raises a non-Redis error."""
+
+    def __init__(self, holders: Any) -> None:
+        self.holders, self.failed = holders, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.holders, name)
+
+    def beat(self, holder: str) -> bool:
+        if not self.failed:
+            self.failed = True
+            raise ValueError("not a Redis error")
+        return bool(self.holders.beat(holder))
+
+
+def _wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+@pytest.mark.parametrize("failing", ["resources", "holders"])
+def test_the_heartbeat_thread_outlives_a_non_redis_error(res: Resources, failing: str) -> None:
+    # A dead heartbeat thread makes a live node look dead: the sweeper would re-drive everything it
+    # takes, and each re-drive counts toward LIPSYNC_MAX_REDRIVES.
+    calls = [0]
+    failing_res = SimpleNamespace(holders=_FailingHolders(res.holders))
+
+    def resources() -> Any:
+        calls[0] += 1
+        if failing == "resources":
+            if calls[0] == 1:
+                raise ValueError("settings could not be read")
+            return res
+        return failing_res
+
+    node = Node("n1", resources=resources)
+    thread = HeartbeatThread(node, interval=0.05)
+    thread.start()
+    try:
+        assert _wait_for(lambda: res.redis.zscore(HOLDERS_KEY, node.holder) is not None)
+        first = res.redis.zscore(HOLDERS_KEY, node.holder)
+        assert first is not None and first > 0
+        assert _wait_for(lambda: (res.redis.zscore(HOLDERS_KEY, node.holder) or 0) > first)
+        assert thread.is_alive()
+    finally:
+        thread.stopping.set()
+        thread.join(2)
+
+
+def test_a_holding_that_cannot_be_written_never_blocks_the_heartbeat(
+    res: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A holding Redis refused at receipt waits for the next beat; one that fails with anything but
+    # a Redis error would fail on every beat, and must neither keep the heartbeat from landing nor
+    # the holdings behind it from being written.
+    node = Node("n1", resources=lambda: res)
+    node.connected()
+    poison, good = submitted(res, "poison"), submitted(res, "good")
+    hold_job = res.holders.hold_job
+
+    def hold(job_id: str, *args: Any, **kwargs: Any) -> int:
+        if job_id == poison.job_id:
+            raise ValueError("cannot be written")
+        return int(hold_job(job_id, *args, **kwargs))
+
+    monkeypatch.setattr(res.holders, "hold_job", hold)
+    for job, tag in ((poison, "t-poison"), (good, "t-good")):
+        record = res.jobs.get(job.job_id)
+        assert record is not None
+        holding = _holding_of(request(TASK_POLL, tag, record.job))
+        assert holding is not None
+        node._pending_holds.append((holding, node.holder))
+    node.beat()
+    score = res.redis.zscore(HOLDERS_KEY, node.holder)
+    assert score is not None and score > 0
+    assert node.trusts_silence(0.0)
+    assert held_by(res, good.job_id) == node.holder and held_by(res, poison.job_id) is None
+    assert node._pending_holds == []  # dropped (logged), not retried forever
+    go_silent()
+    node.beat()
+    assert (res.redis.zscore(HOLDERS_KEY, node.holder) or 0) > score
+
+
+def test_the_sweeper_thread_outlives_an_error_reading_its_resources(
+    settings: Settings, queue: CeleryQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quick = settings.model_copy(update={"sweep_interval": 0.05})
+    res = Resources(quick)
+    calls = [0]
+
+    def resources() -> Resources:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise ValueError("settings could not be read")
+        return res
+
+    monkeypatch.setattr("worker.jobs.sweeper.resources", resources)
+    sweeper = SweeperThread(queue, "sweeper-1")
+    sweeper.retry_interval = 0.05
+    sweeper.start()
+    try:
+        assert _wait_for(lambda: calls[0] >= 3)
+        assert sweeper.is_alive()
+    finally:
+        sweeper.stopping.set()
+        sweeper.join(5)
