@@ -22,8 +22,10 @@ them (distinct webhook ids, deliveries).
   It prints jobs, lost, duplicate generations, duplicate callbacks, the recovery time of every job
   a killed worker held (kill -> the first request GEN or the receiver saw for it again) and its
   lateness against when it would have completed, and exits non-zero if an invariant fails: a job
-  lost, a duplicate, a re-drive later than 45 s, a job more than 60 s late, a worker that exited by
-  itself, or a scheduled fault that could not be staged.
+  lost, a duplicate, an outcome webhook delivered with anything but the recorded outcome, more
+  repeated webhook deliveries than webhook POSTs in flight at a kill, a re-drive later than 45 s, a
+  job more than 60 s late, a worker that exited by itself, or a scheduled fault that could not be
+  staged.
 
 Everything runs on loopback; nothing needs to be installed by hand.
 """
@@ -107,6 +109,9 @@ class Invariants:
     missing_callback_jobs: dict[str, str] = field(default_factory=dict)
     #: Outcome webhooks the receiver took more than once (same id; at least once after a crash).
     repeated_deliveries: int = 0
+    #: Jobs whose outcome webhook reached the receiver carrying anything but the recorded outcome
+    #: (two different outcomes under one id included).
+    conflicting_outcomes: int = 0
     redriven_jobs: int = 0
     latencies: list[float] = field(default_factory=list)
 
@@ -116,6 +121,7 @@ class Invariants:
             == self.duplicate_generations
             == self.duplicate_callback_ids
             == self.missing_callbacks
+            == self.conflicting_outcomes
             == 0
         )
 
@@ -128,6 +134,7 @@ class Invariants:
         print(f"duplicate generations    {self.duplicate_generations}   (must be 0; GEN's count per target)")
         print(f"duplicate callback ids   {self.duplicate_callback_ids}   (must be 0; the receiver's count)")
         print(f"missing callbacks        {self.missing_callbacks}   (must be 0)")
+        print(f"conflicting outcomes     {self.conflicting_outcomes}   (must be 0; delivered != recorded)")
         if self.missing_callback_jobs:
             print(f"  missing, by record     {dict(list(self.missing_callback_jobs.items())[:10])}")
         print(
@@ -399,6 +406,7 @@ def _score(
             )
         report.repeated_deliveries += max(0, seen.deliveries.get(job_id, 0) - 1)
     report.missing_callbacks = len(report.missing_callback_jobs)
+    report.conflicting_outcomes = len(seen.conflicting({j: o for j, o in outcomes.items() if o}))
 
 
 def duplicate_generations(
@@ -469,6 +477,9 @@ class DefaultsReport(Invariants):
     workers_started: int = 0
     #: Workers that exited without being killed: name -> the end of their log.
     self_exits: dict[str, str] = field(default_factory=dict)
+    #: Webhook POSTs a killed worker had in flight (the receiver saw them arrive before the kill):
+    #: the only deliveries that may be repeated.
+    posts_in_flight_at_kills: int = 0
 
     def late_by_job(self, recovered: list[Recovered] | None = None) -> dict[str, float | None]:
         """Each affected job's lateness, against its latest kill (a job can be hit twice)."""
@@ -482,7 +493,13 @@ class DefaultsReport(Invariants):
         problems = []
         if not self.ok():
             problems.append(
-                "an invariant failed (lost, duplicate generations or callbacks, missing callbacks)"
+                "an invariant failed (lost, duplicate generations or callbacks, missing callbacks, "
+                "conflicting outcomes)"
+            )
+        if self.repeated_deliveries > self.posts_in_flight_at_kills:
+            problems.append(
+                f"{self.repeated_deliveries} webhook(s) taken again, more than the "
+                f"{self.posts_in_flight_at_kills} POST(s) in flight at a kill"
             )
         slow = [r for r in self.recovered if r.redriven_after is None or r.redriven_after > REDRIVE_WITHIN]
         if slow:
@@ -503,6 +520,10 @@ class DefaultsReport(Invariants):
         print(f"mode                     --defaults: {_timings_line()}; workers never restarted")
         print(f"jobs                     {self.jobs} in {self.elapsed:.1f} s")
         self.print_counts()
+        print(
+            f"  allowed repeats        {self.posts_in_flight_at_kills}   "
+            "(webhook POSTs in flight at a kill; more fails the run)"
+        )
         print("fault schedule:")
         for event in self.events:
             if event.skipped:
@@ -578,6 +599,15 @@ class DefaultsReport(Invariants):
             print(f"--- {name} exited by itself; the end of its log:\n{tail}")
         problems = self.failures()
         print("RESULT                   " + ("OK" if not problems else "FAILED: " + "; ".join(problems)))
+
+
+def _posts_in_flight(held: Holdings, receiver: WebhookReceiver) -> int:
+    """Webhooks ``held`` (a killed node) held whose POST had reached the receiver by the kill."""
+    return sum(
+        1
+        for msg_id in held.webhooks
+        if any(a.msg_id == msg_id and a.at <= held.at for a in receiver.arrivals)
+    )
 
 
 def _p50_max(values: list[float]) -> str:
@@ -929,6 +959,8 @@ class DefaultsSoak:
         stats = self.sim.stats()
         for event in self.report.events:
             for held in event.held:
+                if event.victims:
+                    self.report.posts_in_flight_at_kills += _posts_in_flight(held, self.receiver)
                 found = self.report.recovered if event.victims else self.report.held_at_restarts
                 found += recoveries(
                     held,

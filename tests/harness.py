@@ -8,8 +8,11 @@ construction, so counting by them proves nothing):
 2. GEN created exactly one generation for each job that reached it, counted on GEN's side: every job
    gets a target (sheet, cell, layer) of its own, and the simulator counts the generations created
    on each target (``generations_by_target``);
-3. each job's outcome webhook reached the receiver under exactly one id, and the receiver counts how
-   often it took it (``deliveries``).
+3. each job's outcome webhook reached the receiver, under exactly one id (the outcome's webhook id
+   is ``{job_id}.outcome`` by construction, so that alone proves little), and every delivery of it
+   carries the job's recorded outcome: two different outcomes under one id fail. Repeated
+   deliveries (the same webhook taken again: at least once, after a worker died mid-POST) are
+   counted by the receiver (``deliveries``, :attr:`Callbacks.repeated`), and a test may bound them.
 
 Recovery from a killed worker is measured from the other side too (:func:`recoveries`): what the
 killed node held is read from the job records (``held_by``) just before the kill, and each job's
@@ -142,19 +145,38 @@ class Callbacks:
     deliveries: dict[str, int]
     #: job id -> when it first took the job's outcome webhook (epoch seconds).
     delivered_at: dict[str, float]
+    #: job id (from the webhook id ``{job_id}.outcome``) -> the payload of each delivery of it.
+    payloads: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, receiver: WebhookReceiver) -> Callbacks:
         ids: dict[str, set[str]] = defaultdict(set)
         deliveries: dict[str, int] = defaultdict(int)
         delivered_at: dict[str, float] = {}
+        payloads: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for job_id, received in receiver.deliveries().items():
             for item in received:
                 ids[job_id].add(item.msg_id)
                 if item.msg_id == f"{job_id}.outcome":
                     deliveries[job_id] += 1
                     delivered_at[job_id] = min(delivered_at.get(job_id, item.at), item.at)
-        return cls(dict(ids), dict(deliveries), delivered_at)
+                if item.msg_id.endswith(".outcome"):
+                    payloads[item.msg_id.removesuffix(".outcome")].append(item.payload)
+        return cls(dict(ids), dict(deliveries), delivered_at, dict(payloads))
+
+    @property
+    def repeated(self) -> int:
+        """Outcome webhooks the receiver took more than once (same id), beyond the first."""
+        return sum(max(0, n - 1) for n in self.deliveries.values())
+
+    def conflicting(self, outcomes: Mapping[str, Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """Per job, the deliveries of its outcome webhook whose payload is not its recorded outcome."""
+        wrong = {}
+        for job_id, outcome in outcomes.items():
+            differing = [p for p in self.payloads.get(job_id, []) if p != outcome]
+            if differing:
+                wrong[job_id] = differing
+        return wrong
 
 
 @dataclass
@@ -202,11 +224,16 @@ class Run:
         return outcomes
 
     def check_invariants(
-        self, outcomes: dict[str, dict[str, Any]], *, callbacks: bool = True, wait: float = 30
+        self,
+        outcomes: dict[str, dict[str, Any]],
+        *,
+        callbacks: bool = True,
+        wait: float = 30,
+        max_repeated: int | None = None,
     ) -> Callbacks:
         """Assert the three invariants (see the module docstring); return what the receiver saw, so
         a test can assert how often each webhook was delivered (at least once: a worker killed
-        mid-POST delivers it again)."""
+        mid-POST delivers it again). ``max_repeated``: at most this many repeated deliveries."""
         store = self.store()
         for job_id, outcome in outcomes.items():
             record = store.get(job_id)
@@ -232,7 +259,13 @@ class Run:
         for job_id in outcomes:
             outcome_ids = {i for i in seen.ids.get(job_id, set()) if i.endswith(".outcome")}
             assert outcome_ids == {f"{job_id}.outcome"}, (job_id, seen.ids.get(job_id))
-            assert seen.deliveries.get(job_id, 0) >= 1, job_id
+            assert seen.payloads.get(job_id), f"{job_id}: its outcome webhook never reached the receiver"
+        # What the receiver took must be what was recorded, every time it took it: a re-sent webhook
+        # carrying another outcome (a job ended twice) is a violation, not a harmless repeat.
+        conflicting = seen.conflicting(outcomes)
+        assert not conflicting, f"deliveries that differ from the recorded outcome: {conflicting}"
+        if max_repeated is not None:
+            assert seen.repeated <= max_repeated, f"{seen.repeated} repeated deliveries: {seen.deliveries}"
         return seen
 
     def close(self) -> None:
