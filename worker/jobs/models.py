@@ -112,7 +112,10 @@ def _source_problems(data: dict[str, Any]) -> list[dict[str, str]]:
 class Job(BaseModel):
     """The state of one job, handed from task to task along the chain as JSON."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Fields of the job's own state that this version does not know are dropped, not refused:
+    # during a rolling upgrade a newer worker's message reaches an older one, which must go on
+    # driving the job. The caller's request (LipsyncRequest) stays strict.
+    model_config = ConfigDict(extra="ignore")
 
     request: LipsyncRequest
     #: The model actually used (the request's, or the configured default).
@@ -138,6 +141,16 @@ class Job(BaseModel):
     generation_completed_at: float | None = None
     output_resource: OutputResource | None = None
     execution_cost: float | None = None
+
+    @field_validator("request", mode="before")
+    @classmethod
+    def _known_request_fields(cls, value: Any) -> Any:
+        # The request was validated strictly where it entered (lipsync.run), by whichever worker
+        # took it; read back from a message a newer worker wrote, it may carry fields this version
+        # does not know (as nulls, mostly). What it needs is checked again by LipsyncRequest.
+        if isinstance(value, dict):
+            return {key: item for key, item in value.items() if key in LipsyncRequest.model_fields}
+        return value
 
     @property
     def job_id(self) -> str:
