@@ -6,10 +6,21 @@ its data across each restart (append-only file, fsync always), as a production b
 does. Recovery runs with the production defaults (LIPSYNC_RECOVERY_GRACE, LIPSYNC_QUEUED_RECOVERY,
 LIPSYNC_SWEEP_INTERVAL), so a job whose message a worker dropped at its reconnect completes through
 the reconnect's own re-drive (worker.jobs.liveness), not through a shortened overdue timer.
+
+And the test can tell: the job whose download the mid-download restart cut off must be re-driven
+by the sweeper (its record's drive moves on) within :data:`REDRIVEN_WITHIN` of the restart, without
+counting toward LIPSYNC_MAX_REDRIVES, with a ``released_on_reconnect`` recovery counted; and every
+job must finish within :data:`LAST_OUTCOME_WITHIN` of the last restart. Nothing else re-drives a job
+that soon: a silent holder is dead only after LIPSYNC_NODE_DEAD_AFTER (20 s, and such a re-drive
+counts), the overdue timer waits LIPSYNC_RECOVERY_GRACE (60 s), and the post-reconnect audit
+(worker.jobs.audit) counts a taken message as present while the record says it is held, as the
+cut-off fetch's does. (The fetch message kombu restores at the reconnect may run again too; the CDN
+keeps trickling until the re-drive is seen, so that it cannot finish the job first.)
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +30,10 @@ import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from gensim import Fault
-from tests.conftest import Cluster, WorkerProcess
+from tests.conftest import Cluster, WorkerProcess, wait_for
 from tests.harness import Run
 from worker.names import Stage
+from worker.ops.metrics import RECOVERIES_KEY
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -54,6 +66,25 @@ def took_work_after_reconnecting(log: str) -> bool:
 
 
 UNRECOVERABLE = "Unrecoverable error"
+
+#: The job whose download a restart cut off is re-driven within this long of the restart (liveness:
+#: reconnect ~1-2 s, then the next sweep, every 5 s; a dead holder needs 20 s of silence)...
+REDRIVEN_WITHIN = 12.0
+#: ... and every job has its outcome within this long of the last restart.
+LAST_OUTCOME_WITHIN = 30.0
+
+
+def recoveries(run: Run, cause: str) -> int:
+    """The sweeper's count of jobs re-driven for ``cause`` (worker.ops.metrics), Redis permitting."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            raw = run.cluster.redis().hget(RECOVERIES_KEY, json.dumps([cause], separators=(",", ":")))
+            return int(raw or 0)
+        except Exception:  # Redis still loading after a restart
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @pytest.fixture
@@ -129,9 +160,10 @@ def wait_polling_together(
     raise TimeoutError(f"fewer than {at_least} of {len(job_ids)} jobs polling at once: {states}")
 
 
-def wait_all_finished(run: Run, timeout: float) -> None:
-    """Every job's record holds an outcome; else fail naming each unfinished job and its stage."""
-    deadline = time.monotonic() + timeout
+def wait_all_finished(run: Run, timeout: float, *, since: float | None = None) -> None:
+    """Every job's record holds an outcome within ``timeout`` s of ``since`` (monotonic; default:
+    now); else fail naming each unfinished job and its stage."""
+    deadline = (time.monotonic() if since is None else since) + timeout
     while time.monotonic() < deadline:
         assert_all_alive(run)
         if all((r := run.record(job_id)) is not None and r.outcome is not None for job_id in run.results):
@@ -173,15 +205,36 @@ def test_workers_survive_five_redis_restarts(run: Run, simulator: Any) -> None:
     restarts.restart()
     assert_all_alive(run)
 
-    # 2. While downloads are running: the CDN trickles every output (~2.4 s for 48 kB) until then.
-    simulator.add_fault(Fault(endpoint="cdn", trickle=0.05, times=None))
+    # 2. While downloads are running: the CDN trickles every output (~14 s for 48 kB) until the
+    # cut-off download's re-drive is seen. The worker cancels the running download when its
+    # connection drops; liveness must re-drive it as soon as Redis is back.
+    simulator.add_fault(Fault(endpoint="cdn", trickle=0.3, times=None))
     fetching = wait_any_state(run, first, Stage.FETCHING.value)
     time.sleep(0.5)
     record = run.record(fetching)
     assert record is not None and record.state == Stage.FETCHING.value, record
+    released_before = recoveries(run, "released_on_reconnect")
     restarts.restart()
-    simulator.clear_faults()
+    restarted = time.monotonic()
     assert_all_alive(run)
+    while time.monotonic() - restarted < REDRIVEN_WITHIN:
+        try:
+            now = run.record(fetching)
+        except Exception:  # Redis still loading
+            continue
+        if now is not None and (now.drive > record.drive or now.outcome is not None):
+            break
+        time.sleep(0.1)
+    redriven = run.record(fetching)
+    redriven_after = time.monotonic() - restarted
+    simulator.clear_faults()
+    assert redriven is not None and redriven.drive > record.drive, (
+        f"{fetching}: its download cut off by the restart, not re-driven within {REDRIVEN_WITHIN:.0f} s: "
+        f"{redriven}"
+    )
+    assert redriven.redrives == record.redrives, "a reconnect's re-drive must not count toward the limit"
+    # Counted by the same sweep round, just after its re-drives.
+    wait_for(lambda: recoveries(run, "released_on_reconnect") > released_before, timeout=5)
 
     # 3. During a burst of polls: a dozen jobs polling every 0.2-0.5 s. GEN takes longer for these
     # (6 s) so that most of them are polling at once even when submits are slow on a busy machine.
@@ -220,7 +273,7 @@ def test_workers_survive_five_redis_restarts(run: Run, simulator: Any) -> None:
         assert CONNECTED in log, f"{worker.name} did not reconnect after the last restart"
         assert took_work_after_reconnecting(log), f"{worker.name} took no task after reconnecting"
 
-    wait_all_finished(run, timeout=120)
+    wait_all_finished(run, timeout=LAST_OUTCOME_WITHIN, since=last_restart)
     finished = time.monotonic()
     outcomes = collect_outcomes(run, timeout=30)
     assert_all_alive(run)
@@ -231,6 +284,7 @@ def test_workers_survive_five_redis_restarts(run: Run, simulator: Any) -> None:
     jobs = len(first) + len(burst) + len(more) + len(after)
     took = finished - started
     print(
+        f"the download cut off by restart 2 re-driven after {redriven_after:.1f} s; "
         f"{jobs} jobs, {restarts.count} restarts, {WORKERS} workers alive: {took:.1f} s in all; "
         f"{finished - last_restart:.1f} s from the last restart to the last outcome"
     )
