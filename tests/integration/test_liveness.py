@@ -47,10 +47,12 @@ from tests.harness import (
     assert_default_timings,
     default_timings,
     holdings,
+    make_request,
+    own_target,
     recoveries,
     summary,
 )
-from worker.names import QUEUE_CALLBACKS, QUEUE_FETCH, QUEUE_JOBS
+from worker.names import QUEUE_CALLBACKS, QUEUE_FETCH, QUEUE_JOBS, TASK_RUN
 
 pytestmark = pytest.mark.integration
 
@@ -304,6 +306,78 @@ def test_sigkill_mid_webhook_post(fleet: Fleet) -> None:
     assert fleet.run.receiver.attempts == 1 and not fleet.run.receiver.received, "the POST was not in flight"
     outcomes = fleet.run.outcomes(timeout=60)
     fleet.verify(outcomes, killed, "mid-webhook")
+
+
+# ----------------------------------------------------------------------------------------------
+# (c') reserved run messages behind a slot stuck in a slow generate
+# ----------------------------------------------------------------------------------------------
+
+
+def _send_run_later(fleet: Fleet, countdown: float) -> str:
+    """A raw ``lipsync.run`` (a producer's ``send_task``) due in ``countdown`` seconds: a worker
+    takes it at once, beyond its prefetch limit (Celery holds countdown messages in memory), and
+    records its job when it does (worker.node)."""
+    request = make_request(fleet.run.receiver, **own_target())
+    job_id: str = request["job_id"]
+    fleet.run.requests[job_id] = request
+    fleet.run.results[job_id] = fleet.cluster.app().send_task(
+        TASK_RUN, kwargs={"request": request}, task_id=job_id, countdown=countdown
+    )
+    return job_id
+
+
+def test_sigkill_a_single_slot_worker_with_run_messages_reserved_behind_a_slow_generate(fleet: Fleet) -> None:
+    """A ``-c 1`` worker: its only slot waits 25 s on GEN's answer to generate, while two more jobs'
+    ``lipsync.run`` messages, taken as countdown messages and now due, wait for that slot (reserved,
+    not started). The records name the worker as their holder; it is SIGKILLed; the rest of the
+    fleet re-drives all three within 45 s."""
+    fleet.sim.durations = {"gen": 3.0}
+    fleet.sim.add_fault(Fault(endpoint="generate", delay=25.0, times=1))
+    a = fleet.start("a", concurrency=1)
+    waiting = [_send_run_later(fleet, countdown=5.0) for _ in range(2)]
+    due = time.time() + 5.0
+    wait_for(lambda: set(waiting) <= set(fleet.holdings(a)["a"].jobs), timeout=30)
+    (stuck,) = fleet.run.submit(1)
+    wait_for(lambda: _arrived(fleet, "generate") == 1, timeout=30)
+    fleet.start("b")
+    # The countdowns are due: both messages wait for the slot the slow generate holds.
+    time.sleep(max(0.0, due + 1.0 - time.time()))
+    assert fleet.sim.stats()["generations_created"] == 0, "generate answered before the kill"
+    held = fleet.holdings(a)["a"].jobs
+    assert set(held) == {stuck, *waiting}, held
+    assert held[stuck].state == "submitting", held
+    assert all(held[job_id].state == "queued" for job_id in waiting), held
+    assert _arrived(fleet, "generate") == 1, "a reserved message started: the slot was not stuck"
+    killed = fleet.kill(a)
+    outcomes = fleet.run.outcomes(timeout=150)
+    fleet.verify(outcomes, killed, "reserved runs behind a slow generate")
+
+
+# ----------------------------------------------------------------------------------------------
+# (c'') a live worker with a download longer than NODE_DEAD_AFTER
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_live_worker_downloading_longer_than_dead_after_is_never_redriven(fleet: Fleet) -> None:
+    """The CDN takes ~40 s to send the output (twice LIPSYNC_NODE_DEAD_AFTER) to a ``-c 1`` worker
+    whose only slot is busy all along: its heartbeat, from a thread of its own, keeps it alive. No
+    re-drive, and the CDN served the output exactly once."""
+    fleet.sim.durations = {"gen": 1.0}
+    fleet.sim.add_fault(Fault(endpoint="cdn", trickle=0.85, times=1))  # ~40 s for 47 KiB
+    fleet.start("a", concurrency=1)
+    fleet.start("b")  # a live sweeper beside it, that would re-drive a silent node's jobs
+    (job_id,) = fleet.run.submit(1)
+    outcomes = fleet.run.outcomes(timeout=150)
+    assert outcomes[job_id]["status"] == "completed", outcomes
+    token = fleet.token(job_id)
+    gets = [r for r in fleet.sim.stats()["arrivals"] if r["path"] == f"/cdn/outputs/{token}.mp4"]
+    assert len(gets) == 1, gets
+    download = outcomes[job_id]["timings"]["finished_at"] - gets[0]["t"]
+    assert download > fleet.cluster.settings().node_dead_after, f"the download took only {download:.1f} s"
+    record = fleet.run.record(job_id)
+    assert record is not None and record.redrives == 0, record
+    fleet.run.check_invariants(outcomes, max_repeated=0)
+    print(f"\nslow download: {download:.1f} s, 1 CDN GET, 0 re-drives")
 
 
 # ----------------------------------------------------------------------------------------------
