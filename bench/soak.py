@@ -480,6 +480,8 @@ class DefaultsReport(Invariants):
     #: Webhook POSTs a killed worker had in flight (the receiver saw them arrive before the kill):
     #: the only deliveries that may be repeated.
     posts_in_flight_at_kills: int = 0
+    #: The workers' timings and poll schedule, as printed.
+    timings: str = field(default_factory=lambda: _timings_line())
 
     def late_by_job(self, recovered: list[Recovered] | None = None) -> dict[str, float | None]:
         """Each affected job's lateness, against its latest kill (a job can be hit twice)."""
@@ -517,7 +519,7 @@ class DefaultsReport(Invariants):
         return problems
 
     def print(self) -> None:
-        print(f"mode                     --defaults: {_timings_line()}; workers never restarted")
+        print(f"mode                     --defaults: {self.timings}; workers never restarted")
         print(f"jobs                     {self.jobs} in {self.elapsed:.1f} s")
         self.print_counts()
         print(
@@ -616,12 +618,18 @@ def _p50_max(values: list[float]) -> str:
     return f"p50 {statistics.median(values):5.1f} s, max {max(values):5.1f} s (n={len(values)})"
 
 
-def _timings_line() -> str:
-    s = Settings.model_construct()
+def _timings_line(settings: Settings | None = None) -> str:
+    """The workers' recovery timings and poll schedule (``settings``: theirs; default: the defaults)."""
+    s = settings or Settings.model_construct()
+    polls = f"polls {s.poll_initial_delay:g}-{s.poll_max_delay:g} s"
+    if s.poll_learn:
+        polls += f", then learned per model (after {s.poll_learn_min_samples} generations)"
+    else:
+        polls += " (learned poll schedule off)"
     return (
         f"recovery grace {s.recovery_grace:g} s, queued recovery {s.queued_recovery:g} s, "
         f"sweep {s.sweep_interval:g} s, heartbeat {s.heartbeat_interval:g} s, "
-        f"dead after {s.node_dead_after:g} s, polls {s.poll_initial_delay:g}-{s.poll_max_delay:g} s"
+        f"dead after {s.node_dead_after:g} s, {polls}"
     )
 
 
@@ -699,6 +707,7 @@ class DefaultsSoak:
                 self.redis_server.url, self.sim.base_url, self.tmp / "outputs", **default_timings()
             )
             assert_default_timings(env)
+            self.report.timings = _timings_line(Settings.from_environ(env))
             self.app = _producer_app(env)
             self.state = redis.Redis.from_url(env["LIPSYNC_REDIS_URL"])
             self.store = JobStore(self.state, ttl=3600)

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from bench.soak import DefaultsReport, _posts_in_flight
+from bench.soak import DefaultsReport, _posts_in_flight, _timings_line
 from tests.conftest import WEBHOOK_SECRET
 from tests.harness import Holdings, Run, target_of
 from tests.unit.jobs.builders import created, failure, result
 from tests.webhook_receiver import Arrival, Received, WebhookReceiver
 from worker.jobs.resources import Resources
+from worker.settings import Settings
 
 
 @pytest.fixture
@@ -93,3 +94,9 @@ def test_the_soak_fails_on_more_repeats_than_posts_in_flight_at_kills(receiver: 
     assert any("taken again" in problem for problem in report.failures())
     report = DefaultsReport(conflicting_outcomes=1)
     assert report.failures()
+
+
+def test_the_soak_mode_line_says_whether_the_learned_poll_schedule_is_on() -> None:
+    assert "then learned per model" in _timings_line(Settings.model_construct(poll_learn=True))
+    assert "learned poll schedule off" in _timings_line(Settings.model_construct(poll_learn=False))
+    assert DefaultsReport().timings == _timings_line()
