@@ -576,7 +576,7 @@ class DefaultsReport(Invariants):
         )
         print(
             f"every job, after GEN ready {_p50_max(list(self.after_gen_ready.values()))}"
-            "   (includes the default schedule's wait for the next poll, up to 30 s)"
+            "   (includes the wait for the poll that finds it done)"
         )
         if self.after_gen_ready:
             worst = max(self.after_gen_ready, key=lambda j: self.after_gen_ready[j])
