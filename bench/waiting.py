@@ -151,7 +151,7 @@ def _waiting(stats: dict[str, Any]) -> int:
 
 
 def _probe(stack: Stack, sim: GenSimulator, wait: float) -> str:
-    ahead = _queued(stack)
+    ahead = _queued(stack)  # polls among them wait behind new jobs (worker.names.PRIORITIES)
     probes = [stack.enqueue() for _ in range(PROBE)]
     keys = {job.key for job in probes}
     started = time.monotonic()
@@ -162,11 +162,14 @@ def _probe(stack: Stack, sim: GenSimulator, wait: float) -> str:
         )
         if seen == PROBE:
             took = time.monotonic() - started
-            return f"probe: {PROBE} new jobs reached GEN within {took:.1f} s ({ahead} messages queued ahead)"
+            return (
+                f"probe: {PROBE} new jobs reached GEN within {took:.1f} s "
+                f"({ahead} messages were queued when they were sent)"
+            )
         time.sleep(1.0)
     return (
         f"probe: NOT TAKING NEW WORK: {seen} of {PROBE} new jobs reached GEN in {wait:.0f} s "
-        f"({ahead} messages queued ahead)"
+        f"({ahead} messages were queued when they were sent)"
     )
 
 

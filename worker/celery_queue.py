@@ -9,7 +9,7 @@ from celery import Celery, chain, current_task
 from celery.canvas import Signature
 
 from worker.errors import LipsyncJobFailed
-from worker.names import queue_of
+from worker.names import priority_of, queue_of
 
 
 class CeleryQueue:
@@ -36,9 +36,13 @@ class CeleryQueue:
         self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None
     ) -> Signature[Any]:
         """The chain as a Celery signature: ``lipsync.run`` replaces itself with it, the sweeper
-        sends it. Each step names its queue, so routing does not depend on the sending app's
-        ``task_routes``."""
+        sends it. Each step names its queue and priority, so routing does not depend on the sending
+        app's ``task_routes``."""
         steps = [self.app.signature(name, queue=queue_of(name)) for name in tasks]
+        for step in steps:
+            priority = priority_of(step.name)
+            if priority is not None:
+                step.set(priority=priority)
         if last_task_id is not None:
             steps[-1].set(task_id=last_task_id)
         first, *rest = steps

@@ -64,6 +64,18 @@ def queue_of(task: str) -> str:
     return ROUTES.get(task, QUEUE_JOBS)
 
 
+#: Message priorities where they are not the default (kombu's Redis transport takes priority 0
+#: first, then 3, 6, 9). Polls share :data:`QUEUE_JOBS` with ``lipsync.run`` and ``submit``: when a
+#: node falls behind, a queue of due polls must not keep new jobs from reaching GEN (a generation
+#: not started is later by all of GEN's time; a poll waiting its turn, by the wait). A retried poll
+#: keeps its message's priority.
+PRIORITIES = {TASK_POLL: 6}
+
+
+def priority_of(task: str) -> int | None:
+    return PRIORITIES.get(task)
+
+
 # --------------------------------------------------------------------------------------------
 # Job stages: the job record's ``state``, the metrics' ``stage`` label, and (upper-cased) the
 # progress state a caller's AsyncResult shows

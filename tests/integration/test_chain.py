@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import http.client
 import http.server
+import json
 import threading
 import time
 import uuid
@@ -22,6 +23,8 @@ from tests.webhook_receiver import WebhookReceiver
 from worker.enqueue import enqueue, job_status
 from worker.errors import LipsyncJobFailed, RequestInvalid
 from worker.jobs.records import JobStore
+from worker.names import PRIORITIES, QUEUE_JOBS, TASK_POLL
+from worker.ops.broker import queue_lists
 
 pytestmark = pytest.mark.integration
 
@@ -516,3 +519,24 @@ def redis_contents(client: redis.Redis) -> bytes:
             parts.extend(map(as_bytes, client.zrange(key, 0, -1)))
     client.close()
     return b"\n".join(parts)
+
+
+def test_a_real_workers_polls_and_their_retries_go_behind_new_jobs(cluster: Cluster, simulator: Any) -> None:
+    """The poll's priority (worker.names.PRIORITIES) survives a real worker's retries: Celery copies
+    it from the message it received into the retry it sends (tests/unit/jobs/test_priorities.py
+    shows what the priority does to the order)."""
+    simulator.durations = {"gen": 8.0}
+    req = request()
+    async_result = enqueue(req, app=cluster.app())
+    broker = redis.Redis.from_url(cluster.env["LIPSYNC_BROKER_URL"])
+    seen: list[dict[str, Any]] = []
+
+    def a_retried_poll() -> bool:
+        raws = [json.loads(raw)[0] for raw in broker.hvals("unacked")]
+        raws += [json.loads(raw) for name in queue_lists(QUEUE_JOBS) for raw in broker.lrange(name, 0, -1)]
+        seen.extend(m for m in raws if m["headers"]["task"] == TASK_POLL and m["headers"]["retries"] >= 1)
+        return bool(seen)
+
+    wait_for(a_retried_poll, timeout=RESULT_TIMEOUT, interval=0.05)
+    assert {m["properties"].get("priority") for m in seen} == {PRIORITIES[TASK_POLL]}
+    assert async_result.get(timeout=RESULT_TIMEOUT)["status"] == "completed"

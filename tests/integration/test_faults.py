@@ -24,6 +24,7 @@ import requests
 from gensim import Fault
 from tests.conftest import REPO, Cluster, wait_for
 from tests.harness import Run
+from worker.ops.broker import queue_lists
 
 pytestmark = pytest.mark.integration
 
@@ -214,7 +215,7 @@ def test_lost_retry_message_is_recovered_by_the_sweeper(
     kill_worker(cluster)
     # Lose every message the dead worker held: the countdown poll is gone for good.
     broker = redis.Redis.from_url(cluster.env["LIPSYNC_BROKER_URL"])
-    broker.delete("unacked", "unacked_index", "lipsync", "lipsync.fetch")
+    broker.delete("unacked", "unacked_index", *queue_lists("lipsync"), *queue_lists("lipsync.fetch"))
     lost_at = time.monotonic()
     cluster.start_worker()
     outcomes = run.outcomes()

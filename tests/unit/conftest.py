@@ -27,6 +27,7 @@ from worker.app import create_app
 from worker.celery_queue import CeleryQueue
 from worker.dev.embedded_redis import EmbeddedRedis
 from worker.jobs.resources import Resources
+from worker.ops.broker import queue_lists
 from worker.settings import Settings
 
 API_KEY = "sk-unit-SECRET-7d1e"
@@ -129,11 +130,13 @@ def queue(settings: Settings) -> CeleryQueue:
 
 
 def queued(res: Resources, queue_name: str) -> list[dict[str, Any]]:
-    """The messages waiting in a Celery queue, oldest first: ``{"task", "id", "args", "kwargs",
-    "chain", "last_id"}`` (``chain``: the names of the tasks that follow; ``last_id``: the task id
-    the chain's last task will run under)."""
+    """The messages waiting in a Celery queue, in the order a worker takes them (higher priorities
+    first, then oldest first): ``{"task", "id", "args", "kwargs", "chain", "last_id"}``
+    (``chain``: the names of the tasks that follow; ``last_id``: the task id the chain's last task
+    will run under)."""
     messages = []
-    for raw in reversed(res.redis.lrange(queue_name, 0, -1)):
+    raws = [raw for name in queue_lists(queue_name) for raw in reversed(res.redis.lrange(name, 0, -1))]
+    for raw in raws:
         message = json.loads(raw)
         headers = message["headers"]
         body = json.loads(base64.b64decode(message["body"]))

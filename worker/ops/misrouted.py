@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.names import ALL_QUEUES, queue_of
-from worker.ops.broker import drives, is_lipsync, messages_in
+from worker.ops.broker import drives, is_lipsync, messages_in, queue_lists
 
 log = logging.getLogger("lipsync.misrouted")
 
@@ -90,12 +90,16 @@ def move_misrouted(broker: redis.Redis, queues: Iterable[str]) -> dict[str, int]
 
 
 def find_message(broker: redis.Redis, job_id: str, queues: Iterable[str]) -> Waiting | None:
-    """Where a job's message waits, if in the first :data:`SCAN_LIMIT` entries of our queues or of
-    ``queues``: by task id (the helper uses the job id) or by the job id in a ``lipsync.run`` body."""
+    """Where a job's message waits, if in the first :data:`SCAN_LIMIT` entries of each priority of
+    our queues or of ``queues``: by task id (the helper uses the job id) or by the job id in the
+    body. The position counts every message taken before it (higher priorities first)."""
     for queue in (*ALL_QUEUES, *queues):
-        entries = list(messages_in(broker, queue, SCAN_LIMIT))
-        for index, (_raw, message) in enumerate(reversed(entries)):
-            if is_lipsync(message) and job_id in (message["headers"].get("id"), drives(message).job_id):
-                headers = message["headers"]
-                return Waiting(queue, index, str(headers.get("task")), str(headers.get("id")))
+        ahead = 0
+        for name in queue_lists(queue):
+            entries = list(messages_in(broker, name, SCAN_LIMIT))
+            for index, (_raw, message) in enumerate(reversed(entries)):
+                if is_lipsync(message) and job_id in (message["headers"].get("id"), drives(message).job_id):
+                    headers = message["headers"]
+                    return Waiting(queue, ahead + index, str(headers.get("task")), str(headers.get("id")))
+            ahead += int(broker.llen(name))
     return None

@@ -21,6 +21,7 @@ from worker.jobs.records import EVENT_CELL_PREFIX, EVENT_GENERATION_PREFIX, EVEN
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import sweep_once
 from worker.names import FREE_REDRIVE, QUEUE_JOBS, TASK_FETCH, TASK_POLL, Stage
+from worker.ops.broker import queue_lists
 from worker.ops.metrics import EVENT_NUDGES_KEY
 
 
@@ -226,10 +227,12 @@ def test_a_refused_send_leaves_the_job_to_the_sweeper_free_of_charge(
     res: Resources, queue: CeleryQueue, clock: FakeClock
 ) -> None:
     waiting(res)
-    res.redis.delete(QUEUE_JOBS)
-    res.redis.set(QUEUE_JOBS, "not a list")  # the broker refuses the poll (WRONGTYPE)
+    lists = queue_lists(QUEUE_JOBS)  # a poll goes to its priority's list
+    res.redis.delete(*lists)
+    for name in lists:
+        res.redis.set(name, "not a list")  # the broker refuses the poll (WRONGTYPE)
     report = nudge_jobs(queue, res, Named(generation_ids=(generation_of(res),)))
-    res.redis.delete(QUEUE_JOBS)
+    res.redis.delete(*lists)
 
     assert report.results == {"j1": "send_failed"}
     record = res.jobs.get("j1")

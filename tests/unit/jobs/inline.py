@@ -23,6 +23,7 @@ import tasks.callbacks
 import tasks.lipsync  # noqa: F401
 from worker.jobs.resources import Resources
 from worker.names import ALL_QUEUES
+from worker.ops.broker import queue_lists
 
 
 class InlineWorker:
@@ -31,9 +32,13 @@ class InlineWorker:
         self.res = res
 
     def take(self, queue: str) -> dict[str, Any] | None:
-        """The oldest message of ``queue``, removed from it (kombu pushes left, a worker pops right)."""
-        raw = self.res.redis.rpop(queue)
-        return None if raw is None else json.loads(raw)  # type: ignore[arg-type]
+        """The message of ``queue`` a worker takes next, removed from it: the oldest of the highest
+        priority (kombu pushes left, a worker pops right, priority 0 first)."""
+        for name in queue_lists(queue):
+            raw = self.res.redis.rpop(name)
+            if raw is not None:
+                return cast("dict[str, Any]", json.loads(raw))  # type: ignore[arg-type]
+        return None
 
     def run_next(self, queue: str) -> str:
         """Run the oldest message of ``queue``; returns the name of the task it ran."""
@@ -46,7 +51,12 @@ class InlineWorker:
         request = {
             **headers,
             **embed,
-            "delivery_info": {**properties.get("delivery_info", {}), "redelivered": False},
+            # As Celery's worker builds it: the message's priority goes into its retries.
+            "delivery_info": {
+                **properties.get("delivery_info", {}),
+                "priority": properties.get("priority"),
+                "redelivered": False,
+            },
             "reply_to": properties.get("reply_to"),
             "correlation_id": properties.get("correlation_id"),
             "hostname": "inline@unit",
@@ -60,7 +70,8 @@ class InlineWorker:
         """Every message waiting in our queues and ``queues`` (and in kombu's unacked hash), and
         every stored Celery result: (key, raw bytes)."""
         r = self.res.redis
-        for name in (*ALL_QUEUES, *queues, "unacked"):
+        lists = [name for queue in (*ALL_QUEUES, *queues) for name in queue_lists(queue)]
+        for name in (*lists, "unacked"):
             key_type = r.type(name)
             if key_type == b"list":
                 for raw in cast("list[bytes]", r.lrange(name, 0, -1)):

@@ -20,6 +20,7 @@ from worker.names import (
     TASK_DELIVER_WEBHOOK,
     TASK_POLL,
 )
+from worker.ops.broker import queue_lists
 
 
 def look(res: Resources) -> audit.Audit:
@@ -30,7 +31,7 @@ def look(res: Resources) -> audit.Audit:
 def take(res: Resources, queue: str, *, ago: float = 0.0) -> str:
     """What kombu does when a worker takes a message: off the queue, into the unacknowledged hash and
     its index (scored by when). Returns the delivery tag."""
-    raw = res.redis.rpop(queue)
+    raw = next((r for name in queue_lists(queue) if (r := res.redis.rpop(name)) is not None), None)
     assert isinstance(raw, bytes)
     message = json.loads(raw)
     tag = message["properties"]["delivery_tag"]
