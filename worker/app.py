@@ -15,7 +15,7 @@ from celery import Celery, bootsteps, signals
 from kombu import Queue
 
 from worker.callbacks.webhooks import attempt_time_limits
-from worker.cards.recovery import SettleCheckThread
+from worker.cards.recovery import settle_overdue
 from worker.celery_queue import CeleryQueue
 from worker.errors import ConfigurationError
 from worker.jobs.resources import resources
@@ -105,7 +105,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 class SweeperStep(bootsteps.StartStopStep):
     """Celery worker bootstep: every worker runs a sweeper thread (worker.jobs.sweeper) next to its
-    consumer; one per round across the fleet wins a Redis lease and re-drives stalled jobs."""
+    consumer; one per round across the fleet wins a Redis lease, re-drives stalled jobs and settles
+    the Lipsync cards' changes whose settle was lost (worker.cards.recovery)."""
 
     requires = ("celery.worker.components:Pool", NodeStep)
 
@@ -116,27 +117,9 @@ class SweeperStep(bootsteps.StartStopStep):
     def start(self, worker: Any) -> None:
         holder = f"{getattr(worker, 'hostname', None) or socket.gethostname()}"
         node: Node = worker.lipsync_node
-        self.thread = SweeperThread(CeleryQueue(worker.app), holder, trust_silence=node.trusts_silence)
-        self.thread.start()
-
-    def stop(self, worker: Any) -> None:
-        if self.thread is not None:
-            self.thread.stopping.set()
-
-
-class SettleCheckStep(bootsteps.StartStopStep):
-    """Celery worker bootstep: every worker runs the Lipsync cards' settle check (worker.cards.recovery)
-    next to the sweeper; one per round across the fleet settles what a lost settle left undone."""
-
-    requires = ("celery.worker.components:Pool", NodeStep)
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.thread: SettleCheckThread | None = None
-
-    def start(self, worker: Any) -> None:
-        holder = f"{getattr(worker, 'hostname', None) or socket.gethostname()}"
-        self.thread = SettleCheckThread(CeleryQueue(worker.app), holder)
+        self.thread = SweeperThread(
+            CeleryQueue(worker.app), holder, trust_silence=node.trusts_silence, extra_work=(settle_overdue,)
+        )
         self.thread.start()
 
     def stop(self, worker: Any) -> None:
@@ -170,7 +153,6 @@ def create_app(settings: Settings | None = None) -> Celery:
     signals.worker_init.connect(_preflight, weak=False, dispatch_uid="lipsync-preflight")
     celery.steps["worker"].add(NodeStep)
     celery.steps["worker"].add(SweeperStep)
-    celery.steps["worker"].add(SettleCheckStep)
     celery.steps["consumer"].add(ConnectionStep)
     return celery
 

@@ -180,5 +180,3 @@ CARDS_AT_KEY_PREFIX = "lipsync:cards:at:"
 CARD_TARGET_KEY_PREFIX = "lipsync:sources:"
 #: Sorted set of targets whose change still waits to be settled, scored by when it is overdue.
 CARDS_DUE_KEY = "lipsync:cards:due"
-#: The fleet-wide lease of the settle check (one per round).
-CARDS_LEASE_KEY = "lipsync:cards:lease"

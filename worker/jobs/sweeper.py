@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -343,21 +343,33 @@ def try_lease(res: Resources, holder: str, ttl: float) -> bool:
     return bool(res.redis.set(SWEEPER_LEASE_KEY, holder, nx=True, px=max(1, int(ttl * 1000))))
 
 
+#: More work for the lease winner's round, given by the app (layers above this one: the cards'
+#: settle check, worker.cards.recovery.settle_overdue).
+RoundWork = Callable[[TaskQueue, Resources], object]
+
+
 class SweeperThread(threading.Thread):
     """Every ``LIPSYNC_SWEEP_INTERVAL``, in a worker's main process (started by the worker bootstep
-    in :mod:`worker.app`): if this node wins the round's lease, :func:`sweep_round`.
+    in :mod:`worker.app`): if this node wins the round's lease, :func:`sweep_round`, then each of
+    ``extra_work``.
 
     ``trust_silence(dead_after)`` says whether this node's own link to Redis has been up long enough
     to read another node's silence as its death (see :meth:`worker.node.Node.trusts_silence`).
     """
 
     def __init__(
-        self, queue: TaskQueue, holder: str, *, trust_silence: Callable[[float], bool] | None = None
+        self,
+        queue: TaskQueue,
+        holder: str,
+        *,
+        trust_silence: Callable[[float], bool] | None = None,
+        extra_work: Sequence[RoundWork] = (),
     ) -> None:
         super().__init__(name="lipsync-sweeper", daemon=True)
         self.queue = queue
         self.holder = holder
         self.trust_silence = trust_silence or (lambda _dead_after: True)
+        self.extra_work = tuple(extra_work)
         self.stopping = threading.Event()
         #: How soon to retry when not even the settings could be read (then: the sweep interval).
         self.retry_interval = 5.0
@@ -370,11 +382,24 @@ class SweeperThread(threading.Thread):
                 res = resources()
                 interval = res.settings.sweep_interval
                 if try_lease(res, self.holder, interval * 0.9):
-                    trusted = self.trust_silence(res.settings.node_dead_after)
-                    if sweep_round(self.queue, res, trust_silence=trusted).unjudged_holders:
-                        # Silent workers this node is too new (or just back from an outage) to
-                        # judge: hand the lease back, so that a node that can takes the next round.
-                        release_lease(res, self.holder)
+                    self._round(res)
             except Exception:
                 log.exception("sweep failed; will retry in %.0f s", interval)
             self.stopping.wait(interval)
+
+    def _round(self, res: Resources) -> None:
+        unjudged = False
+        try:
+            trusted = self.trust_silence(res.settings.node_dead_after)
+            unjudged = bool(sweep_round(self.queue, res, trust_silence=trusted).unjudged_holders)
+        finally:
+            # Each on its own: a failing sweep or one failing piece does not hold up the others.
+            for work in self.extra_work:
+                try:
+                    work(self.queue, res)
+                except Exception:
+                    log.exception("%s failed; will retry next round", getattr(work, "__name__", work))
+        if unjudged:
+            # Silent workers this node is too new (or just back from an outage) to judge: hand the
+            # lease back, so that a node that can takes the next round.
+            release_lease(res, self.holder)

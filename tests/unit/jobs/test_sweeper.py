@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kombu.exceptions import OperationalError
@@ -47,6 +48,7 @@ from worker.names import (
     WEBHOOKS_PENDING_KEY,
 )
 from worker.settings import Settings
+from worker.taskqueue import TaskQueue
 
 
 def overdue_at(res: Resources, job_id: str) -> float:
@@ -591,3 +593,59 @@ def test_the_sweeper_thread_does_not_sweep_while_another_holds_the_lease(
     assert queued(res, QUEUE_JOBS) == []
     record = res.jobs.get("j1")
     assert record is not None and record.redrives == 0
+
+
+def test_the_lease_winners_round_runs_the_extra_work_even_when_a_piece_fails(
+    fast_sweep: Resources, clock: FakeClock
+) -> None:
+    """The app hands the round more work (the cards' settle check): each piece runs every round the
+    node holds the lease, and neither a failing piece nor a failing sweep stops the others."""
+    res = fast_sweep
+    queue = CeleryQueue(create_app(res.settings))
+    created(res)
+    clock.advance(res.settings.queued_recovery + 1)
+    ran: list[str] = []
+
+    def failing(_queue: TaskQueue, _res: Resources) -> None:
+        ran.append("failing")
+        raise ValueError("a bug in one piece")
+
+    def settle(_queue: TaskQueue, _res: Resources) -> None:
+        ran.append("settle")
+
+    thread = SweeperThread(queue, holder="worker-a", extra_work=(failing, settle))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while ran.count("settle") < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        thread.stopping.set()
+        thread.join(5)
+    assert ran.count("settle") >= 2 and ran.count("failing") >= 2  # round after round
+    [message] = queued(res, QUEUE_JOBS)  # and the sweep itself re-drove the stalled job
+    assert message["task"] == TASK_SUBMIT
+
+
+def test_a_failing_sweep_does_not_stop_the_extra_work(
+    fast_sweep: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_sweep(*_: Any, **__: Any) -> None:
+        raise ValueError("a bug in the sweep")
+
+    monkeypatch.setattr("worker.jobs.sweeper.sweep_round", broken_sweep)
+    ran: list[str] = []
+    thread = SweeperThread(
+        CeleryQueue(create_app(fast_sweep.settings)),
+        holder="worker-a",
+        extra_work=(lambda _q, _r: ran.append("settle"),),
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(ran) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        thread.stopping.set()
+        thread.join(5)
+    assert len(ran) >= 2 and not thread.is_alive()
