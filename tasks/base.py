@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -44,6 +46,17 @@ def retry_after_redis_error(task: AnyTask, exc: BaseException) -> None:
     assert isinstance(verdict, Retry)  # an unlimited policy never gives up
     log.warning("Redis error in %s (%s); retrying the step", task.name, type(exc).__name__)
     raise task.retry(countdown=verdict.delay, exc=exc) from None
+
+
+@contextmanager
+def redis_blinks_retried(task: AnyTask) -> Iterator[None]:
+    """Run the block; a Redis error in it runs this task again shortly (:func:`retry_after_redis_error`),
+    anything else goes on up."""
+    try:
+        yield
+    except redis.RedisError as exc:
+        retry_after_redis_error(task, exc)
+        raise  # not reached: a Redis error always retries
 
 
 def without_callback(task: AnyTask, argument: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tasks.base import AnyTask, retry_after_redis_error
+from tasks.base import AnyTask, redis_blinks_retried
 from worker.app import app
 from worker.callbacks import webhooks
 from worker.jobs.resources import resources
@@ -32,7 +32,7 @@ def deliver_webhook(
     sit in queues, or come back after the visibility timeout, during an upgrade): they are put into
     the outbox and delivered from there.
     """
-    try:
+    with redis_blinks_retried(self):
         res = resources()
         if drive is None:
             if url is None or payload is None:
@@ -40,9 +40,6 @@ def deliver_webhook(
                 return
             drive = res.outbox.put(msg_id, url, payload, due_at=time.time() + res.settings.queued_recovery)
         countdown = webhooks.attempt(res.outbox, res.http, res.settings, msg_id, drive, post=_post_in_time)
-    except Exception as exc:
-        retry_after_redis_error(self, exc)
-        raise
     if countdown is not None:
         raise self.retry(countdown=countdown)
 

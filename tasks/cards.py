@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tasks.base import AnyTask, retry_after_redis_error, without_callback
+from tasks.base import AnyTask, redis_blinks_retried, retry_after_redis_error, without_callback
 from worker.app import app
 from worker.cards import flow
 from worker.cards.models import Target
@@ -41,11 +41,8 @@ def configure_card(self: AnyTask, card: Any = None) -> dict[str, Any] | None:
     """
     without_callback(self, "card")
     res = resources()
-    try:
+    with redis_blinks_retried(self):
         stored = flow.configure(res, card)
-    except Exception as exc:
-        retry_after_redis_error(self, exc)
-        raise
     return flow.show(res, stored.target)
 
 
@@ -53,11 +50,8 @@ def configure_card(self: AnyTask, card: Any = None) -> dict[str, Any] | None:
 def source_changed(self: AnyTask, change: Any = None) -> dict[str, Any]:
     """Record the change; with the card's auto_generate on, settle it after the debounce window."""
     res = resources()
-    try:
+    with redis_blinks_retried(self):
         result = flow.record_change(res, change)
-    except Exception as exc:
-        retry_after_redis_error(self, exc)
-        raise
     _schedule_settle(result)
     return result.as_json()
 
@@ -91,11 +85,8 @@ def _schedule_settle(result: flow.ChangeResult) -> None:
 def settle_sources(self: AnyTask, target: str, seq: int) -> dict[str, Any]:
     """Start (or supersede, or skip) the target's generation for its latest sources."""
     res = resources()
-    try:
+    with redis_blinks_retried(self):
         settled = flow.settle(CeleryQueue(self.app), res, Target.from_key(target), seq=seq)
-    except Exception as exc:
-        retry_after_redis_error(self, exc)
-        raise
     if settled.action == "early":
         raise self.retry(countdown=settled.wait or 0.0)
     log.info("target %s: change %d settled (%s)", target, seq, settled.action)
