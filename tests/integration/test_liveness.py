@@ -198,7 +198,10 @@ def test_sigkill_a_worker_holding_reserved_fetches(fleet: Fleet) -> None:
     assert waiting, "no fetch waits behind the slow downloads any more"
     killed = fleet.kill(a)
     held = killed[0].jobs
-    assert set(waiting) <= set(held) and all(held[j].state == "fetching" for j in held), held
+    # The reserved fetches are what this test is about. A job whose poll had not yet had a slot
+    # (both were busy with the trickling downloads) may be held as well, still polling: the 503s
+    # are counted per request, so which jobs take them is a race.
+    assert set(waiting) <= set(held) and all(held[j].state == "fetching" for j in waiting), held
     print(f"\nkilled a holding {len(held)} fetches, {len(waiting)} of them reserved: {sorted(waiting)}")
     outcomes = fleet.run.outcomes(timeout=150)
     fleet.verify(outcomes, killed, "reserved fetches")
