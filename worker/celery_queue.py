@@ -35,9 +35,9 @@ class CeleryQueue:
     def chain_of(
         self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None
     ) -> Signature[Any]:
-        """The chain as a Celery signature: ``lipsync.run`` replaces itself with it, the sweeper
-        sends it. Each step names its queue and priority, so routing does not depend on the sending
-        app's ``task_routes``."""
+        """The chain as a Celery signature: ``lipsync.run`` replaces itself with it; producers
+        (:func:`worker.jobs.steps.start`) and the sweeper send it. Each step names its queue and
+        priority, so routing does not depend on the sending app's ``task_routes``."""
         steps = [self.app.signature(name, queue=queue_of(name)) for name in tasks]
         for step in steps:
             priority = priority_of(step.name)
@@ -52,8 +52,15 @@ class CeleryQueue:
         first.options["argsrepr"] = f"(job={job_id})"
         return chain(first, *rest)
 
-    def send_chain(self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None) -> None:
-        self.chain_of(tasks, job, last_task_id=last_task_id).apply_async()
+    def send_chain(
+        self,
+        tasks: Sequence[str],
+        job: dict[str, Any],
+        *,
+        last_task_id: str | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.chain_of(tasks, job, last_task_id=last_task_id).apply_async(**(options or {}))
 
     def resolve(self, task_id: str, outcome: dict[str, Any]) -> None:
         # When the task running here is the one whose result this is (the chain's last step), store

@@ -8,7 +8,10 @@ The helper adds what a raw ``send_task`` cannot: the request is validated before
 :class:`~worker.errors.RequestInvalid` naming the field, at enqueue time), and the Celery task id
 is the job id, so ``AsyncResult(job_id)`` and ``lipsync-worker status JOB_ID`` find it; and the
 job record is written before the message is sent (:func:`worker.jobs.steps.create`, the same
-function ``lipsync.run`` uses), so the job is never lost with its message.
+function ``lipsync.run`` uses), so the job is never lost with its message. With the record written
+here, the helper sends the chain itself (:func:`worker.jobs.steps.start`) and a new job runs as
+three tasks, submit → poll → fetch_output, instead of four: ``lipsync.run`` is then needed only to
+join a job id that exists already.
 """
 
 from __future__ import annotations
@@ -58,14 +61,19 @@ def enqueue(
     # Record the job before sending it: from here on the sweeper knows the job, so even a message
     # lost before any worker started it (a broker restart at the wrong moment) is re-driven.
     res = resources_of(app)
-    created = steps.create(parsed, task_id=parsed.job_id, res=res).created
+    started = steps.create(parsed, task_id=parsed.job_id, res=res)
     # The callback is in the record now; a webhook URL (which may carry a receiver's token) stays
     # out of the message, and so out of Flower and of the result Celery stores with its arguments.
     payload = parsed.model_dump(mode="json", exclude_none=True, exclude={"callback"})
     try:
+        links = {name: value for name, value in options.items() if name in ("link", "link_error")}
+        if queue is None and steps.start(CeleryQueue(app), res, started, links):
+            return app.AsyncResult(parsed.job_id)
+        # A job id that exists (its chain running, or its outcome recorded), or lipsync.run asked
+        # for on a queue of the caller's: lipsync.run joins the job or starts it.
         return app.send_task(TASK_RUN, kwargs={"request": payload}, **options)
     except BaseException:
-        if created:
+        if started.created:
             # The caller learns the enqueue failed: the job must not run behind its back.
             res.jobs.forget(parsed.job_id)
         raise

@@ -25,10 +25,18 @@ class TaskQueue(Protocol):
         unless ``queue`` is given). Raises if the broker refuses it."""
         ...
 
-    def send_chain(self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None) -> None:
+    def send_chain(
+        self,
+        tasks: Sequence[str],
+        job: dict[str, Any],
+        *,
+        last_task_id: str | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
         """Send a chain of job steps (names from :data:`worker.names.CHAIN`) whose first step
         gets ``job``; the last step runs under ``last_task_id`` (the caller's task id), so the
-        caller's AsyncResult resolves when it ends."""
+        caller's AsyncResult resolves when it ends. ``options`` apply to the whole chain (a
+        producer's ``link`` and ``link_error``)."""
         ...
 
     def resolve(self, task_id: str, outcome: dict[str, Any]) -> None:

@@ -239,7 +239,7 @@ def test_tasks_have_readable_names_and_final_states(flower: Flower, history: His
         webhook = {"lipsync.deliver_webhook"} if model == "sync_so" else set()
         assert set(by_name) == {"lipsync.submit", "lipsync.poll", "lipsync.fetch_output", *webhook}
         assert {t["state"] for t in by_name.values()} == {"SUCCESS"}
-        # The job id is the chain's last task: lipsync.run replaced itself, its id went to fetch_output.
+        # The job id is the chain's last task: the helper sent the chain under it.
         assert tasks[job_id]["name"] == "lipsync.fetch_output"
         assert f"'job_id': '{job_id}'" in tasks[job_id]["result"]
         assert "'status': 'completed'" in tasks[job_id]["result"]
@@ -252,17 +252,19 @@ def test_tasks_have_readable_names_and_final_states(flower: Flower, history: His
     assert "generation_failed" in poll["exception"]
     assert failed["lipsync.submit"]["state"] == "SUCCESS"
     assert "lipsync.fetch_output" not in failed
-    # lipsync.run replaced itself; when the chain fails before fetch_output, the worker sends a
-    # task-failed event for the job id too, so the caller's row does not stay STARTED.
-    assert failed["lipsync.run"]["state"] == "FAILURE"
-    assert "No face detected in the source video" in failed["lipsync.run"]["exception"]
+    # The job id is the chain's last task, which never runs when the chain fails before it: the
+    # worker sends a task-failed event for the job id, so the caller's row shows the failure too.
+    # (Unnamed: no task of that name ran or was sent under it.)
+    caller = flower.tasks(search=history.failed)[history.failed]
+    assert caller["state"] == "FAILURE" and caller["name"] is None
+    assert "No face detected in the source video" in caller["exception"]
     # ... while the result backend, which Flower's result endpoint reads, has the job's failure.
     answer = flower.json(f"/api/task/result/{history.failed}")
     assert answer["state"] == "FAILURE"
     assert "No face detected in the source video" in answer["result"]
 
     # The filters operators use.
-    assert {t["name"] for t in flower.tasks(state="FAILURE").values()} == {"lipsync.poll", "lipsync.run"}
+    assert {t["name"] for t in flower.tasks(state="FAILURE").values()} == {"lipsync.poll", None}
     assert {t["state"] for t in flower.tasks(taskname="lipsync.submit").values()} == {"SUCCESS"}
 
 
@@ -272,7 +274,7 @@ def test_progress_of_a_running_job(flower: Flower, history: History) -> None:
     # the event and the task-retried event that follows it: while GEN works, the poll task is RETRY.
     assert seen[("lipsync.poll", "POLLING")] >= 1, seen
     assert seen[("lipsync.poll", "RETRY")] > seen[("lipsync.poll", "POLLING")], seen
-    assert ("lipsync.run", "STARTED") in seen, seen
+    assert ("lipsync.submit", "STARTED") in seen, seen
     # The result backend holds the caller-level progress state, and Flower's result endpoint shows it.
     assert "POLLING" in history.backend_states, history.backend_states
 
@@ -320,7 +322,7 @@ def test_metrics_are_unauthenticated_and_name_our_tasks(flower: Flower, history:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         counts[(labels["task"], labels["type"])] += float(m.group(2))
     tasks = {task for task, _ in counts}
-    assert {"lipsync.run", "lipsync.submit", "lipsync.poll", "lipsync.fetch_output"} <= tasks
+    assert {"lipsync.submit", "lipsync.poll", "lipsync.fetch_output"} <= tasks
     assert counts[("lipsync.submit", "task-polling")] >= 3
     assert counts[("lipsync.poll", "task-polling")] >= 3
     assert counts[("lipsync.fetch_output", "task-fetching")] >= 3

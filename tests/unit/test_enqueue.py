@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from worker.dev.embedded_redis import free_port
 from worker.enqueue import enqueue, job_status, resources_of
 from worker.errors import RequestInvalid
 from worker.jobs.resources import Resources
-from worker.names import QUEUE_JOBS, TASK_RUN, Stage
+from worker.names import QUEUE_JOBS, TASK_FETCH, TASK_POLL, TASK_RUN, TASK_SUBMIT, Stage
 
 REQUEST: dict[str, Any] = {
     "job_id": "episode-42",
@@ -39,19 +41,40 @@ def test_enqueue_records_the_job_then_sends_it_under_the_job_id(res: Resources, 
     # The sweeper knows the job from now on, even if the message were lost before any worker took it.
     assert record.overdue_at == pytest.approx(time.time() + res.settings.queued_recovery, abs=60)
     assert record.model == res.settings.default_model
+    # The chain itself, not lipsync.run: the record is written, so no task has to open it.
     (message,) = queued(res, QUEUE_JOBS)
-    assert message["task"] == TASK_RUN
-    assert message["id"] == "episode-42"
-    # The validated request, as JSON (ids as GEN's strings), so lipsync.run sees what was checked.
-    assert message["kwargs"] == {
-        "request": {
-            **REQUEST,
-            "sheet_id": "101",
-            "cell_id": "3000",
-            "video_resource_id": "5001",
-            "audio_resource_id": "6001",
-        }
+    assert message["task"] == TASK_SUBMIT
+    assert message["chain"] == [TASK_POLL, TASK_FETCH]
+    assert message["last_id"] == "episode-42"
+    assert res.jobs.mark_once("episode-42", "chain_started") is False, "a later lipsync.run must join"
+    # The validated request, as JSON (ids as GEN's strings), in the job the chain carries.
+    (job,) = message["args"]
+    checked = {
+        **REQUEST,
+        "sheet_id": "101",
+        "cell_id": "3000",
+        "video_resource_id": "5001",
+        "audio_resource_id": "6001",
     }
+    assert {name: job["request"][name] for name in checked} == checked
+    assert job["request"]["callback"] is None
+    assert (job["task_id"], job["drive"], job["model"]) == ("episode-42", record.drive, record.model)
+
+
+def test_the_callers_link_and_link_error_go_with_the_chain(res: Resources, queue: Any) -> None:
+    link, link_error = queue.app.signature("on.done"), queue.app.signature("on.error")
+    enqueue(REQUEST, app=queue.app, link=link, link_error=link_error)
+    (raw,) = res.redis.lrange(QUEUE_JOBS, 0, -1)
+    _, _, embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    # The first step names the errback; each later step (the chain, reversed) names it too, and
+    # only the last one, running under the job id, names the callback.
+    assert [e["task"] for e in embed["errbacks"]] == ["on.error"]
+    fetch, poll = embed["chain"]
+    assert fetch["options"]["task_id"] == "episode-42"
+    assert [c["task"] for c in fetch["options"]["link"]] == ["on.done"]
+    assert "link" not in poll["options"] and not embed["callbacks"]
+    assert [e["task"] for e in fetch["options"]["link_error"]] == ["on.error"]
+    assert [e["task"] for e in poll["options"]["link_error"]] == ["on.error"]
 
 
 def test_an_invalid_request_is_refused_before_anything_is_recorded_or_sent(
@@ -95,7 +118,7 @@ def test_a_second_enqueue_of_a_recorded_job_keeps_the_first_record(res: Resource
     assert first is not None and again is not None
     assert again.created_at == first.created_at
     assert again.model == first.model  # the recorded job wins; lipsync.run joins it
-    assert len(queued(res, QUEUE_JOBS)) == 2
+    assert [m["task"] for m in queued(res, QUEUE_JOBS)] == [TASK_SUBMIT, TASK_RUN]
 
 
 def test_a_webhook_url_stays_in_the_record_not_in_the_message(res: Resources, queue: Any) -> None:

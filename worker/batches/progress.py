@@ -36,7 +36,6 @@ from worker.jobs import steps
 from worker.jobs.cancel import cancel_job
 from worker.jobs.models import LipsyncFailure
 from worker.jobs.resources import Resources
-from worker.names import TASK_RUN
 from worker.ops.failpoints import failpoint
 from worker.taskqueue import TaskQueue
 
@@ -98,7 +97,7 @@ def advance(queue: TaskQueue, res: Resources, batch_id: str) -> BatchRecord | No
 def _start_item(
     queue: TaskQueue, res: Resources, store: BatchStore, batch_id: str, index: int, request: dict[str, Any]
 ) -> None:
-    """Start one item as a normal job (record first, then its ``lipsync.run`` message)."""
+    """Start one item as a normal job (record first, then its chain: :func:`worker.jobs.steps.start`)."""
     job_id = str(request["job_id"])
     try:
         started = steps.create(request, task_id=job_id, res=res)
@@ -126,9 +125,8 @@ def _start_item(
         # Cancelled while this item was being started: the cancel may have missed its job.
         cancel_job(queue, res, job_id, reason="batch cancelled")
         return
-    payload = started.job.request.model_dump(mode="json", exclude_none=True, exclude={"callback"})
     try:
-        queue.send(TASK_RUN, kwargs={"request": payload}, task_id=job_id)
+        steps.start(queue, res, started)
     except Exception:
         # The job is recorded: the sweeper sends it once its queued recovery passes.
         log.exception("batch %s: item %d (job %s) recorded but not sent", batch_id, index, job_id)

@@ -9,7 +9,7 @@ scheduled, or by the settle check after a crash). Settling the latest change:
 3. claims the target's single in-flight slot for the new job atomically (the change sequence and the
    job in flight must be unchanged), recording the job it replaces as ``superseding``;
 4. stops the replaced job on GEN and ends it ``superseded`` (:func:`worker.jobs.cancel.cancel_job`);
-5. only then creates the new job (:func:`worker.jobs.steps.create`) and sends ``lipsync.run``.
+5. only then creates the new job (:func:`worker.jobs.steps.create`) and sends its chain.
 
 Each step can be repeated: the job id is derived from the target and the change sequence, the
 cancel and the create are idempotent. A settle that dies half-way leaves the target due in
@@ -36,7 +36,7 @@ from worker.jobs.models import Job
 from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources
 from worker.jobs.sources import refuse_unusable_urls
-from worker.names import TASK_REREAD, TASK_RUN
+from worker.names import TASK_REREAD
 from worker.ops import metrics
 from worker.ops.failpoints import failpoint
 from worker.taskqueue import TaskQueue
@@ -325,8 +325,8 @@ def _start(queue: TaskQueue, res: Resources, target: Target, state: TargetState)
         )
         cancel_job(queue, res, state.inflight_job, reason=reason, supersede=True, superseded_by=current)
         return
-    payload = {k: v for k, v in request.items() if k != "callback"}
-    queue.send(TASK_RUN, kwargs={"request": payload}, task_id=state.inflight_job)
+    if not steps.start(queue, res, started):
+        return  # its chain had started already (an earlier settle of the same change)
     metrics.record_card_change(res.redis, action="generation_started")
     log.info("target %s: job %s started for change %d", target.key, state.inflight_job, state.seq)
 

@@ -377,6 +377,10 @@ class JobStore:
         False for an unknown job, on which nothing is written."""
         return bool(self._mark_once(keys=[self.key(job_id)], args=[f"flag:{flag}"]))
 
+    def unmark(self, job_id: str, flag: str) -> None:
+        """Clear a flag :meth:`mark_once` set, for a step that turned out not to happen."""
+        self.redis.hdel(self.key(job_id), f"flag:{flag}")
+
     def take_over(
         self, job_id: str, *, now: float, overdue_at: float, force: bool = False
     ) -> JobRecord | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +45,13 @@ from worker.jobs.resources import Resources
 from worker.jobs.schedule import Observation
 from worker.jobs.sources import refuse_unusable_sources
 from worker.jobs.uploads import needs_upload, upload_sources
-from worker.names import TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
+from worker.names import CHAIN, TASK_FETCH, TASK_POLL, TASK_SUBMIT, Stage
 from worker.ops.failpoints import failpoint
 from worker.output.download import download
 from worker.output.errors import OutputError, OutputInvalid
 from worker.retry import GiveUp, Retry, RetryPolicy, decide
 from worker.settings import Settings
+from worker.taskqueue import TaskQueue
 
 log = logging.getLogger("lipsync.steps")
 
@@ -149,6 +150,34 @@ def create(request: LipsyncRequest | Any, *, task_id: str, res: Resources) -> St
         # same caller task id, same drive token).
         job = Job.model_validate(record.job)
     return Started(job, created, record)
+
+
+def start(
+    queue: TaskQueue, res: Resources, started: Started, options: Mapping[str, Any] | None = None
+) -> bool:
+    """Send the chain of a job :func:`create` found not started: submit → poll → fetch, the last
+    step under the job's task id, so its caller's AsyncResult resolves to the job's result.
+    ``options`` go to the whole chain (a producer's ``link`` and ``link_error``).
+
+    Returns False, sending nothing, when the job ended or its chain was started already (by
+    another producer, ``lipsync.run`` or the sweeper): it goes on without a second chain. The flag
+    is set before the send, so two producers cannot both send; a send that fails clears it, so the
+    caller's retry can send again (if Redis is gone too, the queued-recovery timer re-drives it).
+
+    A producer that starts the chain itself saves the job a whole task: ``lipsync.run`` (what
+    producers that send by hand use) opens the record and then replaces itself with this chain.
+    """
+    if started.record.outcome is not None or not res.jobs.mark_once(started.job.job_id, "chain_started"):
+        return False
+    try:
+        queue.send_chain(CHAIN, started.job.for_message(), last_task_id=started.job.task_id, options=options)
+    except BaseException:
+        try:
+            res.jobs.unmark(started.job.job_id, "chain_started")
+        except redis.RedisError:
+            log.warning("job %s: chain not sent, and its started flag not cleared", started.job.job_id)
+        raise
+    return True
 
 
 def guard(job: Job, res: Resources, *, final: bool = False) -> JobRecord | None:

@@ -18,7 +18,7 @@ from worker.jobs.models import LipsyncFailure
 from worker.jobs.outcomes import finish
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import sweep_once
-from worker.names import QUEUE_JOBS, TASK_RUN
+from worker.names import QUEUE_JOBS, TASK_SUBMIT
 
 BATCH_CALLBACK = {"task": "pipeline.batch_done", "queue": "media"}
 
@@ -39,8 +39,11 @@ def batch_of(n: int, **extra: Any) -> dict[str, Any]:
 
 
 def runs(res: Resources) -> list[str]:
-    """Job ids of the lipsync.run messages sent, oldest first."""
-    return [m["id"] for m in queued(res, QUEUE_JOBS) if m["task"] == TASK_RUN]
+    """Job ids of the jobs whose chains were sent, oldest first (each chain's last step runs under
+    its job's id)."""
+    chains = [m for m in queued(res, QUEUE_JOBS) if m["task"] == TASK_SUBMIT]
+    assert all(m["last_id"] == m["args"][0]["request"]["job_id"] for m in chains), chains
+    return [m["last_id"] for m in chains]
 
 
 def batch_callbacks(res: Resources) -> list[dict[str, Any]]:
@@ -112,7 +115,7 @@ def test_items_start_as_jobs_at_most_max_parallel_at_a_time(queue: CeleryQueue, 
     assert start(queue, res, batch_of(5, max_parallel=2))
     assert runs(res) == ["ep-1.0", "ep-1.1"]
     sent = queued(res, QUEUE_JOBS)[0]
-    assert "callback" not in sent["kwargs"]["request"]
+    assert sent["args"][0]["request"]["callback"] is None  # the callback stays in the record
     end(queue, res, "ep-1.0")
     assert runs(res) == ["ep-1.0", "ep-1.1", "ep-1.2"]
     record = progress.store_of(res).get("ep-1")

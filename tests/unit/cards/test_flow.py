@@ -14,7 +14,7 @@ from worker.celery_queue import CeleryQueue
 from worker.jobs import steps
 from worker.jobs.models import Job
 from worker.jobs.resources import Resources
-from worker.names import QUEUE_JOBS, TASK_RUN
+from worker.names import QUEUE_JOBS, TASK_FETCH, TASK_POLL, TASK_SUBMIT
 
 TARGET = {"sheet_id": "101", "cell_id": "3000", "layer_id": "4000"}
 
@@ -24,7 +24,13 @@ def card(res: Resources, **fields: Any) -> None:
 
 
 def runs(res: Resources) -> list[dict[str, Any]]:
-    return [m for m in queued(res, QUEUE_JOBS) if m["task"] == TASK_RUN]
+    """The chains of the jobs started, oldest first: the job's id (the task id its chain's last
+    step runs under), the request it carries and the steps that follow the submit."""
+    return [
+        {"id": m["last_id"], "request": m["args"][0]["request"], "chain": m["chain"]}
+        for m in queued(res, QUEUE_JOBS)
+        if m["task"] == TASK_SUBMIT
+    ]
 
 
 def test_without_auto_generate_a_change_is_recorded_stale_and_nothing_is_sent(
@@ -56,9 +62,11 @@ def test_only_the_newest_change_starts_a_job_once_its_window_passed(
     assert (started.action, started.job_id) == ("start", "card.101.3000.4000~2")
     (run,) = runs(res)
     assert run["id"] == "card.101.3000.4000~2"
-    assert run["kwargs"]["request"]["audio_resource_id"] == "6002"
-    assert run["kwargs"]["request"]["model"] == "sync_so"
-    assert "callback" not in run["kwargs"]["request"]
+    assert run["chain"] == [TASK_POLL, TASK_FETCH]
+    assert run["request"]["job_id"] == "card.101.3000.4000~2"
+    assert run["request"]["audio_resource_id"] == "6002"
+    assert run["request"]["model"] == "sync_so"
+    assert run["request"]["callback"] is None
     # The same settle again (a redelivery) finds the job it started.
     assert flow.settle(queue, res, target, seq=2).job_id == "card.101.3000.4000~2"
     assert res.jobs.get("card.101.3000.4000~2") is not None

@@ -249,8 +249,15 @@ class RevokeRecorder:
     ) -> None:
         self.real.send(task, args=args, kwargs=kwargs, task_id=task_id, queue=queue)
 
-    def send_chain(self, tasks: Sequence[str], job: dict[str, Any], *, last_task_id: str | None) -> None:
-        self.real.send_chain(tasks, job, last_task_id=last_task_id)
+    def send_chain(
+        self,
+        tasks: Sequence[str],
+        job: dict[str, Any],
+        *,
+        last_task_id: str | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.real.send_chain(tasks, job, last_task_id=last_task_id, options=options)
 
     def resolve(self, task_id: str, outcome: dict[str, Any]) -> None:
         self.real.resolve(task_id, outcome)
