@@ -33,6 +33,7 @@ from tests.harness import default_timings
 from worker.dev.embedded_redis import EmbeddedRedis
 from worker.enqueue import enqueue
 from worker.gen.client import idempotency_key_for
+from worker.names import QUEUE_JOBS, TASK_RUN
 from worker.settings import Settings
 
 #: Workers log at this level, ours and the plain reference alike, so log formatting weighs the same
@@ -197,6 +198,17 @@ class Stack:
         self._enqueued += 1
         started_at = time.time()
         return Job(request["job_id"], enqueue(request, app=self.app), started_at)
+
+    def send_by_hand(self, model: str = "gen") -> Job:
+        """Send one job as a producer that does not import our code does: ``lipsync.run`` with
+        the request (the worker opens the record, then replaces the task with the chain)."""
+        request = request_for(self._enqueued, model)
+        self._enqueued += 1
+        started_at = time.time()
+        sent = self.app.send_task(
+            TASK_RUN, kwargs={"request": request}, task_id=request["job_id"], queue=QUEUE_JOBS
+        )
+        return Job(request["job_id"], sent, started_at)
 
     def close(self) -> None:
         for worker in self.workers:

@@ -14,12 +14,14 @@ worker's whole process tree, main process and pool (:mod:`bench.proc`), read bef
    warm-up (so the schedule has learned it), each round enqueues ``--chains`` jobs at once and
    times them from the first enqueue to the last result, and the plain worker runs as many chains
    of three no-op tasks. Throughput is jobs per second; CPU is per job. The two alternate which
-   goes first.
+   goes first. The same rounds send as many jobs by hand (``lipsync.run``, as a producer that does
+   not import our code does: one task more), printed in a note.
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -127,20 +129,32 @@ def chain_cost(tmp: Path, *, chains: int, rounds: int, warmup: int) -> tuple[lis
         ours_cpu: list[float] = []
         plain_rate: list[float] = []
         plain_cpu: list[float] = []
+        by_hand_rate: list[float] = []
+        by_hand_cpu: list[float] = []
 
         def run_ours() -> None:
             nonlocal failed
             failed += wait_results([ours.enqueue().result for _ in range(chains)], timeout=600)[1]
 
+        def run_by_hand() -> None:
+            nonlocal failed
+            failed += wait_results([ours.send_by_hand().result for _ in range(chains)], timeout=600)[1]
+
         def run_plain() -> None:
             wait_results([noop_chain(plain_app) for _ in range(chains)], timeout=600)
 
+        rates = {"ours": ours_rate, "plain": plain_rate, "by hand": by_hand_rate}
+        cpus = {"ours": ours_cpu, "plain": plain_cpu, "by hand": by_hand_cpu}
         for r in range(rounds):
-            order = [("ours", worker, run_ours), ("plain", plain_worker, run_plain)]
+            order = [
+                ("ours", worker, run_ours),
+                ("plain", plain_worker, run_plain),
+                ("by hand", worker, run_by_hand),
+            ]
             for name, measured, body in order if r % 2 == 0 else reversed(order):
                 cpu, wall = _cpu_of(measured, body)
-                (ours_rate if name == "ours" else plain_rate).append(chains / wall)
-                (ours_cpu if name == "ours" else plain_cpu).append(cpu / chains)
+                rates[name].append(chains / wall)
+                cpus[name].append(cpu / chains)
     figures = [
         Figure(
             "chain throughput, instant generations",
@@ -158,9 +172,13 @@ def chain_cost(tmp: Path, *, chains: int, rounds: int, warmup: int) -> tuple[lis
         ),
     ]
     notes = [
-        f"chains: {chains} jobs at once per round after a warm-up of {warmup}; ours is lipsync.run -> "
-        "submit -> poll -> fetch_output (2 resource lookups, generate, status, a 48 KB download, "
-        "job records) against three no-op tasks"
+        f"chains: {chains} jobs at once per round after a warm-up of {warmup}; ours is enqueued with the "
+        "helper (worker.enqueue.enqueue: submit -> poll -> fetch_output, with 2 resource lookups, "
+        "generate, status, a 48 KB download, job records) against three no-op tasks",
+        f"chains sent by hand (send_task('lipsync.run'): the worker opens the record, then replaces the "
+        f"task with the chain; four tasks), same rounds: {statistics.median(by_hand_rate):.1f} jobs/s "
+        f"[{min(by_hand_rate):.1f}-{max(by_hand_rate):.1f}], {statistics.median(by_hand_cpu) * 1000:.2f} ms "
+        f"of worker CPU per job [{min(by_hand_cpu) * 1000:.2f}-{max(by_hand_cpu) * 1000:.2f}]",
     ]
     if failed:
         notes.append(f"chains: {failed} of our jobs did not complete")
