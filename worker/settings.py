@@ -88,11 +88,8 @@ class Settings(BaseSettings):
     poll_call_cost: float = Field(default=0.03, gt=0)
     #: Never poll the same generation sooner than this after the previous poll (seconds).
     poll_min_delay: float = Field(default=0.5, gt=0)
-    #: Past the plan, poll every this fraction of the time elapsed.
+    #: Past the longest time seen, poll every this fraction of the time elapsed.
     poll_tail_fraction: float = Field(default=0.15, gt=0)
-    #: The learned plan covers the durations of this share of the generations seen; the tail
-    #: (poll_tail_fraction) the rest. 1 = up to the longest one seen.
-    poll_plan_covers: float = Field(default=0.98, gt=0, le=1)
     #: How often each process re-reads what the fleet learned (seconds).
     poll_plan_refresh: float = Field(default=10.0, gt=0)
     #: Cap of our own backoff before retrying a transient error (seconds). A longer Retry-After from

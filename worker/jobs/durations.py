@@ -77,7 +77,6 @@ class PollPlanner:
             max_gap=s.poll_max_delay,
             min_gap=s.poll_min_delay,
             tail_fraction=s.poll_tail_fraction,
-            covers=s.poll_plan_covers,
             half_life=s.poll_learn_half_life,
         )
 

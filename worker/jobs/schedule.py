@@ -13,12 +13,9 @@ leaving more than ``max_gap`` between polls. Lateness counts relative to the dur
 that is what a user feels: a second matters more to a 10 s generation than to a 2 min one. Polls
 close around the usual end narrow the next intervals, which sharpens the next plan.
 
-The plan stops where ``covers`` (98 %) of the learned generations have ended, not at the longest
-one seen: a single slow generation (or one wide interval from the configured schedule's sparse
-polls) would otherwise stretch a plan polling densely through time nearly nothing is left in, and a
-generation longer than usual would walk all of it. Past the last planned time the plan polls every
-``tail_fraction`` of the elapsed time: the lateness stays a fixed fraction of the duration, whatever
-it turns out to be, for about ``log(L2 / L1) / log(1 + tail_fraction)`` more calls.
+Past the last planned time (a generation longer than any seen) the plan polls every
+``tail_fraction`` of the elapsed time: the lateness stays a fixed fraction of the duration,
+whatever it turns out to be, for about ``log(L2 / L1) / log(1 + tail_fraction)`` more calls.
 
 The model, its knobs and how it was tested: docs/polling.md.
 """
@@ -65,8 +62,6 @@ class Knobs:
     tail_fraction: float = 0.15
     #: An observation's weight halves with every this many newer ones.
     half_life: float = 10.0
-    #: The plan covers the durations of this share of the generations seen; the tail polls past it.
-    covers: float = 0.98
 
 
 class Durations:
@@ -75,12 +70,13 @@ class Durations:
     A mixture of two estimates. Most of the mass goes where the intervals agree: Turnbull's
     self-consistent estimate, which puts it on the *innermost* intervals (spans that some interval
     starts and some interval ends, with no end in between) and shares each observation's weight
-    among those inside it in proportion to their mass. On its own that estimate is too sure of
-    itself (a plan that only ever polls where it believes the mass is learns nothing new), so a
-    share (:data:`SPREAD_SHARE`) spreads every observed interval evenly over its whole span.
-    Within a span mass is spread evenly: the survival function stays piecewise linear. The shares
-    were chosen by replaying narrow, wide, bimodal, drifting and shifting durations
-    (tests/unit/jobs/test_schedule.py).
+    among those inside it in proportion to their mass; each span is widened by :data:`WIDEN` of
+    its end either side, since GEN's next generation will not take exactly as long. On its own
+    that estimate is too sure of itself (a plan that only ever polls where it believes the mass
+    is learns nothing new), so a share (:data:`SPREAD_SHARE`) spreads every observed interval
+    evenly over its whole span. Within a span mass is spread evenly: the survival function stays
+    piecewise linear. The shares were chosen by replaying narrow, wide, bimodal, drifting and
+    shifting durations (tests/unit/jobs/test_schedule.py).
     """
 
     def __init__(self, newest_first: Sequence[Observation], *, half_life: float, rounds: int = 60) -> None:
@@ -107,15 +103,6 @@ class Durations:
 
     def longest(self) -> float:
         return max((hi for _, hi, weight in self._parts if weight > 0), default=0.0)
-
-    def covering(self, share: float) -> float:
-        """The first bend by which at least ``share`` of the generations have ended: the end of
-        the span the ``share`` quantile falls in (cutting a span short would hand the rest of its
-        mass to the tail's sparse polls)."""
-        for t in self.bends():
-            if self.survival(t) <= 1.0 - share + 1e-12:
-                return t
-        return self.longest()
 
     def bends(self) -> list[float]:
         """Where the survival function bends: the ends of every span."""
@@ -211,9 +198,8 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
 
 def _candidates(durations: Durations, knobs: Knobs, resolution: int) -> list[float]:
     """Poll times worth considering: every bend of the distribution, and an even grid (so a wide
-    span can be split and ``max_gap`` kept), up to the time by which ``covers`` of the generations
-    have ended."""
-    end = durations.covering(knobs.covers)
+    span can be split and ``max_gap`` kept), up to the longest duration seen."""
+    end = durations.longest()
     step = max(end / resolution, knobs.min_gap / 2, 1e-3)
     grid = [i * step for i in range(int(end / step) + 1)]
     return sorted({round(t, 3) for t in (*grid, *durations.bends(), end) if t <= end})

@@ -111,62 +111,12 @@ def test_a_duration_never_seen_costs_under_10_percent_and_adapts_within_20_jobs(
     assert median_calls(adapted) <= 2.0
 
 
-def cold_start(duration: float, rng: random.Random) -> Observation:
-    """What one generation of ``duration`` tells the fleet while the configured schedule runs (a
-    poll at once, then 5 s growing by 1.5 with its jitter): often a wide interval."""
-    t, polls, running_at = 0.05, 0, 0.0
-    while t < duration:
-        running_at = t
-        t += poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
-        polls += 1
-    return Observation.of(running_at, t)
-
-
-def test_a_duration_never_seen_right_after_the_cold_start_costs_under_3x() -> None:
-    # As a fleet meets it: 20 generations of 20 s learned from the configured schedule's sparse
-    # polls (some seen only as "between 20 s and 34 s"), then a 40 s one; eight such fleets. A
-    # plan that polls up to the longest time seen walks densely through time nearly nothing is
-    # left in before the tail starts: 9 status calls or more (3.67x).
-    lateness, calls = [], []
-    for seed in range(8):
-        rng = random.Random(seed)
-        seen = [cold_start(20.0, rng) for _ in range(20)]
-        learned = plan(Durations(seen, half_life=KNOBS.half_life), KNOBS)
-        t, polls = learned.next_poll(0.0), 1
-        while t < 40.0:
-            t, polls = learned.next_poll(t), polls + 1
-        lateness.append((t - 40.0) / 40.0)
-        calls.append((polls + 2) / MIN_CALLS)
-    assert statistics.median(calls) <= 3.0
-    assert statistics.median(lateness) <= 0.10
-
-
-def test_the_plan_stops_where_the_covered_share_of_generations_has_ended() -> None:
-    # 49 generations of about 20 s and one of 60 s: the plan ends near 20 s, the tail takes the rest.
-    seen = [Observation.of(19.8, 20.2)] * 49 + [Observation.of(58.0, 60.0)]
-    durations = Durations(seen, half_life=1000)
-    assert durations.covering(0.98) == pytest.approx(20.2)
-    assert durations.covering(1.0) == pytest.approx(60.0)
-    assert plan(durations, KNOBS).times[-1] <= 20.25
-    assert plan(durations, Knobs(covers=1.0)).times[-1] == pytest.approx(60.0)
-
-
-def test_a_wide_distribution_stays_within_12_percent_and_3x() -> None:
-    # Eight fleets, since one fleet's median swings by a few points with its draws: over these,
-    # 6.6-12.3 % each (median 11.0 %; 10.0 % when the plan ran up to the longest time seen, the
-    # point traded for a call fewer on unseen durations, see the cold-start test above). At the
-    # default call cost the plan leaves the shortest of a wide spread a few seconds late rather
-    # than poll 15-25 s densely; a lower LIPSYNC_POLL_CALL_COST buys that lateness back.
-    lateness, calls, worst = [], [], 0.0
-    for seed in range(5, 13):
-        rng = random.Random(seed)
-        ran = replay([rng.uniform(15.0, 25.0) for _ in range(80)])[20:]
-        lateness.append(median_lateness(ran))
-        calls.append(median_calls(ran))
-        worst = max(worst, *(r.lateness for r in ran))
-    assert statistics.median(lateness) <= 0.12
-    assert max(calls) <= 3.0
-    assert worst <= 0.5
+def test_a_wide_distribution_stays_within_10_percent_and_3x() -> None:
+    rng = random.Random(5)
+    ran = replay([rng.uniform(15.0, 25.0) for _ in range(80)])[20:]
+    assert median_lateness(ran) <= 0.10
+    assert median_calls(ran) <= 3.0
+    assert max(r.lateness for r in ran) <= 0.5
 
 
 def test_a_bimodal_distribution_serves_both_modes() -> None:
