@@ -70,13 +70,12 @@ class Durations:
     A mixture of two estimates. Most of the mass goes where the intervals agree: Turnbull's
     self-consistent estimate, which puts it on the *innermost* intervals (spans that some interval
     starts and some interval ends, with no end in between) and shares each observation's weight
-    among those inside it in proportion to their mass; each span is widened by :data:`WIDEN` of
-    its end either side, since GEN's next generation will not take exactly as long. On its own
-    that estimate is too sure of itself (a plan that only ever polls where it believes the mass
-    is learns nothing new), so a share (:data:`SPREAD_SHARE`) spreads every observed interval
-    evenly over its whole span. Within a span mass is spread evenly: the survival function stays
-    piecewise linear. The shares were chosen by replaying narrow, wide, bimodal, drifting and
-    shifting durations (tests/unit/jobs/test_schedule.py).
+    among those inside it in proportion to their mass. On its own that estimate is too sure of
+    itself (a plan that only ever polls where it believes the mass is learns nothing new), so a
+    share (:data:`SPREAD_SHARE`) spreads every observed interval evenly over its whole span.
+    Within a span mass is spread evenly: the survival function stays piecewise linear. The shares
+    were chosen by replaying narrow, wide, bimodal, drifting and shifting durations
+    (tests/unit/jobs/test_schedule.py).
     """
 
     def __init__(self, newest_first: Sequence[Observation], *, half_life: float, rounds: int = 60) -> None:
