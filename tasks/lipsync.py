@@ -92,7 +92,8 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     bind_generation(outcome.generation_id)
     _first_poll_later(self, outcome, res)
     _report(self, outcome, Stage.POLLING)
-    emit_event(_queue(self), res, outcome, StageEvent.SUBMITTED, {"gen_status": outcome.gen_status})
+    data = {"gen_status": outcome.gen_status}
+    emit_event(_queue(self), res, outcome, StageEvent.SUBMITTED, data, record=record)
     log.info("job %s: GEN generation %s accepted", outcome.job_id, outcome.generation_id)
     return outcome.for_message()
 
@@ -105,11 +106,11 @@ def submit(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
 def poll(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     """Check the generation once; re-queued with a countdown until GEN reports a terminal status."""
     current, res = Job.model_validate(job), resources()
-    _guard(current, res)
+    record = _guard(current, res)
     outcome = _run_step(self, current, res, steps.poll)
     assert isinstance(outcome, Job) and outcome.output_resource is not None
     data = {"url": outcome.output_resource.url, "execution_cost": outcome.execution_cost}
-    emit_event(_queue(self), res, outcome, StageEvent.GENERATION_COMPLETED, data)
+    emit_event(_queue(self), res, outcome, StageEvent.GENERATION_COMPLETED, data, record=record)
     return outcome.for_message()
 
 
@@ -133,12 +134,12 @@ def fetch_output(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
     assert not isinstance(result, Job | steps.Again)
     queue = _queue(self)
     try:
-        steps.guard(current, res)
+        latest = steps.guard(current, res)
     except steps.NothingToDo:
         pass  # ended while the output was stored: no event; finish hands back the recorded end
     else:
         output = {"output": result.output.model_dump(mode="json")}
-        emit_event(queue, res, current, StageEvent.OUTPUT_FETCHED, output)
+        emit_event(queue, res, current, StageEvent.OUTPUT_FETCHED, output, record=latest)
     stored = finish(queue, res, job_id=current.job_id, callback=current.request.callback, outcome=result)
     log.info("job %s: completed, output at %s", current.job_id, result.output.uri)
     return _deliver_recorded(stored)

@@ -14,6 +14,7 @@ from typing import Any
 from worker.callbacks.delivery import dispatch
 from worker.callbacks.models import Callback, StageEvent
 from worker.jobs.models import Job, LipsyncFailure, LipsyncResult, StageEventPayload
+from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources
 from worker.ops import metrics
 from worker.ops.failpoints import failpoint
@@ -106,9 +107,23 @@ def _dispatched(res: Resources, job_id: str) -> bool:
     return record is not None and record.callbacks_dispatched
 
 
-def emit_event(queue: TaskQueue, res: Resources, job: Job, event: StageEvent, data: dict[str, Any]) -> None:
-    """Send a stage event to subscribers, once per job and event."""
-    callback = _callback_of(res, job.job_id) or job.request.callback
+def emit_event(
+    queue: TaskQueue,
+    res: Resources,
+    job: Job,
+    event: StageEvent,
+    data: dict[str, Any],
+    *,
+    record: JobRecord | None = None,
+) -> None:
+    """Send a stage event to subscribers, once per job and event. ``record``: the job's record as
+    the step read it, whose callback saves reading it again (most jobs subscribe to no event)."""
+    if record is not None:
+        raw = record.callback_json()
+        recorded = None if raw is None else Callback.model_validate(raw)
+    else:
+        recorded = _callback_of(res, job.job_id)
+    callback = recorded or job.request.callback
     if callback is None or event not in callback.events:
         return
     if not res.jobs.mark_once(job.job_id, f"event:{event.value}"):

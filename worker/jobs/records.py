@@ -151,6 +151,11 @@ return redis.call('HSETNX', KEYS[1], 'callback', ARGV[1])
 """
 
 
+def _callback_of(callback: Any, job: Any) -> dict[str, Any] | None:
+    """A record's callback: its own field, else (a record from before the field) its job's."""
+    return cast("dict[str, Any]", callback) if callback else _callback_in(job)
+
+
 def _callback_in(job: Any) -> dict[str, Any] | None:
     """The callback a job's JSON carries (jobs in messages carry none)."""
     request = job.get("request") if isinstance(job, dict) else None
@@ -195,6 +200,10 @@ class JobRecord(BaseModel):
     callback: dict[str, Any] | None = Field(default=None, exclude=True, repr=False)
     outcome: dict[str, Any] | None = None
     callbacks_dispatched: bool = False
+
+    def callback_json(self) -> dict[str, Any] | None:
+        """Where the outcome and events go, as :meth:`JobStore.callback` reads it."""
+        return _callback_of(self.callback, self.job)
 
     @property
     def terminal(self) -> bool:
@@ -243,9 +252,7 @@ class JobStore:
         """The job's callback as JSON, or None (no callback, or no such job)."""
         raw = cast("list[bytes | None]", self.redis.hmget(self.key(job_id), ["callback", "job"]))
         callback, job = raw
-        if callback:
-            return cast("dict[str, Any]", json.loads(callback))
-        return _callback_in(json.loads(job)) if job else None
+        return _callback_of(json.loads(callback) if callback else None, json.loads(job) if job else None)
 
     def task_id(self, job_id: str) -> str | None:
         """The caller's Celery task id (what its AsyncResult waits on), if the job has a record."""

@@ -18,7 +18,7 @@ from worker.gen.errors import GenNotFound
 from worker.jobs import steps
 from worker.jobs.errors import GenerationStopped, JobTimeout
 from worker.jobs.failures import failure_for, reject
-from worker.jobs.models import LipsyncRequest
+from worker.jobs.models import Job, LipsyncRequest
 from worker.jobs.outcomes import emit_event, finish
 from worker.jobs.resources import Resources
 from worker.jobs.sweeper import sweep_once
@@ -339,3 +339,22 @@ def test_the_callers_async_result_resolves_when_the_outcome_is_recorded(
     steps.create(request("j2"), task_id="caller-2", res=res)
     finish(queue, res, job_id="j2", callback=None, outcome=failure(job_id="j2"))
     assert queue.app.AsyncResult("caller-2").state == "FAILURE"
+
+
+def test_emit_event_takes_the_callback_from_the_record_the_step_read(
+    res: Resources, queue: CeleryQueue
+) -> None:
+    created(res, callback={**TASK_CALLBACK, "events": ["submitted"]})
+    record = res.jobs.get("j1")
+    travelling = Job.model_validate(record.job if record is not None else {})
+    assert travelling.request.callback is None, "jobs in messages carry no callback"
+
+    def reads() -> int:
+        stats = res.redis.info("commandstats")
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("hmget", "hget", "hgetall"))
+
+    before = reads()
+    emit_event(queue, res, travelling, StageEvent.SUBMITTED, {}, record=record)
+    assert reads() == before, "the record was read again"
+    [message] = queued(res, CALLBACK_QUEUE)
+    assert message["id"] == "j1.event.submitted"
