@@ -276,7 +276,8 @@ def submit(
     throttled = _throttle(job, res, "generate")
     if throttled is not None:
         return throttled
-    expect_next(job, res, within=s.gen_connect_timeout + s.gen_read_timeout, state=Stage.SUBMITTING)
+    # The due time written before the body covers the generate call too (the lookups take
+    # milliseconds); a dead worker is found by its silence long before it (worker.jobs.liveness).
     try:
         accepted = res.gen.generate_lipsync(
             sheet_id=request.sheet_id,
