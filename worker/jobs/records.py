@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import redis
 from pydantic import BaseModel, Field
 
 from worker.names import ACTIVE_JOBS_KEY, FREE_REDRIVE, JOB_KEY_PREFIX, Stage
+from worker.ops.replies import as_text
 
 # Create the record in one step, or find it: a process dying half-way must not leave a record
 # without its TTL, its job or its place in the active set. A hash without ``created_at`` is what a
@@ -87,17 +89,20 @@ EVENT_LAYER_PREFIX = "lipsync:events:layer:"
 # its targets in the same step: a submit that dies half-way must not leave a job events cannot find.
 # Nothing is indexed for a hash without a record (a late step of a forgotten job).
 # KEYS: record, the generation's index key, then the target sets. ARGV: generation id, job id, ttl.
+# Returns the recorded generation id and the job's cancel_requested flag ('' when unset), read in
+# the same step, so the submit learns of a cancel that came while GEN was accepting.
 _SET_GENERATION = """
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') or ''
 if redis.call('HSETNX', KEYS[1], 'generation_id', ARGV[1]) == 0 then
-  return redis.call('HGET', KEYS[1], 'generation_id')
+  return {redis.call('HGET', KEYS[1], 'generation_id'), cancel}
 end
-if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return ARGV[1] end
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return {ARGV[1], cancel} end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 for i = 3, #KEYS do
   redis.call('SADD', KEYS[i], ARGV[2])
   redis.call('EXPIRE', KEYS[i], ARGV[3])
 end
-return ARGV[1]
+return {ARGV[1], cancel}
 """
 
 # Poll now: re-drive a job that waits for its next poll, if that poll is far enough away. Like a
@@ -149,6 +154,24 @@ _KEEP_CALLBACK = """
 if redis.call('HEXISTS', KEYS[1], 'created_at') == 0 then return 0 end
 return redis.call('HSETNX', KEYS[1], 'callback', ARGV[1])
 """
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What :meth:`JobStore.accept` recorded: the job's generation id (the first one recorded
+    wins), and whether a cancel of the job was asked for."""
+
+    generation_id: str
+    cancel_requested: bool
+
+
+def _target_keys_of(request: Mapping[str, Any]) -> list[str]:
+    """The event index's sets for the cell and the layer a request names."""
+    keys = []
+    for prefix, name in ((EVENT_CELL_PREFIX, "cell_id"), (EVENT_LAYER_PREFIX, "layer_id")):
+        if request.get(name) is not None:
+            keys.append(prefix + str(request[name]))
+    return keys
 
 
 def _callback_of(callback: Any, job: Any) -> dict[str, Any] | None:
@@ -342,10 +365,15 @@ class JobStore:
         The job is indexed for GEN's events in the same step: under the generation id, and under
         the cell and layer its request names (read from the record's job).
         """
-        key = self.key(job_id)
-        keys = [key, EVENT_GENERATION_PREFIX + generation_id, *self._target_keys(job_id)]
-        winner = self._set_generation(keys=keys, args=[generation_id, job_id, self.ttl])
-        return winner.decode() if isinstance(winner, bytes) else str(winner)
+        return self.accept(job_id, generation_id, target=self._target_of(job_id)).generation_id
+
+    def accept(self, job_id: str, generation_id: str, *, target: Mapping[str, Any]) -> Accepted:
+        """:meth:`set_generation` for a caller that has the job's request at hand (``target``: its
+        ``cell_id`` and ``layer_id``), which also learns whether a cancel was asked for: one round
+        trip where reading the target and the cancel flag took two more."""
+        keys = [self.key(job_id), EVENT_GENERATION_PREFIX + generation_id, *_target_keys_of(target)]
+        winner, cancel = self._set_generation(keys=keys, args=[generation_id, job_id, self.ttl])
+        return Accepted(as_text(winner), cancel_requested=as_text(cancel) == "1")
 
     def finish(
         self,
@@ -466,18 +494,12 @@ class JobStore:
 
     # -- GEN's events: which jobs an event names, and polling one of them now ------------------
 
-    def _target_keys(self, job_id: str) -> list[str]:
-        """The event index's sets for the cell and the layer the job runs on."""
+    def _target_of(self, job_id: str) -> Mapping[str, Any]:
+        """The request of the record's job (what names the cell and the layer it runs on)."""
         raw = self.redis.hget(self.key(job_id), "job")
         job = json.loads(raw) if raw else None
         request = job.get("request") if isinstance(job, dict) else None
-        if not isinstance(request, dict):
-            return []
-        keys = []
-        for prefix, name in ((EVENT_CELL_PREFIX, "cell_id"), (EVENT_LAYER_PREFIX, "layer_id")):
-            if request.get(name) is not None:
-                keys.append(prefix + str(request[name]))
-        return keys
+        return request if isinstance(request, dict) else {}
 
     def jobs_of_generations(self, generation_ids: Sequence[str]) -> dict[str, str]:
         """generation id -> job id, for the generation ids the index knows."""

@@ -298,8 +298,10 @@ def submit(
     except GenAPIError as exc:
         return _again_or_raise(job, exc, res, transient_policy(s))
     failpoint("submit.after_generate")
-    generation_id = res.jobs.set_generation(job.job_id, accepted.generation_id)
-    if res.jobs.cancel_requested(job.job_id):
+    target = {"cell_id": request.cell_id, "layer_id": request.layer_id}
+    recorded = res.jobs.accept(job.job_id, accepted.generation_id, target=target)
+    generation_id = recorded.generation_id
+    if recorded.cancel_requested:
         # Cancelled while GEN was accepting: do not leave a paid generation running. The record
         # says whether GEN confirmed the stop; the cancel (or the sweeper) reports the job's end.
         stop = stop_generation(res, job.job_id, generation_id, sleep=sleep)
