@@ -22,7 +22,7 @@ the paid API and no job is forgotten:
 Records live ``job_timeout + result_ttl`` seconds after their last update.
 
 GEN's own events (:mod:`worker.events`) name generations, cells and layers, never our jobs: when GEN
-accepts a job, :meth:`JobStore.set_generation` also indexes it by its generation id and by the cell
+accepts a job, :meth:`JobStore.accept` also indexes it by its generation id and by the cell
 and layer it runs on, with the record's TTL, so an event can be traced back to the jobs waiting on
 what it names (:meth:`JobStore.jobs_of_generations`, :meth:`JobStore.jobs_on_targets`).
 """
@@ -359,18 +359,10 @@ class JobStore:
         Nothing is written for an unknown job."""
         self._keep_callback(keys=[self.key(job_id)], args=[json.dumps(callback)])
 
-    def set_generation(self, job_id: str, generation_id: str) -> str:
-        """Record GEN's generation id; if one is already recorded, that one wins and is returned.
-
-        The job is indexed for GEN's events in the same step: under the generation id, and under
-        the cell and layer its request names (read from the record's job).
-        """
-        return self.accept(job_id, generation_id, target=self._target_of(job_id)).generation_id
-
     def accept(self, job_id: str, generation_id: str, *, target: Mapping[str, Any]) -> Accepted:
-        """:meth:`set_generation` for a caller that has the job's request at hand (``target``: its
-        ``cell_id`` and ``layer_id``), which also learns whether a cancel was asked for: one round
-        trip where reading the target and the cancel flag took two more."""
+        """Record GEN's generation id (if one is recorded already, that one wins and is returned),
+        index the job for GEN's events under it and under the cell and layer of ``target`` (the
+        job's request), and read whether a cancel was asked for: all in one step."""
         keys = [self.key(job_id), EVENT_GENERATION_PREFIX + generation_id, *_target_keys_of(target)]
         winner, cancel = self._set_generation(keys=keys, args=[generation_id, job_id, self.ttl])
         return Accepted(as_text(winner), cancel_requested=as_text(cancel) == "1")
@@ -493,13 +485,6 @@ class JobStore:
         self.redis.zrem(ACTIVE_JOBS_KEY, job_id)
 
     # -- GEN's events: which jobs an event names, and polling one of them now ------------------
-
-    def _target_of(self, job_id: str) -> Mapping[str, Any]:
-        """The request of the record's job (what names the cell and the layer it runs on)."""
-        raw = self.redis.hget(self.key(job_id), "job")
-        job = json.loads(raw) if raw else None
-        request = job.get("request") if isinstance(job, dict) else None
-        return request if isinstance(request, dict) else {}
 
     def jobs_of_generations(self, generation_ids: Sequence[str]) -> dict[str, str]:
         """generation id -> job id, for the generation ids the index knows."""

@@ -72,7 +72,7 @@ def test_a_submitted_job_is_indexed_by_its_generation_cell_and_layer(res: Resour
 def test_a_late_step_of_a_forgotten_job_indexes_nothing(res: Resources) -> None:
     created(res)
     res.jobs.forget("j1")
-    res.jobs.set_generation("j1", "9999")
+    res.jobs.accept("j1", "9999", target={"cell_id": "3000", "layer_id": "4000"})
     assert res.jobs.jobs_of_generations(["9999"]) == {}
 
 

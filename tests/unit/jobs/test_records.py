@@ -141,8 +141,8 @@ def test_overdue_lists_only_the_jobs_past_due_soonest_first(jobs: JobStore) -> N
 def test_the_first_generation_id_wins(jobs: JobStore) -> None:
     claim(jobs, overdue_at=time.time() + 60)
 
-    assert jobs.set_generation("j1", "gen-A") == "gen-A"
-    assert jobs.set_generation("j1", "gen-B") == "gen-A"
+    assert jobs.accept("j1", "gen-A", target={}).generation_id == "gen-A"
+    assert jobs.accept("j1", "gen-B", target={}).generation_id == "gen-A"
 
     record = jobs.get("j1")
     assert record is not None and record.generation_id == "gen-A"
@@ -358,7 +358,7 @@ def test_claim_ignores_what_a_late_step_left_under_a_forgotten_id(jobs: JobStore
     claim(jobs, overdue_at=time.time() + 60)
     jobs.forget("j1")
     # A step of the forgotten job was still running: it records its generation under the id.
-    jobs.set_generation("j1", "gen-of-the-old-job")
+    jobs.accept("j1", "gen-of-the-old-job", target={})
 
     claim(jobs, overdue_at=time.time() + 60)
 
