@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     poll_min_delay: float = Field(default=0.5, gt=0)
     #: Past the longest time seen, poll every this fraction of the time elapsed.
     poll_tail_fraction: float = Field(default=0.15, gt=0)
+    #: Where fewer than this share of a model's generations are still running, poll as past the
+    #: longest time seen instead of planning polls for them (docs/polling.md). 0: plan them too.
+    poll_rare_share: float = Field(default=0.05, ge=0.0, lt=1.0)
     #: How often each process re-reads what the fleet learned (seconds).
     poll_plan_refresh: float = Field(default=10.0, gt=0)
     #: Cap of our own backoff before retrying a transient error (seconds). A longer Retry-After from

@@ -77,6 +77,7 @@ class PollPlanner:
             max_gap=s.poll_max_delay,
             min_gap=s.poll_min_delay,
             tail_fraction=s.poll_tail_fraction,
+            rare_share=s.poll_rare_share,
             half_life=s.poll_learn_half_life,
         )
 

@@ -17,6 +17,13 @@ Past the last planned time (a generation longer than any seen) the plan polls ev
 ``tail_fraction`` of the elapsed time: the lateness stays a fixed fraction of the duration,
 whatever it turns out to be, for about ``log(L2 / L1) / log(1 + tail_fraction)`` more calls.
 
+The last few percent of the distribution (fewer than ``rare_share`` of generations still running)
+are not chased with polls of their own: a poll there is priced as if ``rare_share`` of them were
+still running, and polls there are no sparser than the tail's. Expected cost alone would spend
+many cheap polls on a thin, stretched-out upper end (one generation that ran 35 s among twenty of
+20 s), and those polls are exactly the ones a generation longer than any seen pays, before the
+tail it would have paid anyway.
+
 The model, its knobs and how it was tested: docs/polling.md.
 """
 
@@ -60,6 +67,9 @@ class Knobs:
     min_gap: float = 0.5
     #: Past the plan, poll every this fraction of the elapsed time.
     tail_fraction: float = 0.15
+    #: Below this share of generations still running, polls are priced as if this share were, and
+    #: are spaced as the tail's (see the module docstring). 0: expected cost alone.
+    rare_share: float = 0.05
     #: An observation's weight halves with every this many newer ones.
     half_life: float = 10.0
 
@@ -177,14 +187,18 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
     after = [-1] * n
     for i in range(n - 2, -1, -1):
         best[i] = math.inf
+        rare = survival[i] < knobs.rare_share
+        # In the rare upper end, no sparser than the tail (but always as far as the next candidate).
+        widest = max(knobs.min_gap, knobs.tail_fraction * points[i]) if rare else knobs.max_gap
+        call = knobs.call_cost * max(survival[i], knobs.rare_share)
         for j in range(i + 1, n):
             gap = points[j] - points[i]
-            if gap > knobs.max_gap + 1e-9:
+            if gap > knobs.max_gap + 1e-9 or (gap > widest + 1e-9 and j > i + 1):
                 break
             if gap < knobs.min_gap - 1e-9 and j != n - 1:
                 continue
             late = points[j] * (logs[j] - logs[i]) - (survival[i] - survival[j])
-            total = knobs.call_cost * survival[i] + late + best[j]
+            total = call + late + best[j]
             if total < best[i]:
                 best[i], after[i] = total, j
     times = []

@@ -10,6 +10,7 @@ its length and 2x the minimum of GEN calls (generate, one status, the download);
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -64,6 +65,29 @@ def replay(durations: Sequence[float], knobs: Knobs = KNOBS, seed: int = 3) -> l
     return ran
 
 
+def run_wave(
+    durations: Sequence[float], seen: list[Observation], knobs: Knobs, rng: random.Random
+) -> list[Ran]:
+    """Jobs that all start before any of them finishes (as a burst does, and the bench's waves):
+    each plans from ``seen`` as it was; their intervals are added to it afterwards."""
+    learned = plan(Durations(seen[:60], half_life=knobs.half_life), knobs) if len(seen) >= 5 else None
+    ran, observed = [], []
+    for duration in durations:
+        t, polls, running_at = 0.0, 0, 0.0
+        while t < duration:
+            if t > 0:
+                running_at = t
+            if learned is not None:
+                t = learned.next_poll(t)
+            else:
+                t += poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
+            polls += 1
+        observed.append(Observation.of(running_at, t))
+        ran.append(Ran(duration, t - duration, polls))
+    seen[:0] = observed
+    return ran
+
+
 def median_lateness(ran: Sequence[Ran]) -> float:
     return statistics.median(r.lateness for r in ran)
 
@@ -109,6 +133,36 @@ def test_a_duration_never_seen_costs_under_10_percent_and_adapts_within_20_jobs(
     adapted = ran[60:]
     assert median_lateness(adapted) <= 0.05
     assert median_calls(adapted) <= 2.0
+
+
+def test_a_duration_never_seen_arriving_at_once_after_a_cold_start_costs_under_3x() -> None:
+    # The fleet's first 20 generations (20 s) all ran at once on the configured schedule, so it
+    # knows them only as coarse intervals, a few of them stretched to ~35 s by a poll just before
+    # the end. Then 24 generations of 40 s start at once: none learns from another. Expected cost
+    # alone would have them all pay polls through that thin stretch and then the tail (4x).
+    per_seed = []
+    for seed in range(12):
+        rng = random.Random(seed)
+        seen: list[Observation] = []
+        run_wave([20.0 * rng.uniform(0.995, 1.005) for _ in range(20)], seen, KNOBS, rng)
+        unseen = run_wave([40.0 * rng.uniform(0.995, 1.005) for _ in range(24)], seen, KNOBS, rng)
+        per_seed.append((median_lateness(unseen), statistics.mean(r.calls for r in unseen)))
+    assert statistics.median(calls for _, calls in per_seed) <= 3.0
+    assert statistics.median(late for late, _ in per_seed) <= 0.10
+
+
+def test_the_rare_upper_end_is_polled_as_the_tail_would() -> None:
+    # Nineteen generations of 20 s and one that ran to 35 s: past the last 5 %, polls come no
+    # sparser and no denser than the tail's, instead of one far jump or many cheap ones.
+    seen = [Observation.of(19.9, 35.0)] + [Observation.of(19.8, 20.2)] * 19
+    durations = Durations(seen, half_life=10)
+    learned = plan(durations, KNOBS)
+    rare = [t for t in learned.times if durations.survival(t) < KNOBS.rare_share]
+    assert len(rare) >= 2
+    for a, b in itertools.pairwise(rare):
+        assert b - a <= max(KNOBS.min_gap, KNOBS.tail_fraction * a) + 1e-6
+    everything = plan(durations, Knobs(rare_share=0.0))
+    assert len(everything.times) > len(learned.times)
 
 
 def test_a_wide_distribution_stays_within_10_percent_and_3x() -> None:
