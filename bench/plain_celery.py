@@ -82,4 +82,13 @@ def noop_chain(plain: Celery) -> AsyncResult[Any]:
     return result
 
 
+def waiting_chain(plain: Celery, wait: float) -> AsyncResult[Any]:
+    """Three no-op tasks whose second waits ``wait`` seconds (a countdown), like a job whose
+    generation takes that long and is polled once at its end; its last task's result."""
+    signature = plain.signature(NOOP)
+    waiting = signature.clone().set(countdown=wait)
+    result: AsyncResult[Any] = chain(signature.clone(), waiting, signature.clone()).apply_async()
+    return result
+
+
 app = create_plain_app()
