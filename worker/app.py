@@ -22,7 +22,7 @@ from worker.jobs.resources import resources
 from worker.jobs.sweeper import SweeperThread
 from worker.names import ALL_QUEUES, QUEUE_JOBS, ROUTES, TASK_DELIVER_WEBHOOK
 from worker.node import ConnectionStep, Node, NodeStep
-from worker.ops import einfo_fixes, kombu_fixes, kombu_reuse, logs
+from worker.ops import deferred, einfo_fixes, kombu_fixes, kombu_reuse, logs
 from worker.preflight import preflight, refuse_to_start
 from worker.settings import Settings, get_settings
 
@@ -140,6 +140,16 @@ def _preflight(sender: Any = None, **_: Any) -> None:
         refuse_to_start(str(exc))
 
 
+def _defer_writes(**_: Any) -> None:
+    """Celery's ``task_prerun``: the task's metrics ride along its own round trips (worker.ops.deferred)."""
+    deferred.collecting()
+
+
+def _flush_writes(**_: Any) -> None:
+    """Celery's ``task_postrun`` (also after a retry or a failure): write what is still pending."""
+    deferred.flush()
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     kombu_fixes.install()
@@ -151,6 +161,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     # Producers using worker.enqueue with this app find the job-record Redis through it.
     celery.lipsync_settings = settings  # type: ignore[attr-defined]
     signals.worker_init.connect(_preflight, weak=False, dispatch_uid="lipsync-preflight")
+    signals.task_prerun.connect(_defer_writes, weak=False, dispatch_uid="lipsync-defer-writes")
+    signals.task_postrun.connect(_flush_writes, weak=False, dispatch_uid="lipsync-flush-writes")
     celery.steps["worker"].add(NodeStep)
     celery.steps["worker"].add(SweeperStep)
     celery.steps["consumer"].add(ConnectionStep)

@@ -5,10 +5,13 @@ many nodes (prefork children come and go, a poll may run on a different node tha
 in-process counter would be split across all of them and lost with each child; a counter in Redis is
 incremented by every process alike, survives restarts, and one scrape target sees fleet totals.
 
-**Recording** (:func:`record_gen_call`, :func:`record_job_finished`, :func:`record_callback`) costs
-one MULTI/EXEC round trip on the caller's Redis client and never raises: a metric must never fail a
-job. Redis errors are logged at DEBUG and the observation is dropped. (The round trip still follows
-the client's own retry policy, so a dead Redis delays the caller as much as any other command would.)
+**Recording** (:func:`record_gen_call`, :func:`record_job_finished`, :func:`record_callback`) is a
+:mod:`worker.ops.deferred` write on the caller's Redis client and never raises: a metric must never
+fail a job. Outside a worker task it costs one MULTI/EXEC round trip at once; inside one it rides
+along the task's next job-record write, or goes out with the task's other observations in one
+MULTI/EXEC when the task ends. Redis errors are logged at DEBUG and the observation is dropped.
+(The round trip still follows the client's own retry policy, so a dead Redis delays the caller as
+much as any other command would.)
 
 **Reading** (:class:`MetricsCollector`) happens at scrape time. Cost per scrape: one pipeline on the
 records Redis (sorted-set reads, the dead-letter length, one HGETALL per metric hash), one pipeline
@@ -74,6 +77,7 @@ from worker.names import (
     WEBHOOKS_PENDING_KEY,
     Stage,
 )
+from worker.ops import deferred
 from worker.ops.broker import queue_lists
 from worker.ops.misrouted import count_misrouted
 from worker.ops.replies import as_text
@@ -227,16 +231,16 @@ def _record(
     observation: _Observation | None = None,
     amount: int = 1,
 ) -> None:
-    # MULTI/EXEC: still one round trip, and a scrape never sees a bucket counted without its sum.
-    try:
-        pipe = r.pipeline(transaction=True)
-        for key, labels in counters:
-            pipe.hincrby(key, _field(labels), amount)
+    increments = [(key, _field(labels)) for key, labels in counters]
+
+    def fill(pipe: Any) -> None:
+        for key, name in increments:
+            pipe.hincrby(key, name, amount)
         if observation is not None:
             _observe(pipe, observation)
-        pipe.execute()
-    except redis.RedisError as exc:
-        logger.debug("metrics: %s not recorded: %s", what, exc)
+
+    # Inside a worker task it goes out with the task's next job-record write, or at the task's end.
+    deferred.write(r, f"metrics: {what}", fill)
 
 
 def _observe(pipe: Any, obs: _Observation) -> None:

@@ -293,7 +293,7 @@ def test_scrape_reports_an_unreadable_redis_instead_of_failing() -> None:
 
 def test_recording_never_raises_when_redis_is_down(caplog: pytest.LogCaptureFixture) -> None:
     client = down_client()
-    with caplog.at_level(logging.DEBUG, logger="lipsync.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="lipsync.deferred"):
         record_gen_call(client, endpoint="generate", status=202, seconds=0.1)
         record_job_finished(client, model="gen", status="completed", seconds=10.0)
         record_callback(client, kind="webhook", outcome="delivered")
