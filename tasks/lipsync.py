@@ -29,7 +29,7 @@ from worker.errors import LipsyncJobFailed, StillRunning
 from worker.jobs import steps
 from worker.jobs.failures import failure_for, reject
 from worker.jobs.models import Job
-from worker.jobs.outcomes import emit_event, finish
+from worker.jobs.outcomes import emit_event, finish, subscribed
 from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources, resources
 from worker.names import (
@@ -133,13 +133,16 @@ def fetch_output(self: AnyTask, job: dict[str, Any]) -> dict[str, Any]:
         raise
     assert not isinstance(result, Job | steps.Again)
     queue = _queue(self)
-    try:
-        latest = steps.guard(current, res)
-    except steps.NothingToDo:
-        pass  # ended while the output was stored: no event; finish hands back the recorded end
-    else:
-        output = {"output": result.output.model_dump(mode="json")}
-        emit_event(queue, res, current, StageEvent.OUTPUT_FETCHED, output, record=latest)
+    # The record is read again only for a job that asked for the event (most ask for none): an end
+    # meanwhile (a cancel) must not be followed by it. Without it, finish hands back such an end.
+    if subscribed(res, current, StageEvent.OUTPUT_FETCHED, record=record):
+        try:
+            latest = steps.guard(current, res)
+        except steps.NothingToDo:
+            pass  # ended while the output was stored: no event; finish hands back the recorded end
+        else:
+            output = {"output": result.output.model_dump(mode="json")}
+            emit_event(queue, res, current, StageEvent.OUTPUT_FETCHED, output, record=latest)
     stored = finish(queue, res, job_id=current.job_id, callback=current.request.callback, outcome=result)
     log.info("job %s: completed, output at %s", current.job_id, result.output.uri)
     return _deliver_recorded(stored)

@@ -38,17 +38,19 @@ def finish(
     or a job whose message carried its callback.
     """
     payload = outcome.model_dump(mode="json")
-    recorded = _callback_of(res, job_id)
     # Until the callbacks are marked dispatched, the sweeper will re-dispatch them after the grace.
     due = res.clock() + res.settings.recovery_grace
-    first, stored = res.jobs.finish(
+    # One step records the outcome (or reads the recorded one) and reads where it goes and whose
+    # result it is, as the record holds them then.
+    ended = res.jobs.end(
         job_id,
         payload,
         state=payload["status"],
         overdue_at=due,
-        callback=None if recorded is not None or callback is None else callback.model_dump(mode="json"),
+        callback=None if callback is None else callback.model_dump(mode="json"),
     )
-    callback = recorded or callback
+    first, stored = ended.first, ended.outcome
+    callback = None if ended.callback is None else Callback.model_validate(ended.callback)
     if first:
         timings = payload.get("timings") or {}
         metrics.record_job_finished(
@@ -62,7 +64,7 @@ def finish(
             "job %s already ended as %s; not recording %s", job_id, stored.get("status"), payload["status"]
         )
     # Whoever recorded the outcome dispatches; a later writer only if that dispatch is unconfirmed.
-    if first or not _dispatched(res, job_id):
+    if first or not ended.callbacks_dispatched:
         dispatch(
             queue,
             res.outbox,
@@ -77,9 +79,8 @@ def finish(
         # The caller's AsyncResult resolves now, not only when the chain's last task returns: that
         # task can still die, or be cancelled when its worker loses the broker, after this point,
         # and nothing would run it again for a job that has its outcome.
-        caller = res.jobs.task_id(job_id)
-        if caller is not None:
-            queue.resolve(caller, stored)
+        if ended.task_id is not None:
+            queue.resolve(ended.task_id, stored)
         failpoint("finish.after_dispatch")
         res.jobs.mark_callbacks_dispatched(job_id)
     _tell_batch(queue, res, job_id, stored)
@@ -102,9 +103,20 @@ def _callback_of(res: Resources, job_id: str) -> Callback | None:
     return None if raw is None else Callback.model_validate(raw)
 
 
-def _dispatched(res: Resources, job_id: str) -> bool:
-    record = res.jobs.get(job_id)
-    return record is not None and record.callbacks_dispatched
+def subscribed(res: Resources, job: Job, event: StageEvent, *, record: JobRecord | None) -> bool:
+    """Whether the job's callback asks for ``event`` (``record`` as for :func:`emit_event`): a step
+    need not read anything more for an event nobody asked for."""
+    return _subscriber(res, job, event, record=record) is not None
+
+
+def _subscriber(res: Resources, job: Job, event: StageEvent, *, record: JobRecord | None) -> Callback | None:
+    if record is not None:
+        raw = record.callback_json()
+        recorded = None if raw is None else Callback.model_validate(raw)
+    else:
+        recorded = _callback_of(res, job.job_id)
+    callback = recorded or job.request.callback
+    return callback if callback is not None and event in callback.events else None
 
 
 def emit_event(
@@ -118,13 +130,8 @@ def emit_event(
 ) -> None:
     """Send a stage event to subscribers, once per job and event. ``record``: the job's record as
     the step read it, whose callback saves reading it again (most jobs subscribe to no event)."""
-    if record is not None:
-        raw = record.callback_json()
-        recorded = None if raw is None else Callback.model_validate(raw)
-    else:
-        recorded = _callback_of(res, job.job_id)
-    callback = recorded or job.request.callback
-    if callback is None or event not in callback.events:
+    callback = _subscriber(res, job, event, record=record)
+    if callback is None:
         return
     if not res.jobs.mark_once(job.job_id, f"event:{event.value}"):
         return

@@ -39,6 +39,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from worker.names import ACTIVE_JOBS_KEY, FREE_REDRIVE, JOB_KEY_PREFIX, Stage
+from worker.ops import deferred
 from worker.ops.replies import as_text
 
 # Create the record in one step, or find it: a process dying half-way must not leave a record
@@ -156,6 +157,48 @@ return redis.call('HSETNX', KEYS[1], 'callback', ARGV[1])
 """
 
 
+# Record the outcome unless one is recorded (the first writer decides) and, for that writer, the
+# job's state and when its callbacks are overdue; return what whoever tells the caller needs, read
+# in the same step. ``callback`` is written unless the record has one (its field, or in the job of
+# a record from before the field). KEYS: record, active set. ARGV: outcome, callback ('' for none),
+# state, overdue_at, updated_at, ttl, job id. Returns: 1 if this call recorded the outcome, the
+# recorded outcome, the callback field, the job (only when the field is empty, for an older
+# record's callback), the caller's task id, callbacks_dispatched.
+_END = """
+if ARGV[2] ~= '' and not redis.call('HGET', KEYS[1], 'callback') then
+  local job = redis.call('HGET', KEYS[1], 'job')
+  local ok, decoded = pcall(cjson.decode, job or 'null')
+  local old = ok and type(decoded) == 'table' and type(decoded.request) == 'table'
+    and type(decoded.request.callback) == 'table'
+  if not old then redis.call('HSET', KEYS[1], 'callback', ARGV[2]) end
+end
+local first = redis.call('HSETNX', KEYS[1], 'outcome', ARGV[1])
+if first == 1 then
+  redis.call('HSET', KEYS[1], 'state', ARGV[3], 'next_poll_at', '', 'overdue_at', ARGV[4],
+    'updated_at', ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[7])
+end
+local f = redis.call('HMGET', KEYS[1], 'outcome', 'callback', 'task_id', 'callbacks_dispatched')
+local job = ''
+if not f[2] or f[2] == '' then job = redis.call('HGET', KEYS[1], 'job') or '' end
+return {first, f[1], f[2] or '', job, f[3] or '', f[4] or ''}
+"""
+
+
+@dataclass(frozen=True)
+class Ended:
+    """What :meth:`JobStore.end` found: whether this call recorded the outcome, the recorded one,
+    and, as the record holds them after it, where the outcome goes, the caller's task id, and
+    whether the callbacks were marked dispatched."""
+
+    first: bool
+    outcome: dict[str, Any]
+    callback: dict[str, Any] | None
+    task_id: str | None
+    callbacks_dispatched: bool
+
+
 @dataclass(frozen=True)
 class Accepted:
     """What :meth:`JobStore.accept` recorded: the job's generation id (the first one recorded
@@ -177,6 +220,10 @@ def _target_keys_of(request: Mapping[str, Any]) -> list[str]:
 def _callback_of(callback: Any, job: Any) -> dict[str, Any] | None:
     """A record's callback: its own field, else (a record from before the field) its job's."""
     return cast("dict[str, Any]", callback) if callback else _callback_in(job)
+
+
+def _json_or_none(raw: bytes | str | None) -> Any:
+    return json.loads(raw) if raw else None
 
 
 def _callback_in(job: Any) -> dict[str, Any] | None:
@@ -248,6 +295,7 @@ class JobStore:
         self._keep_callback = client.register_script(_KEEP_CALLBACK)
         self._set_generation = client.register_script(_SET_GENERATION)
         self._nudge = client.register_script(_NUDGE)
+        self._end = client.register_script(_END)
 
     @staticmethod
     def key(job_id: str) -> str:
@@ -334,6 +382,14 @@ class JobStore:
         **fields: Any,
     ) -> None:
         """Write fields; ``job`` stores the chain's state, ``overdue_at`` reschedules the sweeper."""
+        pipe = self._updating(job_id, job=job, overdue_at=overdue_at, **fields)
+        # The task's pending metrics ride along: a step writes its record anyway.
+        deferred.execute_with(self.redis, pipe)
+
+    def _updating(
+        self, job_id: str, /, *, job: dict[str, Any] | None, overdue_at: float | None, **fields: Any
+    ) -> Any:
+        """The MULTI/EXEC pipeline of :meth:`update`, not yet executed."""
         key = self.key(job_id)
         mapping: dict[Any, Any] = {
             name: "" if value is None else str(value) for name, value in fields.items()
@@ -352,7 +408,7 @@ class JobStore:
         pipe.expire(key, self.ttl)
         if overdue_at is not None:
             pipe.zadd(ACTIVE_JOBS_KEY, {key.removeprefix(JOB_KEY_PREFIX): overdue_at})
-        pipe.execute()
+        return pipe
 
     def keep_callback(self, job_id: str, callback: dict[str, Any]) -> None:
         """Make ``callback`` the job's callback unless it has one (a record from before the field).
@@ -382,22 +438,45 @@ class JobStore:
         dispatched: a crash between the two leaves it for the sweeper to re-dispatch, to
         ``callback`` if the record had none (a request refused before it became a job).
         """
-        key = self.key(job_id)
-        pipe = self.redis.pipeline()
-        pipe.hsetnx(key, "outcome", json.dumps(outcome))
-        if callback is not None:
-            pipe.hsetnx(key, "callback", json.dumps(callback))
-        first = bool(pipe.execute()[0])
-        if first:
-            self.update(job_id, state=state, next_poll_at=None, overdue_at=overdue_at)
-            return True, outcome
-        stored = self.redis.hget(key, "outcome")
-        assert stored is not None
-        return False, json.loads(stored)
+        ended = self.end(job_id, outcome, state=state, overdue_at=overdue_at, callback=callback)
+        return ended.first, ended.outcome
+
+    def end(
+        self,
+        job_id: str,
+        outcome: dict[str, Any],
+        *,
+        state: str,
+        overdue_at: float,
+        callback: dict[str, Any] | None = None,
+    ) -> Ended:
+        """:meth:`finish`, also reading what the one who tells the caller needs (:class:`Ended`),
+        in the same step."""
+        args: list[str | int] = [
+            json.dumps(outcome),
+            "" if callback is None else json.dumps(callback),
+            state,
+            repr(overdue_at),
+            repr(time.time()),
+            self.ttl,
+            job_id,
+        ]
+        first, stored, recorded, job, task_id, dispatched = self._end(
+            keys=[self.key(job_id), ACTIVE_JOBS_KEY], args=args
+        )
+        return Ended(
+            first=bool(first),
+            outcome=json.loads(stored),
+            callback=_callback_of(_json_or_none(recorded), _json_or_none(job)),
+            task_id=as_text(task_id) or None,
+            callbacks_dispatched=as_text(dispatched) == "1",
+        )
 
     def mark_callbacks_dispatched(self, job_id: str) -> None:
-        self.update(job_id, callbacks_dispatched="1")
-        self.redis.zrem(ACTIVE_JOBS_KEY, job_id)
+        pipe = self._updating(job_id, job=None, overdue_at=None, callbacks_dispatched="1")
+        # Out of the active set in the same step (one round trip): nothing is owed any more.
+        pipe.zrem(ACTIVE_JOBS_KEY, job_id)
+        deferred.execute_with(self.redis, pipe)
 
     def mark_once(self, job_id: str, flag: str) -> bool:
         """Set a one-time flag on the job (e.g. an event sent); True for the caller that set it.

@@ -422,3 +422,32 @@ def test_a_record_from_before_keeps_its_callback_in_its_job_until_it_moves(jobs:
     jobs.update("j1", job={"request": {"job_id": "j1", "callback": None}})  # what travels now
 
     assert jobs.callback("j1") == CALLBACK
+
+
+def test_end_reads_what_the_one_who_tells_the_caller_needs_in_the_same_step(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 60, task_id="caller-task")
+
+    first = jobs.end("j1", OUTCOME, state="completed", overdue_at=now + 120, callback=CALLBACK)
+    assert (first.first, first.outcome, first.task_id) == (True, OUTCOME, "caller-task")
+    assert first.callback == CALLBACK, "a record without a callback takes the one given"
+    assert not first.callbacks_dispatched
+
+    jobs.mark_callbacks_dispatched("j1")
+    other = {"job_id": "j1", "status": "cancelled"}
+    later = jobs.end("j1", other, state="failed", overdue_at=now + 999, callback={"task": "else"})
+    assert (later.first, later.outcome, later.callback) == (False, OUTCOME, CALLBACK)
+    assert later.callbacks_dispatched
+    assert active(jobs) == {}, "a later writer does not put it back in the active set"
+
+
+def test_end_keeps_the_callback_of_a_record_from_before_the_field(jobs: JobStore) -> None:
+    now = time.time()
+    claim(jobs, overdue_at=now + 60)
+    old_job = {"request": {"job_id": "j1", "callback": CALLBACK}}
+    jobs.redis.hset(JobStore.key("j1"), "job", json.dumps(old_job))  # as written before the field
+
+    ended = jobs.end("j1", OUTCOME, state="completed", overdue_at=now + 120, callback={"task": "else"})
+
+    assert ended.callback == CALLBACK
+    assert jobs.callback("j1") == CALLBACK
