@@ -65,11 +65,16 @@ class CeleryQueue:
     def resolve(self, task_id: str, outcome: dict[str, Any]) -> None:
         # When the task running here is the one whose result this is (the chain's last step), store
         # it with that task's own request: the result keeps its extended metadata (worker, name,
-        # queue), and Celery's own store of the same outcome when the task returns changes nothing.
-        # (current_task is a proxy: it is falsy, not None, outside a task.)
+        # queue). (current_task is a proxy: it is falsy, not None, outside a task.)
         request = current_task.request if current_task and current_task.request.id == task_id else None
         if outcome.get("status") == "completed":
             self.app.backend.store_result(task_id, outcome, "SUCCESS", request=request)
+            if request is not None:
+                # The task returns this very outcome next (tasks.lipsync): Celery's own store of it
+                # would write and publish the same result a second time. Celery reads the request's
+                # ignore_result when the task has returned, so the success is stored once. A
+                # failure is not ours to skip: Celery stores it (or not) by the task's options.
+                request.ignore_result = True
         else:
             self.app.backend.store_result(task_id, LipsyncJobFailed(outcome), "FAILURE", request=request)
 

@@ -472,6 +472,54 @@ def test_progress_states_and_job_record(cluster: Cluster, simulator: Any) -> Non
     assert record.callbacks_dispatched
 
 
+def test_the_callers_result_is_stored_once_with_the_last_steps_metadata(
+    cluster: Cluster, simulator: Any
+) -> None:
+    """The outcome is stored under the caller's id when the job ends (before its callbacks go out),
+    with the last step's request; that step then returns the same outcome, and Celery's own store
+    of it would be a second round trip: Celery reads the stored state first and writes nothing
+    over a SUCCESS, so that store shows as a read of the result key without a write. Counted in
+    the result backend's command stream (MONITOR); nothing here waits on the result itself, so
+    every command on the key is the worker's."""
+    req = request()
+    backend = redis.Redis.from_url(cluster.env["LIPSYNC_RESULT_BACKEND"])
+    key = f"celery-task-meta-{req['job_id']}"
+    on_key: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with backend.monitor() as stream:  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            while not stop.is_set():
+                command = str(stream.next_command()["command"])
+                if key in command:
+                    on_key.append(command.split()[0].upper())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(0.3)  # MONITOR is on before the job starts
+    try:
+        enqueue(req, app=cluster.app())
+        store = JobStore(cluster.redis(), ttl=60)
+
+        def ended() -> bool:
+            record = store.get(req["job_id"])
+            return record is not None and record.outcome is not None
+
+        wait_for(ended, timeout=RESULT_TIMEOUT)
+        time.sleep(1.5)  # the last step returns after the outcome is recorded: let its store happen
+    finally:
+        stop.set()
+        backend.ping()  # something for the watcher to read, so it sees the stop
+        watcher.join(timeout=5)
+        backend.close()
+    reads, writes = on_key.count("GET"), on_key.count("SETEX") + on_key.count("SET")
+    assert writes >= 3, on_key  # POLLING, FETCHING, the result
+    assert reads == writes, f"a store that found the result already there: {on_key}"
+    final = json.loads(redis.Redis.from_url(cluster.env["LIPSYNC_RESULT_BACKEND"]).get(key) or b"{}")
+    assert final["status"] == "SUCCESS" and final["result"]["job_id"] == req["job_id"], final
+    assert final["name"] == "lipsync.fetch_output" and final["worker"], final
+
+
 def test_result_is_reachable_by_job_id(cluster: Cluster, simulator: Any) -> None:
     req = request()
     enqueue(req, app=cluster.app()).get(timeout=RESULT_TIMEOUT)
