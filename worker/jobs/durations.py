@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from worker.jobs.backoff import poll_delay
 from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan
 from worker.names import DURATIONS_KEY_PREFIX
+from worker.ops import deferred
 from worker.settings import Settings
 
 log = logging.getLogger("lipsync.schedule")
@@ -37,10 +39,16 @@ class DurationLog:
         return DURATIONS_KEY_PREFIX + model
 
     def add(self, model: str, observation: Observation) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.lpush(self.key(model), f"{observation.lo:.3f} {observation.hi:.3f}")
-        pipe.ltrim(self.key(model), 0, self.keep - 1)
-        pipe.execute()
+        """Learn one interval. In a worker task it rides the task's next write to this Redis
+        (:mod:`worker.ops.deferred`): nothing waits for it, and one lost to a dying process only
+        leaves the plan a sample short."""
+        key, item = self.key(model), f"{observation.lo:.3f} {observation.hi:.3f}"
+
+        def fill(pipe: Any) -> None:
+            pipe.lpush(key, item)
+            pipe.ltrim(key, 0, self.keep - 1)
+
+        deferred.write(self.redis, f"duration of {model}", fill)
 
     def recent(self, model: str) -> list[Observation]:
         raw: list[bytes] = self.redis.lrange(self.key(model), 0, self.keep - 1)  # type: ignore[assignment]

@@ -541,7 +541,9 @@ def _wait(job: Job, res: Resources, *, countdown: float | None = None) -> Again:
 
 def _learn(job: Job, res: Resources, *, done_at: float) -> None:
     """Tell the fleet how long this generation took: between the last poll that found it running
-    and this one. Never in the way of the job: a Redis blink loses one interval, nothing else."""
+    and this one. Never in the way of the job: a Redis blink loses one interval, nothing else (in a
+    worker task the interval rides the record write that follows; worker.ops.deferred logs a lost
+    one)."""
     if job.submitted_at is None:
         return
     running_at = job.last_running_at or job.submitted_at

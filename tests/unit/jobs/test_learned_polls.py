@@ -19,6 +19,7 @@ from worker.jobs.models import Job
 from worker.jobs.resources import Resources
 from worker.jobs.schedule import Observation
 from worker.jobs.steps import Again, poll, submit
+from worker.ops import deferred
 
 GEN_SECONDS = DURATIONS["gen"]  # pending for a fifth of it, then processing
 
@@ -78,6 +79,37 @@ def test_completed_generations_teach_the_fleet_and_later_jobs_poll_when_they_end
     late = done.generation_completed_at - start - GEN_SECONDS
     assert 0 <= late <= 0.05 * GEN_SECONDS
     assert warm_calls <= 2 < cold_calls
+
+
+def test_in_a_task_the_interval_goes_out_with_the_polls_record_write(
+    make_res: ResFactory, sim: GenSimulator, clock: FakeClock
+) -> None:
+    # A worker task collects such writes (worker.app's task signals): the interval learned by the
+    # poll that saw the end rides that poll's record write (its MULTI/EXEC) instead of a round trip
+    # of its own. Read from Redis's command stream (MONITOR).
+    res = make_res()
+    job = submitted(res, "riding")
+    key = DurationLog.key("gen")
+    with res.redis.monitor() as stream:  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        deferred.collecting()
+        try:
+            while isinstance(outcome := poll(job, res), Again):
+                clock.advance(outcome.countdown)
+                job = outcome.job
+        finally:
+            deferred.flush()
+        res.redis.set("test:monitor-end", "1")
+        commands = []
+        while "test:monitor-end" not in (command := str(stream.next_command()["command"])):
+            commands.append(command.split()[:2])
+    pushed = [i for i, (name, *arg) in enumerate(commands) if name == "LPUSH" and arg == [key]]
+    assert len(pushed) == 1, commands
+    before = [name for name, *_ in commands[: pushed[0]]]
+    opened = max(i for i, name in enumerate(before) if name == "MULTI")
+    closed = max((i for i, name in enumerate(before) if name == "EXEC"), default=-1)
+    assert opened > closed, "the interval was sent on its own, outside a transaction"
+    assert "HSET" in before[opened:], "it rode no record write"
+    assert DurationLog(res.redis, keep=60).recent("gen"), "learned"
 
 
 def test_the_first_poll_after_submit_waits_without_asking_gen(
