@@ -3,9 +3,10 @@
 Same broker, result backend and every Celery setting :func:`worker.app.celery_config` sets (late
 acks, prefetch 1, events, extended results, the visibility timeout...), read from the same
 ``LIPSYNC_*`` environment; none of ours on top: no bootsteps (node heartbeat, sweeper), no kombu
-fixes, no preflight, no logging set-up. ``tests/unit/test_bench_helpers.py`` checks the settings
-stay those of ``celery_config``. (It cannot import ``worker.app``: that module builds our app, and
-its preflight hook and kombu fixes would apply to this worker too.)
+fixes, no preflight, no logging set-up, and Celery's own Redis result backend on the same Redis
+(ours stores in one round trip: :mod:`worker.ops.results`). ``tests/unit/test_bench_helpers.py``
+checks the settings stay those of ``celery_config``. (It cannot import ``worker.app``: that module
+builds our app, and its preflight hook and kombu fixes would apply to this worker too.)
 
     celery -A bench.plain_celery worker -c 2      # with the same LIPSYNC_* environment as ours
 """
@@ -24,10 +25,13 @@ NOOP = "bench.noop"
 
 #: Settings of ``celery_config`` this app does not copy: they route our task names to our queues.
 ROUTING = frozenset({"task_queues", "task_routes", "task_annotations"})
+#: The one it sets otherwise: Celery's own backend class for the same URL.
+BACKEND = "result_backend"
 
 
 def plain_config(settings: Settings) -> dict[str, object]:
-    """Every Celery setting of ``worker.app.celery_config`` except :data:`ROUTING`."""
+    """Every Celery setting of ``worker.app.celery_config`` except :data:`ROUTING`, and
+    :data:`BACKEND` without our backend class."""
     transport = {"visibility_timeout": settings.visibility_timeout}
     return {
         "broker_url": settings.broker_url,

@@ -23,6 +23,7 @@ from worker.jobs.sweeper import SweeperThread
 from worker.names import ALL_QUEUES, QUEUE_JOBS, ROUTES, TASK_DELIVER_WEBHOOK
 from worker.node import ConnectionStep, Node, NodeStep
 from worker.ops import deferred, einfo_fixes, kombu_fixes, kombu_reuse, logs
+from worker.ops.results import backend_setting
 from worker.preflight import preflight, refuse_to_start
 from worker.settings import Settings, get_settings
 
@@ -41,7 +42,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.effective_result_backend,
+        # Celery's Redis backend with a store of one round trip instead of two (worker.ops.results).
+        "result_backend": backend_setting(settings.effective_result_backend),
         # JSON only, in both directions: producers in any language, and no pickle on the wire.
         "task_serializer": "json",
         "result_serializer": "json",
