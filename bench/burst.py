@@ -67,6 +67,8 @@ def run(
     before_gen: list[float] = []
     after_gen: list[float] = []
     enqueue_seconds: list[float] = []
+    #: Per round, the mean of ours' status calls per job (the poll plan's work in the burst).
+    status_calls: list[float] = []
     missing = 0
     with ExitStack() as closing:
         sim = simulator({"gen": latency})
@@ -93,6 +95,7 @@ def run(
             missing += lost
             ours_p95.append(p95(added))
             ours_median.append(median(added))
+            status_calls.append(sum(g.status_calls for g in seen.values()) / max(len(seen), 1))
             for job in batch:
                 generation = seen.get(job.key)
                 if generation is not None and generation.output_fetched_at is not None:
@@ -138,6 +141,8 @@ def run(
         f"ours, all rounds: enqueue -> GEN has the generation p95 {p95(before_gen):.2f} s, max "
         f"{max(before_gen, default=float('nan')):.2f} s; GEN done -> output requested p95 "
         f"{p95(after_gen):.2f} s, max {max(after_gen, default=float('nan')):.2f} s",
+        "ours, status calls per job by round (the first round plans from the warm-up alone): "
+        + ", ".join(f"{calls:.2f}" for calls in status_calls),
     ]
     notes.append(
         f"plain Celery chain: {jobs} chains of three no-op tasks sent at once to a plain worker -c "
