@@ -207,6 +207,14 @@ def test_waves_of_jobs_sharing_one_plan_keep_to_2x_the_calls() -> None:
     assert max(statistics.mean(r.calls for r in wave) for wave in waves[2:]) <= 2.0
 
 
+def test_a_planned_time_closer_than_min_gap_is_put_off_not_skipped() -> None:
+    # The poll before it ran late: skipping the plan's last time would send a generation ending
+    # there to the tail, 15 % of its duration later.
+    learned = Plan(times=(29.75, 30.3), knobs=KNOBS)
+    assert learned.next_poll(29.9) == pytest.approx(29.9 + KNOBS.min_gap)
+    assert learned.next_poll(29.0) == pytest.approx(29.75)
+
+
 def test_past_the_longest_duration_seen_the_tail_keeps_lateness_a_fraction_of_the_elapsed_time() -> None:
     learned = plan(Durations([Observation.of(19.5, 20.0)] * 10, half_life=10), KNOBS)
     assert learned.times[-1] == pytest.approx(20.0)
