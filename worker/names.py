@@ -137,6 +137,10 @@ AUDIT_SUSPECTS_KEY = "lipsync:audit:suspects"
 #: One list per model of the newest generation times seen (``lo hi`` seconds), newest first:
 #: ``lipsync:durations:<model>`` (worker.jobs.durations).
 DURATIONS_KEY_PREFIX = "lipsync:durations:"
+#: One list per model of the newest *bounded* generation times (seen running at a poll before the
+#: one that found them done), newest first: ``lipsync:durations-bounded:<model>``. They outlive the
+#: window above (worker.jobs.schedule: waves that share one plan).
+BOUNDED_DURATIONS_KEY_PREFIX = "lipsync:durations-bounded:"
 #: The sweeper's fleet-wide lease (one sweep per round).
 SWEEPER_LEASE_KEY = "lipsync:sweeper:lease"
 #: Sorted set of worker consumers ("holders"), scored by their last heartbeat in Redis server time;

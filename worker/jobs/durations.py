@@ -2,10 +2,12 @@
 
 Every completed generation adds one interval (``lo``, ``hi``: seconds after GEN accepted it when
 it was last seen running and first seen done) to a short list per model, shared by every worker
-(:class:`DurationLog`). Each process keeps a :class:`PollPlanner` that reads the list now and then
-(``LIPSYNC_POLL_PLAN_REFRESH``) and plans the polls with :mod:`worker.jobs.schedule`; until a model
-has ``LIPSYNC_POLL_LEARN_MIN_SAMPLES`` intervals, or with ``LIPSYNC_POLL_LEARN=false``, the
-configured schedule (``LIPSYNC_POLL_INITIAL_DELAY`` growing to ``LIPSYNC_POLL_MAX_DELAY``) runs.
+(:class:`DurationLog`); a bounded one (``lo > 0``) goes to a second list too, so that the last
+bounded intervals outlive a window full of unbounded ones (see :mod:`worker.jobs.schedule`). Each
+process keeps a :class:`PollPlanner` that reads both now and then (``LIPSYNC_POLL_PLAN_REFRESH``)
+and plans the polls with :mod:`worker.jobs.schedule`; until a model has
+``LIPSYNC_POLL_LEARN_MIN_SAMPLES`` intervals, or with ``LIPSYNC_POLL_LEARN=false``, the configured
+schedule (``LIPSYNC_POLL_INITIAL_DELAY`` growing to ``LIPSYNC_POLL_MAX_DELAY``) runs.
 """
 
 from __future__ import annotations
@@ -20,15 +22,29 @@ import redis
 
 from worker.jobs.backoff import poll_delay
 from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan
-from worker.names import DURATIONS_KEY_PREFIX
+from worker.names import BOUNDED_DURATIONS_KEY_PREFIX, DURATIONS_KEY_PREFIX
 from worker.ops import deferred
 from worker.settings import Settings
 
 log = logging.getLogger("lipsync.schedule")
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What the fleet remembers of a model's generations, for :class:`Durations`."""
+
+    #: The newest ``keep`` intervals, newest first.
+    window: list[Observation]
+    #: Bounded intervals older than the window, newest first (up to ``keep`` bounded ones in all).
+    kept: list[Observation]
+
+    def durations(self, half_life: float) -> Durations:
+        return Durations(self.window, half_life=half_life, kept=self.kept)
+
+
 class DurationLog:
-    """The newest ``keep`` intervals per model, newest first (one Redis list per model)."""
+    """The newest ``keep`` intervals per model, and the newest ``keep`` bounded ones, newest first
+    (two Redis lists per model, written together)."""
 
     def __init__(self, client: redis.Redis, *, keep: int) -> None:
         self.redis = client
@@ -38,28 +54,45 @@ class DurationLog:
     def key(model: str) -> str:
         return DURATIONS_KEY_PREFIX + model
 
+    @staticmethod
+    def bounded_key(model: str) -> str:
+        return BOUNDED_DURATIONS_KEY_PREFIX + model
+
     def add(self, model: str, observation: Observation) -> None:
         """Learn one interval. In a worker task it rides the task's next write to this Redis
         (:mod:`worker.ops.deferred`): nothing waits for it, and one lost to a dying process only
         leaves the plan a sample short."""
-        key, item = self.key(model), f"{observation.lo:.3f} {observation.hi:.3f}"
+        item = f"{observation.lo:.3f} {observation.hi:.3f}"
+        keys = [self.key(model)] + ([self.bounded_key(model)] if observation.bounded else [])
 
         def fill(pipe: Any) -> None:
-            pipe.lpush(key, item)
-            pipe.ltrim(key, 0, self.keep - 1)
+            for key in keys:
+                pipe.lpush(key, item)
+                pipe.ltrim(key, 0, self.keep - 1)
 
         deferred.write(self.redis, f"duration of {model}", fill)
 
-    def recent(self, model: str) -> list[Observation]:
-        raw: list[bytes] = self.redis.lrange(self.key(model), 0, self.keep - 1)  # type: ignore[assignment]
-        seen = []
-        for item in raw:
-            try:
-                lo, hi = (float(part) for part in item.split())
-            except ValueError:
-                continue  # not ours: skip rather than stop learning
-            seen.append(Observation.of(lo, hi))
-        return seen
+    def recent(self, model: str) -> Seen:
+        """Both lists in one MULTI/EXEC. The bounded list starts with the window's own bounded
+        intervals (they were pushed together); what follows them is older than the window."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.lrange(self.key(model), 0, self.keep - 1)
+        pipe.lrange(self.bounded_key(model), 0, self.keep - 1)
+        window_raw, bounded_raw = pipe.execute()
+        window, bounded = _parsed(window_raw), _parsed(bounded_raw)
+        in_window = sum(1 for o in window if o.bounded)
+        return Seen(window=window, kept=bounded[in_window:])
+
+
+def _parsed(raw: list[bytes]) -> list[Observation]:
+    seen = []
+    for item in raw:
+        try:
+            lo, hi = (float(part) for part in item.split())
+        except ValueError:
+            continue  # not ours: skip rather than stop learning
+        seen.append(Observation.of(lo, hi))
+    return seen
 
 
 @dataclass(frozen=True)
@@ -100,9 +133,9 @@ class PollPlanner:
         if learned is None or now - learned.read_at >= s.poll_plan_refresh:
             seen = self.seen.recent(model)
             made = None
-            if len(seen) >= s.poll_learn_min_samples:
-                made = plan(Durations(seen, half_life=self.knobs.half_life), self.knobs)
-            learned = _Learned(plan=made, samples=len(seen), read_at=now)
+            if len(seen.window) >= s.poll_learn_min_samples:
+                made = plan(seen.durations(self.knobs.half_life), self.knobs)
+            learned = _Learned(plan=made, samples=len(seen.window), read_at=now)
             self._learned[model] = learned
         return learned.plan
 

@@ -24,6 +24,17 @@ many cheap polls on a thin, stretched-out upper end (one generation that ran 35 
 20 s), and those polls are exactly the ones a generation longer than any seen pays, before the
 tail it would have paid anyway.
 
+A generation whose first poll already found it done is known only as ``(0, hi]``: done by ``hi``,
+nothing about where. A sharp plan polls once, right at the end, and makes only such observations;
+a wave of jobs sharing one plan (a burst, a batch) can fill the whole window with them, and the
+estimate would then spread from 0 to the end (the next wave polled its way up from the start: 12
+status calls per job). So bounded observations (``lo > 0``) are also kept beyond the window
+(:class:`Durations`' ``kept``) and only they are spread evenly; and when most of the window's
+weight is unbounded, the plan adds a *lead* poll, ``1 / (1 + tail_fraction)`` of the way to its
+first poll that expects generations done, so that its jobs are bounded again. The lead is placed
+from that poll, which follows the ends, not from the previous leads, so leads do not creep. A
+faster GEN shows at the lead: it finds the generations done, earlier than every kept span.
+
 The model, its knobs and how it was tested: docs/polling.md.
 """
 
@@ -40,6 +51,8 @@ from dataclasses import dataclass
 SPREAD_SHARE = 0.15
 #: Durations below this count as this long when lateness is weighed relative to the duration.
 SHORTEST = 0.5
+#: Above this share of the window's weight in unbounded observations, the plan adds a lead poll.
+LEAD_WHEN_UNBOUNDED = 0.5
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,11 @@ class Observation:
     def of(cls, lo: float, hi: float) -> Observation:
         hi = max(0.0, hi)
         return cls(lo=min(max(0.0, lo), hi), hi=hi)
+
+    @property
+    def bounded(self) -> bool:
+        """Seen running after GEN accepted it: the interval bounds the end from below too."""
+        return self.lo > 0
 
 
 @dataclass(frozen=True)
@@ -82,23 +100,43 @@ class Durations:
     starts and some interval ends, with no end in between) and shares each observation's weight
     among those inside it in proportion to their mass. On its own that estimate is too sure of
     itself (a plan that only ever polls where it believes the mass is learns nothing new), so a
-    share (:data:`SPREAD_SHARE`) spreads every observed interval evenly over its whole span.
-    Within a span mass is spread evenly: the survival function stays piecewise linear. The shares
-    were chosen by replaying narrow, wide, bimodal, drifting and shifting durations
-    (tests/unit/jobs/test_schedule.py).
+    share (:data:`SPREAD_SHARE`) spreads every bounded interval evenly over its whole span. An
+    unbounded one, ``(0, hi]``, would put that share near 0, where lateness relative to the
+    duration is dearest, and the plan would poll its way up from the start: its share goes to the
+    agreed estimate. Within a span mass is spread evenly: the survival function stays piecewise
+    linear. The shares were chosen by replaying narrow, wide, bimodal, drifting and shifting
+    durations (tests/unit/jobs/test_schedule.py).
+
+    ``kept``: bounded observations older than ``newest_first`` (newest first), weighed on as older
+    ones. However little they weigh, they hold the agreed estimate's spans where the last bounded
+    observations put them while the newer ones are all unbounded (see the module docstring).
     """
 
-    def __init__(self, newest_first: Sequence[Observation], *, half_life: float, rounds: int = 60) -> None:
+    def __init__(
+        self,
+        newest_first: Sequence[Observation],
+        *,
+        half_life: float,
+        kept: Sequence[Observation] = (),
+        rounds: int = 60,
+    ) -> None:
+        observations = [*newest_first, *kept]
         self.samples = len(newest_first)
-        weights = [0.5 ** (age / half_life) for age in range(self.samples)]
+        weights = [0.5 ** (age / half_life) for age in range(len(observations))]
         total = sum(weights) or 1.0
         shares = [w / total for w in weights]
-        spans = _innermost(newest_first)
-        agreed = _self_consistent(newest_first, shares, spans, rounds)
-        self._parts = [(lo, hi, m * (1 - SPREAD_SHARE)) for (lo, hi), m in zip(spans, agreed, strict=True)]
-        self._parts += [
-            (o.lo, _span_end(o), SPREAD_SHARE * w) for o, w in zip(newest_first, shares, strict=True)
-        ]
+        in_window = shares[: self.samples]
+        #: Share of the window's weight in unbounded observations (:func:`plan` adds a lead above
+        #: :data:`LEAD_WHEN_UNBOUNDED`).
+        self.unbounded_share = sum(
+            w for o, w in zip(newest_first, in_window, strict=True) if not o.bounded
+        ) / (sum(in_window) or 1.0)
+        spans = _innermost(observations)
+        agreed = _self_consistent(observations, shares, spans, rounds)
+        spread = [(o, w) for o, w in zip(observations, shares, strict=True) if o.bounded]
+        spread_share = SPREAD_SHARE * sum(w for _, w in spread)
+        self._parts = [(lo, hi, m * (1 - spread_share)) for (lo, hi), m in zip(spans, agreed, strict=True)]
+        self._parts += [(o.lo, _span_end(o), SPREAD_SHARE * w) for o, w in spread]
 
     def survival(self, t: float) -> float:
         """P(the generation is still running ``t`` seconds after GEN accepted it)."""
@@ -184,6 +222,24 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
         density = (survival[k] - survival[k + 1]) / max(points[k + 1] - points[k], 1e-9)
         near, far = max(points[k], SHORTEST), max(points[k + 1], SHORTEST)
         logs.append(logs[-1] + density * math.log(far / near))
+    times = _cheapest(points, survival, logs, knobs, lead=0)
+    if durations.unbounded_share > LEAD_WHEN_UNBOUNDED:
+        # The first poll that expects some generations done; the lead comes a tail step before it
+        # (see the module docstring), unless the plan polls between the two already.
+        first = next((i for i in times if survival[i] < 1 - knobs.rare_share), None)
+        if first is not None:
+            at = points[first] / (1 + knobs.tail_fraction)
+            lead = max((k for k in range(1, first) if points[k] <= at), default=0)
+            if lead and not any(lead <= i < first for i in times):
+                times = _cheapest(points, survival, logs, knobs, lead=lead)
+    return Plan(times=tuple(points[i] for i in times), knobs=knobs)
+
+
+def _cheapest(
+    points: Sequence[float], survival: Sequence[float], logs: Sequence[float], knobs: Knobs, *, lead: int
+) -> list[int]:
+    """Indexes of the cheapest polls (dynamic programming, see :func:`plan`); every plan polls at
+    ``points[lead]`` when ``lead`` is set."""
     n = len(points)
     best = [0.0] * n  # least expected cost from a poll at points[i] on, still running there
     after = [-1] * n
@@ -195,20 +251,22 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
         call = knobs.call_cost * max(survival[i], knobs.rare_share)
         for j in range(i + 1, n):
             gap = points[j] - points[i]
-            if gap > knobs.max_gap + 1e-9 or (gap > widest + 1e-9 and j > i + 1):
+            if gap > knobs.max_gap + 1e-9 or (gap > widest + 1e-9 and j > i + 1) or i < lead < j:
                 break
             if gap < knobs.min_gap - 1e-9 and j != n - 1:
                 continue
             late = points[j] * (logs[j] - logs[i]) - (survival[i] - survival[j])
             total = call + late + best[j]
-            if total < best[i]:
+            # At equal cost, the later poll: one that max_gap forces in before a long stretch
+            # where nothing ends bounds the next observations more tightly the later it comes.
+            if total <= best[i]:
                 best[i], after[i] = total, j
-    times = []
+    chosen = []
     i = after[0]
     while i != -1:
-        times.append(points[i])
+        chosen.append(i)
         i = after[i]
-    return Plan(times=tuple(times), knobs=knobs)
+    return chosen
 
 
 def _candidates(durations: Durations, knobs: Knobs, resolution: int) -> list[float]:

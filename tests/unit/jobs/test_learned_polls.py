@@ -66,7 +66,7 @@ def test_completed_generations_teach_the_fleet_and_later_jobs_poll_when_they_end
     run_job(res, clock, "cold-1")
     cold_calls = status_calls(sim) - before
     # Learned: the interval between the last poll that saw it running and the one that saw it done.
-    seen = DurationLog(res.redis, keep=60).recent("gen")
+    seen = DurationLog(res.redis, keep=60).recent("gen").window
     assert len(seen) == 1 and seen[0].lo < GEN_SECONDS <= seen[0].hi
 
     for i in range(2, 25):
@@ -109,7 +109,7 @@ def test_in_a_task_the_interval_goes_out_with_the_polls_record_write(
     closed = max((i for i, name in enumerate(before) if name == "EXEC"), default=-1)
     assert opened > closed, "the interval was sent on its own, outside a transaction"
     assert "HSET" in before[opened:], "it rode no record write"
-    assert DurationLog(res.redis, keep=60).recent("gen"), "learned"
+    assert DurationLog(res.redis, keep=60).recent("gen").window, "learned"
 
 
 def test_the_first_poll_after_submit_waits_without_asking_gen(
@@ -141,7 +141,7 @@ def test_without_learning_the_configured_schedule_runs(
     if overrides.get("poll_learn") is False:
         clock.advance(GEN_SECONDS)
         poll(first.job, res)
-        assert len(log.recent("gen")) == 10, "learning off: nothing recorded"
+        assert len(log.recent("gen").window) == 10, "learning off: nothing recorded"
 
 
 def test_each_model_learns_its_own_durations(make_res: ResFactory) -> None:
@@ -162,7 +162,38 @@ def test_the_log_keeps_the_newest_and_skips_what_it_cannot_read(make_res: ResFac
     for hi in (1.0, 2.0, 3.0, 4.0):
         log.add("gen", Observation.of(0.0, hi))
     res.redis.lpush(DurationLog.key("gen"), b"garbage")
-    assert [o.hi for o in log.recent("gen")] == [4.0, 3.0]
+    assert [o.hi for o in log.recent("gen").window] == [4.0, 3.0]
+
+
+def test_bounded_intervals_outlive_a_window_of_unbounded_ones(make_res: ResFactory) -> None:
+    # A wave of jobs each polled once, right at the end, fills the window with (0, hi] intervals;
+    # the last bounded ones stay, as read back from Redis (worker.jobs.schedule says why).
+    res = make_res(poll_learn_window=4, poll_learn_min_samples=3)
+    log = DurationLog(res.redis, keep=4)
+    for lo in (29.1, 29.2, 29.3):
+        log.add("gen", Observation.of(lo, 30.1))
+    log.add("gen", Observation.of(0.0, 30.2))
+    seen = log.recent("gen")
+    assert [o.lo for o in seen.window] == [0.0, 29.3, 29.2, 29.1]
+    assert seen.kept == [], "the bounded ones in the window are not counted twice"
+    for _ in range(4):
+        log.add("gen", Observation.of(0.0, 30.3))
+    seen = log.recent("gen")
+    assert [o.hi for o in seen.window] == [30.3] * 4
+    assert [o.lo for o in seen.kept] == [29.3, 29.2, 29.1]
+    assert len(res.redis.lrange(DurationLog.bounded_key("gen"), 0, -1)) == 3, "unbounded ones stay out"
+    learned = res.planner.plan_for("gen")
+    assert learned is not None
+    assert learned.times[0] > 20.0, "the plan still knows where generations end, and polls there"
+
+
+def test_a_fleet_with_only_the_window_list_plans_as_before(make_res: ResFactory) -> None:
+    # Written before the bounded list existed: nothing kept, the window alone.
+    res = make_res()
+    for _ in range(10):
+        res.redis.lpush(DurationLog.key("gen"), b"19.800 20.100")
+    seen = DurationLog(res.redis, keep=60).recent("gen")
+    assert len(seen.window) == 10 and seen.kept == []
 
 
 def test_a_job_driven_again_asks_gen_at_once(make_res: ResFactory, sim: GenSimulator) -> None:
