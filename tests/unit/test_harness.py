@@ -29,7 +29,7 @@ def finished_run(res: Resources, receiver: WebhookReceiver) -> tuple[Run, dict[s
     """A run whose one job completed (generation 9001 on its target, as GEN counted it)."""
     job = created(res, "h1")
     outcome = result(job.job_id).model_dump(mode="json")
-    res.jobs.finish(job.job_id, outcome, state="completed", overdue_at=res.clock() + 60)
+    res.jobs.end(job.job_id, outcome, state="completed", overdue_at=res.clock() + 60)
     request = {"job_id": job.job_id, "sheet_id": 101, "cell_id": 3001, "layer_id": 4001}
     stats = {"generations_by_target": {target_of(request): [9001]}, "generations_created": 1}
     run = Run(

@@ -423,24 +423,6 @@ class JobStore:
         winner, cancel = self._set_generation(keys=keys, args=[generation_id, job_id, self.ttl])
         return Accepted(as_text(winner), cancel_requested=as_text(cancel) == "1")
 
-    def finish(
-        self,
-        job_id: str,
-        outcome: dict[str, Any],
-        *,
-        state: str,
-        overdue_at: float,
-        callback: dict[str, Any] | None = None,
-    ) -> tuple[bool, dict[str, Any]]:
-        """Record the job's outcome once. Returns (this call decided it, the recorded outcome).
-
-        The job stays in the active set, due at ``overdue_at``, until its callbacks are marked
-        dispatched: a crash between the two leaves it for the sweeper to re-dispatch, to
-        ``callback`` if the record had none (a request refused before it became a job).
-        """
-        ended = self.end(job_id, outcome, state=state, overdue_at=overdue_at, callback=callback)
-        return ended.first, ended.outcome
-
     def end(
         self,
         job_id: str,
@@ -450,8 +432,13 @@ class JobStore:
         overdue_at: float,
         callback: dict[str, Any] | None = None,
     ) -> Ended:
-        """:meth:`finish`, also reading what the one who tells the caller needs (:class:`Ended`),
-        in the same step."""
+        """Record the job's outcome once, and read what the one who tells the caller needs
+        (:class:`Ended`: whether this call decided it, the recorded outcome, ...), in one step.
+
+        The job stays in the active set, due at ``overdue_at``, until its callbacks are marked
+        dispatched: a crash between the two leaves it for the sweeper to re-dispatch, to
+        ``callback`` if the record had none (a request refused before it became a job).
+        """
         args: list[str | int] = [
             json.dumps(outcome),
             "" if callback is None else json.dumps(callback),

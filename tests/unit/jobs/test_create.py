@@ -94,9 +94,7 @@ def test_a_chain_is_started_once_and_a_failed_send_can_be_sent_again(
 
 def test_an_ended_job_gets_no_chain(res: Resources, queue: CeleryQueue) -> None:
     started = steps.create({**RAW, "job_id": "episode-3"}, task_id="episode-3", res=res)
-    res.jobs.finish(
-        "episode-3", {"job_id": "episode-3", "status": "cancelled"}, state="cancelled", overdue_at=0
-    )
+    res.jobs.end("episode-3", {"job_id": "episode-3", "status": "cancelled"}, state="cancelled", overdue_at=0)
     again = steps.create({**RAW, "job_id": "episode-3"}, task_id="episode-3", res=res)
     assert again.record.outcome is not None and not started.record.outcome
     assert not steps.start(queue, res, again)

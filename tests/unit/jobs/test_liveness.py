@@ -332,7 +332,7 @@ def test_a_job_whose_last_step_died_after_recording_its_outcome_is_told_at_once(
     res.holders.hold_job(job.job_id, "fetcher", "t-fetch", drive=job.drive)
     unacked(res, "t-fetch")
     outcome = result(job.job_id).model_dump(mode="json")
-    res.jobs.finish(job.job_id, outcome, state="completed", overdue_at=res.clock() + 60)
+    res.jobs.end(job.job_id, outcome, state="completed", overdue_at=res.clock() + 60)
     res.holders.release("fetcher")
     assert recover(res).jobs == [job.job_id]
     report = sweep_once(queue, res)

@@ -131,7 +131,7 @@ def test_a_later_writer_dispatches_when_the_first_dispatch_is_unconfirmed(
     job = created(res, callback=TASK_CALLBACK)
     recorded = failure("timeout", "timeout").model_dump(mode="json")
     # A worker recorded the outcome, then died before dispatching it.
-    res.jobs.finish("j1", recorded, state="timeout", overdue_at=clock() + 60)
+    res.jobs.end("j1", recorded, state="timeout", overdue_at=clock() + 60)
     stored = finish(queue, res, job_id="j1", callback=job.request.callback, outcome=result())
     assert stored == recorded
     [message] = queued(res, CALLBACK_QUEUE)

@@ -81,7 +81,7 @@ def test_records_expire_after_the_stores_ttl(jobs: JobStore, res: Resources) -> 
     assert_ttl_is_the_stores(jobs)
 
     jobs.redis.expire(JobStore.key("j1"), 5)
-    jobs.finish("j1", OUTCOME, state="completed", overdue_at=time.time() + 60)
+    jobs.end("j1", OUTCOME, state="completed", overdue_at=time.time() + 60)
     assert_ttl_is_the_stores(jobs)
 
 
@@ -153,9 +153,11 @@ def test_finish_records_the_outcome_once(jobs: JobStore) -> None:
     claim(jobs, overdue_at=now + 60)
     jobs.update("j1", state=Stage.POLLING.value, next_poll_at=now + 5)
 
-    assert jobs.finish("j1", OUTCOME, state="completed", overdue_at=now + 120) == (True, OUTCOME)
+    first = jobs.end("j1", OUTCOME, state="completed", overdue_at=now + 120)
+    assert (first.first, first.outcome) == (True, OUTCOME)
     other = {"job_id": "j1", "status": "cancelled"}
-    assert jobs.finish("j1", other, state="failed", overdue_at=now + 999) == (False, OUTCOME)
+    again = jobs.end("j1", other, state="failed", overdue_at=now + 999)
+    assert (again.first, again.outcome) == (False, OUTCOME)
 
     record = jobs.get("j1")
     assert record is not None and record.terminal
@@ -168,7 +170,7 @@ def test_marking_callbacks_dispatched_leaves_the_active_set(jobs: JobStore) -> N
     now = time.time()
     claim(jobs, overdue_at=now + 60)
     claim(jobs, "j2", overdue_at=now + 60)
-    jobs.finish("j1", OUTCOME, state="completed", overdue_at=now + 120)
+    jobs.end("j1", OUTCOME, state="completed", overdue_at=now + 120)
 
     jobs.mark_callbacks_dispatched("j1")
 
@@ -236,7 +238,7 @@ def test_a_forced_take_over_ignores_the_due_time(jobs: JobStore) -> None:
 def test_a_finished_job_is_never_taken_over(jobs: JobStore, force: bool) -> None:
     now = time.time()
     claim(jobs, overdue_at=now - 100)
-    jobs.finish("j1", OUTCOME, state="completed", overdue_at=now - 50)
+    jobs.end("j1", OUTCOME, state="completed", overdue_at=now - 50)
 
     assert jobs.take_over("j1", now=now, overdue_at=now + 300, force=force) is None
 

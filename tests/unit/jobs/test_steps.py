@@ -234,7 +234,7 @@ def test_guard_drops_steps_of_an_ended_job_but_hands_the_outcome_to_the_final_st
 ) -> None:
     job = new_job(res)
     outcome = {"type": "lipsync.result", "status": "completed", "job_id": JOB_ID}
-    res.jobs.finish(JOB_ID, outcome, state="completed", overdue_at=clock.now)
+    res.jobs.end(JOB_ID, outcome, state="completed", overdue_at=clock.now)
 
     with pytest.raises(NothingToDo):
         guard(job, res)

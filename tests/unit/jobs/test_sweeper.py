@@ -253,7 +253,7 @@ def test_a_finished_job_with_unconfirmed_callbacks_gets_them_resent(
     outcome = result().model_dump(mode="json")
     due = clock() + res.settings.recovery_grace
     # What a worker that died between recording the outcome and dispatching it leaves behind.
-    first, _ = res.jobs.finish("j1", outcome, state="completed", overdue_at=due)
+    first = res.jobs.end("j1", outcome, state="completed", overdue_at=due).first
     assert first
 
     assert not sweep_once(queue, res, now=due - 1), "not before the grace"
@@ -287,7 +287,7 @@ def test_a_failed_outcome_resent_by_the_sweeper_keeps_its_id_and_fails_the_calle
         "model": "gen",
     }
     due = clock() + 1
-    res.jobs.finish("j1", failure, state="timeout", overdue_at=due)
+    res.jobs.end("j1", failure, state="timeout", overdue_at=due)
     assert sweep_once(queue, res, now=due).redispatched == ["j1"]
     [callback] = queued(res, CALLBACK_QUEUE)
     assert callback["id"] == "j1.outcome"
@@ -299,7 +299,7 @@ def test_a_finished_and_dispatched_job_left_in_the_active_set_is_just_forgotten(
     res: Resources, queue: CeleryQueue, clock: FakeClock
 ) -> None:
     created(res, callback=TASK_CALLBACK)
-    res.jobs.finish("j1", result().model_dump(mode="json"), state="completed", overdue_at=clock())
+    res.jobs.end("j1", result().model_dump(mode="json"), state="completed", overdue_at=clock())
     res.jobs.update("j1", callbacks_dispatched="1", overdue_at=clock())  # dispatched, still listed
     assert res.redis.zscore(ACTIVE_JOBS_KEY, "j1") is not None
     report = sweep_once(queue, res, now=clock() + 1)

@@ -4,7 +4,6 @@ round trips, and that they never fail what they ride along with."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import cast
 
 import pytest
@@ -12,22 +11,6 @@ import redis
 
 from worker.dev.embedded_redis import EmbeddedRedis
 from worker.ops import deferred
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as s:
-        yield s
-
-
-@pytest.fixture
-def r(server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=server.port, db=0)
-    client.flushall()
-    client.config_resetstat()
-    yield client
-    deferred.flush()  # no test leaves this thread collecting
-    client.close()
 
 
 def count(key: str) -> deferred.Write:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -30,20 +29,6 @@ from worker.ops.metrics import (
     record_gen_call,
     record_job_finished,
 )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as s:
-        yield s
-
-
-@pytest.fixture
-def r(server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=server.port, db=0)
-    client.flushall()
-    yield client
-    client.close()
 
 
 def registry_for(collector: MetricsCollector) -> CollectorRegistry:
