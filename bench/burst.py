@@ -141,8 +141,10 @@ def run(
         f"ours, all rounds: enqueue -> GEN has the generation p95 {p95(before_gen):.2f} s, max "
         f"{max(before_gen, default=float('nan')):.2f} s; GEN done -> output requested p95 "
         f"{p95(after_gen):.2f} s, max {max(after_gen, default=float('nan')):.2f} s",
-        "ours, status calls per job by round (the first round plans from the warm-up alone): "
-        + ", ".join(f"{calls:.2f}" for calls in status_calls),
+        "ours, by round (the first plans from the warm-up alone): status calls per job "
+        + ", ".join(f"{calls:.2f}" for calls in status_calls)
+        + "; p95 added latency "
+        + ", ".join(f"{value:.2f} s" for value in ours_p95),
     ]
     notes.append(
         f"plain Celery chain: {jobs} chains of three no-op tasks sent at once to a plain worker -c "
