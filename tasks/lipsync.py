@@ -182,7 +182,7 @@ def _first_poll_later(task: AnyTask, job: Job, res: Resources) -> None:
     following = task.request.chain
     if not following or job.submitted_at is None:
         return
-    first_in = res.planner.first_poll_in(job.model, elapsed=res.clock() - job.submitted_at)
+    first_in = res.planner.first_poll_in(job.model, elapsed=res.clock() - job.submitted_at, job_id=job.job_id)
     following_step = following[-1]
     if first_in > 0 and isinstance(following_step, dict):
         # Celery pops the next signature (a dict in the message) from the end of the request's

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from worker.jobs.backoff import poll_delay
-from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan
+from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan, takes_the_lead
 from worker.names import BOUNDED_DURATIONS_KEY_PREFIX, DURATIONS_KEY_PREFIX
 from worker.ops import deferred
 from worker.settings import Settings
@@ -139,19 +139,19 @@ class PollPlanner:
             self._learned[model] = learned
         return learned.plan
 
-    def first_poll_in(self, model: str, *, elapsed: float) -> float:
+    def first_poll_in(self, model: str, *, elapsed: float, job_id: str) -> float:
         """Seconds from now until the first poll of a generation accepted ``elapsed`` seconds ago:
         the learned plan's first time, or 0 (poll at once) on the configured schedule."""
         learned = self.plan_for(model)
         if learned is None:
             return 0.0
-        return max(0.0, learned.next_poll(0.0) - elapsed)
+        return max(0.0, learned.next_poll(0.0, lead=takes_the_lead(job_id)) - elapsed)
 
-    def next_poll_in(self, model: str, *, elapsed: float, polls: int) -> float:
+    def next_poll_in(self, model: str, *, elapsed: float, polls: int, job_id: str) -> float:
         """Seconds from now until the next poll, after poll number ``polls`` found it running."""
         learned = self.plan_for(model)
         if learned is not None:
-            return learned.next_poll(elapsed) - elapsed
+            return learned.next_poll(elapsed, lead=takes_the_lead(job_id)) - elapsed
         s = self.settings
         return poll_delay(
             polls - 1,

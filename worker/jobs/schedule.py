@@ -30,10 +30,13 @@ a wave of jobs sharing one plan (a burst, a batch) can fill the whole window wit
 estimate would then spread from 0 to the end (the next wave polled its way up from the start: 12
 status calls per job). So bounded observations (``lo > 0``) are also kept beyond the window
 (:class:`Durations`' ``kept``) and only they are spread evenly; and when most of the window's
-weight is unbounded, the plan adds a *lead* poll, ``1 / (1 + tail_fraction)`` of the way to its
-first poll that expects generations done, so that its jobs are bounded again. The lead is placed
-from that poll, which follows the ends, not from the previous leads, so leads do not creep. A
-faster GEN shows at the lead: it finds the generations done, earlier than every kept span.
+weight is unbounded, one job in :data:`LEAD_EVERY` (:func:`takes_the_lead`) polls once more, at
+the *lead*: ``1 / (1 + tail_fraction)`` of the way to the plan's first poll that expects
+generations done, so that its interval is bounded. A sample is enough to keep the estimate
+bounded, and a burst's jobs do not all poll again in the seconds before they all end (the lead
+for every job made the burst bench's rounds with it 5 s slower at p95). The lead is placed from
+that first poll, which follows the ends, not from earlier leads, so leads do not creep. A faster
+GEN shows at the lead: it finds the generations done, earlier than every kept span.
 
 The model, its knobs and how it was tested: docs/polling.md.
 """
@@ -43,6 +46,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +57,14 @@ SPREAD_SHARE = 0.15
 SHORTEST = 0.5
 #: Above this share of the window's weight in unbounded observations, the plan adds a lead poll.
 LEAD_WHEN_UNBOUNDED = 0.5
+#: One job in this many polls at the lead (see the module docstring).
+LEAD_EVERY = 4
+
+
+def takes_the_lead(job_key: str) -> bool:
+    """Whether this job polls at the lead when its plan has one: a stable choice by its key (every
+    poll of the job, on any worker, follows the same plan), one job in :data:`LEAD_EVERY`."""
+    return zlib.crc32(job_key.encode()) % LEAD_EVERY == 0
 
 
 @dataclass(frozen=True)
@@ -197,16 +209,20 @@ class Plan:
 
     times: tuple[float, ...]
     knobs: Knobs
+    #: The poll times of the jobs that take the lead (see the module docstring); None: no lead.
+    led: tuple[float, ...] | None = None
 
-    def next_poll(self, elapsed: float) -> float:
+    def next_poll(self, elapsed: float, *, lead: bool = False) -> float:
         """When (seconds after acceptance) to poll next, ``elapsed`` seconds after acceptance: the
-        next planned time, at least ``min_gap`` and at most ``max_gap`` away. A planned time closer
-        than ``min_gap`` (the poll before it ran late) is put off, not skipped: skipping the plan's
-        last time sent a generation ending there to the tail, 15 % of its duration later."""
+        next planned time (of the lead's plan, for a job that takes it), at least ``min_gap`` and
+        at most ``max_gap`` away. A planned time closer than ``min_gap`` (the poll before it ran
+        late) is put off, not skipped: skipping the plan's last time sent a generation ending
+        there to the tail, 15 % of its duration later."""
         k = self.knobs
-        i = bisect.bisect_right(self.times, elapsed + 1e-9)
-        if i < len(self.times):
-            return min(max(self.times[i], elapsed + k.min_gap), elapsed + k.max_gap)
+        times = self.led if lead and self.led is not None else self.times
+        i = bisect.bisect_right(times, elapsed + 1e-9)
+        if i < len(times):
+            return min(max(times[i], elapsed + k.min_gap), elapsed + k.max_gap)
         return elapsed + min(k.max_gap, max(k.min_gap, k.tail_fraction * elapsed))
 
 
@@ -223,6 +239,7 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
         near, far = max(points[k], SHORTEST), max(points[k + 1], SHORTEST)
         logs.append(logs[-1] + density * math.log(far / near))
     times = _cheapest(points, survival, logs, knobs, lead=0)
+    led = None
     if durations.unbounded_share > LEAD_WHEN_UNBOUNDED:
         # The first poll that expects some generations done; the lead comes a tail step before it
         # (see the module docstring), unless the plan polls between the two already.
@@ -231,8 +248,8 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
             at = points[first] / (1 + knobs.tail_fraction)
             lead = max((k for k in range(1, first) if points[k] <= at), default=0)
             if lead and not any(lead <= i < first for i in times):
-                times = _cheapest(points, survival, logs, knobs, lead=lead)
-    return Plan(times=tuple(points[i] for i in times), knobs=knobs)
+                led = tuple(points[i] for i in _cheapest(points, survival, logs, knobs, lead=lead))
+    return Plan(times=tuple(points[i] for i in times), knobs=knobs, led=led)
 
 
 def _cheapest(

@@ -473,7 +473,9 @@ def poll(job: Job, res: Resources) -> Job | Again:
         # Straight after the submit: GEN's generations of this model usually take longer than
         # this, so the first question waits for when they usually end (a learned plan). A job
         # driven again (GEN's event nudged it, or it was recovered) asks at once.
-        first_in = res.planner.first_poll_in(job.model, elapsed=asked_at - job.submitted_at)
+        first_in = res.planner.first_poll_in(
+            job.model, elapsed=asked_at - job.submitted_at, job_id=job.job_id
+        )
         if first_in > EARLY_ENOUGH:
             return _wait(job, res, countdown=first_in)
     throttled = _throttle(job, res, "status")
@@ -525,7 +527,7 @@ def _wait(job: Job, res: Resources, *, countdown: float | None = None) -> Again:
     now = res.clock()
     if countdown is None:
         elapsed = now - (job.submitted_at or now)
-        countdown = res.planner.next_poll_in(job.model, elapsed=elapsed, polls=job.polls)
+        countdown = res.planner.next_poll_in(job.model, elapsed=elapsed, polls=job.polls, job_id=job.job_id)
     countdown = clamp_to_deadline(countdown, now=now, deadline=job.deadline_at)
     expect_next(
         job,

@@ -17,7 +17,7 @@ from tests.unit.jobs.builders import created
 from worker.jobs.durations import DurationLog
 from worker.jobs.models import Job
 from worker.jobs.resources import Resources
-from worker.jobs.schedule import Observation
+from worker.jobs.schedule import Observation, takes_the_lead
 from worker.jobs.steps import Again, poll, submit
 from worker.ops import deferred
 
@@ -185,6 +185,23 @@ def test_bounded_intervals_outlive_a_window_of_unbounded_ones(make_res: ResFacto
     learned = res.planner.plan_for("gen")
     assert learned is not None
     assert learned.times[0] > 20.0, "the plan still knows where generations end, and polls there"
+
+
+def test_one_job_in_four_polls_at_the_lead_the_rest_at_the_end(make_res: ResFactory) -> None:
+    # The window holds only (0, hi] intervals: a sample of jobs polls once more, a tail step
+    # before the end, so that the fleet keeps learning where generations end.
+    res = make_res()
+    log = DurationLog(res.redis, keep=60)
+    for _ in range(5):
+        log.add("gen", Observation.of(29.8, 30.2))
+    for _ in range(60):
+        log.add("gen", Observation.of(0.0, 30.2))
+    firsts = {i: res.planner.first_poll_in("gen", elapsed=0.0, job_id=f"job-{i}") for i in range(40)}
+    leading = [i for i, first in firsts.items() if first < 29.0]
+    assert 4 <= len(leading) <= 18, firsts
+    assert all(firsts[i] == pytest.approx(30.2 / 1.15, abs=0.5) for i in leading)
+    assert all(first >= 29.8 for i, first in firsts.items() if i not in leading)
+    assert all(takes_the_lead(f"job-{i}") for i in leading)
 
 
 def test_a_fleet_with_only_the_window_list_plans_as_before(make_res: ResFactory) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from worker.jobs.backoff import poll_delay
-from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan
+from worker.jobs.schedule import LEAD_EVERY, Durations, Knobs, Observation, Plan, plan, takes_the_lead
 
 MIN_CALLS = 3  # generate + one status + the download
 KNOBS = Knobs()
@@ -57,12 +57,12 @@ def replay(durations: Sequence[float], knobs: Knobs = KNOBS, seed: int = 3) -> l
     rng = random.Random(seed)
     seen: list[Observation] = []
     ran = []
-    for duration in durations:
+    for index, duration in enumerate(durations):
         learned = learned_from(seen, knobs)
         t, polls, running_at, gaps = 0.0, 0, 0.0, []
         while True:
             if learned is not None:
-                nxt = learned.next_poll(t)
+                nxt = learned.next_poll(t, lead=index % LEAD_EVERY == 0)
             else:
                 nxt = t + poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
             gaps.append(nxt - t)
@@ -89,13 +89,13 @@ def run_wave(
     up to ``late`` seconds after it is due, as a countdown task on a busy node does."""
     learned = learned_from(seen, knobs)
     ran, observed = [], []
-    for duration in durations:
+    for index, duration in enumerate(durations):
         t, polls, running_at = 0.0, 0, 0.0
         while t < duration:
             if t > 0:
                 running_at = t
             if learned is not None:
-                t = learned.next_poll(t)
+                t = learned.next_poll(t, lead=index % LEAD_EVERY == 0)
             else:
                 t += poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
             t += rng.uniform(0.0, late) if late else 0.0
@@ -269,11 +269,22 @@ def test_a_mostly_unbounded_window_buys_a_lead_a_tail_step_before_the_end() -> N
     window = [Observation.of(0.0, 30.2)] * 60
     kept = [Observation.of(29.8, 30.2)] * 5
     learned = plan(Durations(window, half_life=10, kept=kept), KNOBS)
+    assert learned.led is not None
     at = 30.2 / (1 + KNOBS.tail_fraction)
-    assert at - KNOBS.min_gap <= learned.times[0] <= at, "the last candidate before it (a 0.25 s grid)"
-    assert learned.times[1] >= 29.8
+    assert at - KNOBS.min_gap <= learned.led[0] <= at, "the last candidate before it (a 0.25 s grid)"
+    assert learned.led[1] >= 29.8
+    assert learned.next_poll(0.0, lead=True) == learned.led[0]
+    assert learned.next_poll(0.0) >= 29.8, "the jobs that do not take the lead poll at the end"
     bounded = plan(Durations(kept * 12, half_life=10), KNOBS)
-    assert bounded.times[0] >= 29.8, "bounded observations need no lead"
+    assert bounded.led is None, "bounded observations need no lead"
+    assert bounded.next_poll(0.0, lead=True) >= 29.8
+
+
+def test_one_job_in_lead_every_takes_the_lead_always_the_same_ones() -> None:
+    keys = [f"job-{i}" for i in range(4000)]
+    leading = [k for k in keys if takes_the_lead(k)]
+    assert len(leading) == pytest.approx(len(keys) / LEAD_EVERY, rel=0.1)
+    assert leading == [k for k in keys if takes_the_lead(k)]
 
 
 def test_a_planned_time_closer_than_min_gap_is_put_off_not_skipped() -> None:
