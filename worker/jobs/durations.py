@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,14 @@ class Seen:
     window: list[Observation]
     #: Bounded intervals older than the window, newest first (up to ``keep`` bounded ones in all).
     kept: list[Observation]
+
+    @classmethod
+    def of(cls, window: Sequence[Observation], bounded: Sequence[Observation]) -> Seen:
+        """From the two lists as :class:`DurationLog` keeps them, newest first. The bounded list
+        starts with the window's own bounded intervals (they were pushed together); what follows
+        them is older than the window."""
+        in_window = sum(1 for o in window if o.bounded)
+        return cls(window=list(window), kept=list(bounded[in_window:]))
 
     def durations(self, half_life: float) -> Durations:
         return Durations(self.window, half_life=half_life, kept=self.kept)
@@ -73,15 +81,12 @@ class DurationLog:
         deferred.write(self.redis, f"duration of {model}", fill)
 
     def recent(self, model: str) -> Seen:
-        """Both lists in one MULTI/EXEC. The bounded list starts with the window's own bounded
-        intervals (they were pushed together); what follows them is older than the window."""
+        """Both lists, read in one MULTI/EXEC so that they agree."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.lrange(self.key(model), 0, self.keep - 1)
         pipe.lrange(self.bounded_key(model), 0, self.keep - 1)
         window_raw, bounded_raw = pipe.execute()
-        window, bounded = _parsed(window_raw), _parsed(bounded_raw)
-        in_window = sum(1 for o in window if o.bounded)
-        return Seen(window=window, kept=bounded[in_window:])
+        return Seen.of(_parsed(window_raw), _parsed(bounded_raw))
 
 
 def _parsed(raw: list[bytes]) -> list[Observation]:
@@ -98,7 +103,6 @@ def _parsed(raw: list[bytes]) -> list[Observation]:
 @dataclass(frozen=True)
 class _Learned:
     plan: Plan | None
-    samples: int
     read_at: float
 
 
@@ -135,7 +139,7 @@ class PollPlanner:
             made = None
             if len(seen.window) >= s.poll_learn_min_samples:
                 made = plan(seen.durations(self.knobs.half_life), self.knobs)
-            learned = _Learned(plan=made, samples=len(seen.window), read_at=now)
+            learned = _Learned(plan=made, read_at=now)
             self._learned[model] = learned
         return learned.plan
 

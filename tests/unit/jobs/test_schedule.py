@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from worker.jobs.backoff import poll_delay
+from worker.jobs.durations import Seen
 from worker.jobs.schedule import LEAD_EVERY, Durations, Knobs, Observation, Plan, plan, takes_the_lead
 
 MIN_CALLS = 3  # generate + one status + the download
@@ -46,10 +47,8 @@ def learned_from(seen: Sequence[Observation], knobs: Knobs) -> Plan | None:
     it: the newest 60, and the newest 60 bounded ones; the configured schedule below 5."""
     if len(seen) < 5:
         return None
-    window = list(seen[:60])
-    bounded = [o for o in seen if o.bounded][:60]
-    kept = bounded[sum(o.bounded for o in window) :]
-    return plan(Durations(window, half_life=knobs.half_life, kept=kept), knobs)
+    remembered = Seen.of(seen[:60], [o for o in seen if o.bounded][:60])
+    return plan(remembered.durations(knobs.half_life), knobs)
 
 
 def replay(durations: Sequence[float], knobs: Knobs = KNOBS, seed: int = 3) -> list[Ran]:
