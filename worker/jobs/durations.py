@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from worker.jobs.backoff import poll_delay
-from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan, takes_the_lead
+from worker.jobs.schedule import Durations, Knobs, Observation, Plan, plan, stagger, takes_the_lead
 from worker.names import BOUNDED_DURATIONS_KEY_PREFIX, DURATIONS_KEY_PREFIX
 from worker.ops import deferred
 from worker.settings import Settings
@@ -149,13 +149,13 @@ class PollPlanner:
         learned = self.plan_for(model)
         if learned is None:
             return 0.0
-        return max(0.0, learned.next_poll(0.0, lead=takes_the_lead(job_id)) - elapsed)
+        return max(0.0, learned.next_poll(0.0, lead=takes_the_lead(job_id), phase=stagger(job_id)) - elapsed)
 
     def next_poll_in(self, model: str, *, elapsed: float, polls: int, job_id: str) -> float:
         """Seconds from now until the next poll, after poll number ``polls`` found it running."""
         learned = self.plan_for(model)
         if learned is not None:
-            return learned.next_poll(elapsed, lead=takes_the_lead(job_id)) - elapsed
+            return learned.next_poll(elapsed, lead=takes_the_lead(job_id), phase=stagger(job_id)) - elapsed
         s = self.settings
         return poll_delay(
             polls - 1,
@@ -163,6 +163,7 @@ class PollPlanner:
             factor=s.poll_backoff_factor,
             cap=s.poll_max_delay,
             jitter=s.poll_jitter,
+            phase=stagger(job_id),
         )
 
     def learn(self, model: str, observation: Observation) -> None:

@@ -67,6 +67,13 @@ def takes_the_lead(job_key: str) -> bool:
     return zlib.crc32(job_key.encode()) % LEAD_EVERY == 0
 
 
+def stagger(job_key: str) -> float:
+    """Where in a step (0 to 1) this job's schedule is shifted: the configured schedule
+    (:func:`worker.jobs.backoff.first_poll_after`) and the tail (:meth:`Plan.next_poll`). A stable
+    choice by its key, spread evenly over the fleet's jobs and independent of the lead's."""
+    return zlib.crc32(b"stagger:" + job_key.encode()) / 2**32
+
+
 @dataclass(frozen=True)
 class Observation:
     """One finished generation: running ``lo`` seconds after GEN accepted it, done at ``hi``."""
@@ -209,21 +216,56 @@ class Plan:
 
     times: tuple[float, ...]
     knobs: Knobs
-    #: The poll times of the jobs that take the lead (see the module docstring); None: no lead.
-    led: tuple[float, ...] | None = None
+    #: The first planned time that expects generations done, when the jobs that take the lead poll
+    #: once more before it (see the module docstring); None: no lead.
+    lead_before: float | None = None
 
-    def next_poll(self, elapsed: float, *, lead: bool = False) -> float:
+    def next_poll(self, elapsed: float, *, lead: bool = False, phase: float = 0.0) -> float:
         """When (seconds after acceptance) to poll next, ``elapsed`` seconds after acceptance: the
         next planned time (of the lead's plan, for a job that takes it), at least ``min_gap`` and
         at most ``max_gap`` away. A planned time closer than ``min_gap`` (the poll before it ran
         late) is put off, not skipped: skipping the plan's last time sent a generation ending
-        there to the tail, 15 % of its duration later."""
+        there to the tail, 15 % of its duration later.
+
+        Past the plan, the tail, shifted by a part of a step by the job's :func:`stagger`
+        (:meth:`_tail_after`). Generations longer than any seen
+        that end together (a slower GEN, longer inputs in a burst) are then each seen within a
+        fraction of a step, half of one on average, instead of all at the same tail times: the
+        median of such a wave is no longer late by 0 or by 15 % depending on where the tail fell.
+        """
         k = self.knobs
-        times = self.led if lead and self.led is not None else self.times
+        times = self.times
+        if lead and self.lead_before is not None:
+            times = self._with_lead(self.lead_before, phase)
         i = bisect.bisect_right(times, elapsed + 1e-9)
         if i < len(times):
             return min(max(times[i], elapsed + k.min_gap), elapsed + k.max_gap)
-        return elapsed + min(k.max_gap, max(k.min_gap, k.tail_fraction * elapsed))
+        return min(max(self._tail_after(times, elapsed, phase), elapsed + k.min_gap), elapsed + k.max_gap)
+
+    def _with_lead(self, first: float, phase: float) -> tuple[float, ...]:
+        """The plan with the lead: somewhere in the tail step before ``first``, by the job's
+        phase, so that the leads of a wave bound the end at many points and the tightest of them
+        closely (all at one point, they left intervals a whole tail step wide, and the estimate
+        spread the mass over them: the next wave polled there too). At least ``min_gap`` before
+        ``first``; none where the plan polls in that step already."""
+        step = 1.0 + self.knobs.tail_fraction
+        at = min(first / step ** (1.0 - min(max(phase, 0.0), 1.0)), first - self.knobs.min_gap)
+        if at <= 0 or any(at <= t < first for t in self.times):
+            return self.times
+        return tuple(sorted((*self.times, at)))
+
+    def _tail_after(self, times: Sequence[float], elapsed: float, phase: float) -> float:
+        """Past the plan: the first step from its last time is half a step to a step and a half,
+        by the job's phase (a step on average, as unstaggered; never so short a poll that it
+        learns nothing), then every step is ``tail_fraction`` of the time elapsed (from when the
+        poll ran: a late poll shifts the rest, it does not bring on an early one)."""
+        step = 1.0 + self.knobs.tail_fraction
+        if times:
+            first = 1.0 - min(max(phase, 0.0), 1.0)
+            staggered = times[-1] * math.pow(step, first if first >= 0.5 else first + 1.0)
+            if elapsed < staggered - 1e-9:
+                return staggered
+        return elapsed * step
 
 
 def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
@@ -238,25 +280,21 @@ def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
         density = (survival[k] - survival[k + 1]) / max(points[k + 1] - points[k], 1e-9)
         near, far = max(points[k], SHORTEST), max(points[k + 1], SHORTEST)
         logs.append(logs[-1] + density * math.log(far / near))
-    times = _cheapest(points, survival, logs, knobs, lead=0)
-    led = None
+    times = _cheapest(points, survival, logs, knobs)
+    lead_before = None
     if durations.unbounded_share > LEAD_WHEN_UNBOUNDED:
-        # The first poll that expects some generations done; the lead comes a tail step before it
-        # (see the module docstring), unless the plan polls between the two already.
+        # The first poll that expects some generations done: the lead comes in the tail step
+        # before it (see the module docstring and Plan.next_poll).
         first = next((i for i in times if survival[i] < 1 - knobs.rare_share), None)
         if first is not None:
-            at = points[first] / (1 + knobs.tail_fraction)
-            lead = max((k for k in range(1, first) if points[k] <= at), default=0)
-            if lead and not any(lead <= i < first for i in times):
-                led = tuple(points[i] for i in _cheapest(points, survival, logs, knobs, lead=lead))
-    return Plan(times=tuple(points[i] for i in times), knobs=knobs, led=led)
+            lead_before = points[first]
+    return Plan(times=tuple(points[i] for i in times), knobs=knobs, lead_before=lead_before)
 
 
 def _cheapest(
-    points: Sequence[float], survival: Sequence[float], logs: Sequence[float], knobs: Knobs, *, lead: int
+    points: Sequence[float], survival: Sequence[float], logs: Sequence[float], knobs: Knobs
 ) -> list[int]:
-    """Indexes of the cheapest polls (dynamic programming, see :func:`plan`); every plan polls at
-    ``points[lead]`` when ``lead`` is set."""
+    """Indexes of the cheapest polls (dynamic programming, see :func:`plan`)."""
     n = len(points)
     best = [0.0] * n  # least expected cost from a poll at points[i] on, still running there
     after = [-1] * n
@@ -268,7 +306,7 @@ def _cheapest(
         call = knobs.call_cost * max(survival[i], knobs.rare_share)
         for j in range(i + 1, n):
             gap = points[j] - points[i]
-            if gap > knobs.max_gap + 1e-9 or (gap > widest + 1e-9 and j > i + 1) or i < lead < j:
+            if gap > knobs.max_gap + 1e-9 or (gap > widest + 1e-9 and j > i + 1):
                 break
             if gap < knobs.min_gap - 1e-9 and j != n - 1:
                 continue

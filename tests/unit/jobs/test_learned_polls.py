@@ -7,6 +7,7 @@ moving the clock by each countdown, and GEN's side is read from the simulator's 
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from tests.unit.jobs.builders import created
 from worker.jobs.durations import DurationLog
 from worker.jobs.models import Job
 from worker.jobs.resources import Resources
-from worker.jobs.schedule import Observation, takes_the_lead
+from worker.jobs.schedule import Observation, stagger, takes_the_lead
 from worker.jobs.steps import Again, poll, submit
 from worker.ops import deferred
 
@@ -64,21 +65,27 @@ def test_completed_generations_teach_the_fleet_and_later_jobs_poll_when_they_end
     res = make_res(poll_plan_refresh=1e-6)
     before = status_calls(sim)
     run_job(res, clock, "cold-1")
-    cold_calls = status_calls(sim) - before
+    cold_calls = [status_calls(sim) - before]
     # Learned: the interval between the last poll that saw it running and the one that saw it done.
     seen = DurationLog(res.redis, keep=60).recent("gen").window
     assert len(seen) == 1 and seen[0].lo < GEN_SECONDS <= seen[0].hi
+    for i in range(2, 6):  # the configured schedule until five are seen; each job staggered its own way
+        before = status_calls(sim)
+        run_job(res, clock, f"cold-{i}")
+        cold_calls.append(status_calls(sim) - before)
 
-    for i in range(2, 25):
+    for i in range(6, 25):
         run_job(res, clock, f"job-{i}")
-    before = status_calls(sim)
-    start = clock.now
-    done, _ = run_job(res, clock, "warm")
-    warm_calls = status_calls(sim) - before
-    assert done.generation_completed_at is not None
-    late = done.generation_completed_at - start - GEN_SECONDS
-    assert 0 <= late <= 0.05 * GEN_SECONDS
-    assert warm_calls <= 2 < cold_calls
+    warm_calls = []
+    for i in range(5):
+        before = status_calls(sim)
+        start = clock.now
+        done, _ = run_job(res, clock, f"warm-{i}")
+        warm_calls.append(status_calls(sim) - before)
+        assert done.generation_completed_at is not None
+        late = done.generation_completed_at - start - GEN_SECONDS
+        assert 0 <= late <= 0.05 * GEN_SECONDS
+    assert max(warm_calls) <= 2 < statistics.mean(cold_calls)
 
 
 def test_in_a_task_the_interval_goes_out_with_the_polls_record_write(
@@ -136,7 +143,8 @@ def test_without_learning_the_configured_schedule_runs(
     job = submitted(res, "j1")
     before = status_calls(sim)
     first = poll(job, res)
-    assert isinstance(first, Again) and first.countdown == pytest.approx(3.0)
+    # 3 s steps (factor 1), the first one stretched by the job's stagger: 3 s to 6 s.
+    assert isinstance(first, Again) and first.countdown == pytest.approx(3.0 * (1 + stagger("j1")))
     assert status_calls(sim) == before + 1, "the configured schedule asks at once"
     if overrides.get("poll_learn") is False:
         clock.advance(GEN_SECONDS)
@@ -188,20 +196,23 @@ def test_bounded_intervals_outlive_a_window_of_unbounded_ones(make_res: ResFacto
 
 
 def test_one_job_in_four_polls_at_the_lead_the_rest_at_the_end(make_res: ResFactory) -> None:
-    # The window holds only (0, hi] intervals: a sample of jobs polls once more, a tail step
-    # before the end, so that the fleet keeps learning where generations end.
+    # The window holds only (0, hi] intervals: a sample of jobs polls once more, in the tail step
+    # before the end (each where its stagger puts it), so that the fleet keeps learning where
+    # generations end.
     res = make_res()
     log = DurationLog(res.redis, keep=60)
     for _ in range(5):
         log.add("gen", Observation.of(29.8, 30.2))
     for _ in range(60):
         log.add("gen", Observation.of(0.0, 30.2))
-    firsts = {i: res.planner.first_poll_in("gen", elapsed=0.0, job_id=f"job-{i}") for i in range(40)}
-    leading = [i for i, first in firsts.items() if first < 29.0]
-    assert 4 <= len(leading) <= 18, firsts
-    assert all(firsts[i] == pytest.approx(30.2 / 1.15, abs=0.5) for i in leading)
-    assert all(first >= 29.8 for i, first in firsts.items() if i not in leading)
+    firsts = {i: res.planner.first_poll_in("gen", elapsed=0.0, job_id=f"job-{i}") for i in range(80)}
+    end = min(firsts.values(), key=lambda first: abs(first - 30.2))
+    leading = [i for i, first in firsts.items() if first < end - 0.1]
+    assert 10 <= len(leading) <= 35, firsts
     assert all(takes_the_lead(f"job-{i}") for i in leading)
+    assert all(end / 1.15 - 1e-6 <= firsts[i] <= end - res.settings.poll_min_delay + 1e-6 for i in leading)
+    assert max(firsts[i] for i in leading) - min(firsts[i] for i in leading) > 2.0, "spread, not at one time"
+    assert all(first >= 29.8 for i, first in firsts.items() if i not in leading)
 
 
 def test_a_fleet_with_only_the_window_list_plans_as_before(make_res: ResFactory) -> None:

@@ -42,6 +42,14 @@ class Ran:
         return (self.polls + 2) / MIN_CALLS
 
 
+def configured_delay(polls: int, phase: float, rng: random.Random) -> float:
+    """The configured schedule's delay after ``polls`` polls (the first asks at once), as
+    worker.jobs.durations runs it: 5 s growing by 1.5 to 30 s, jittered, shifted by ``phase``."""
+    if polls == 0:
+        return 0.0
+    return poll_delay(polls - 1, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, phase=phase, rand=rng.random)
+
+
 def learned_from(seen: Sequence[Observation], knobs: Knobs) -> Plan | None:
     """The plan of a fleet that saw ``seen`` (newest first), kept as worker.jobs.durations keeps
     it: the newest 60, and the newest 60 bounded ones; the configured schedule below 5."""
@@ -59,11 +67,12 @@ def replay(durations: Sequence[float], knobs: Knobs = KNOBS, seed: int = 3) -> l
     for index, duration in enumerate(durations):
         learned = learned_from(seen, knobs)
         t, polls, running_at, gaps = 0.0, 0, 0.0, []
+        phase = rng.random()  # the job's stagger
         while True:
             if learned is not None:
-                nxt = learned.next_poll(t, lead=index % LEAD_EVERY == 0)
+                nxt = learned.next_poll(t, lead=index % LEAD_EVERY == 0, phase=phase)
             else:
-                nxt = t + poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
+                nxt = t + configured_delay(polls, phase, rng)
             gaps.append(nxt - t)
             t, polls = nxt, polls + 1
             if t >= duration:
@@ -90,13 +99,14 @@ def run_wave(
     ran, observed = [], []
     for index, duration in enumerate(durations):
         t, polls, running_at = 0.0, 0, 0.0
+        phase = rng.random()  # the job's stagger
         while t < duration:
             if t > 0:
                 running_at = t
             if learned is not None:
-                t = learned.next_poll(t, lead=index % LEAD_EVERY == 0)
+                t = learned.next_poll(t, lead=index % LEAD_EVERY == 0, phase=phase)
             else:
-                t += poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
+                t += configured_delay(polls, phase, rng)
             t += rng.uniform(0.0, late) if late else 0.0
             polls += 1
         observed.append(Observation.of(running_at, t))
@@ -131,9 +141,9 @@ def test_the_cold_schedule_is_what_the_learned_one_beats() -> None:
     cold = Knobs(call_cost=KNOBS.call_cost)
     lateness = []
     for _ in range(40):
-        t, polls = 0.0, 0
+        t, polls, phase = 0.0, 0, rng.random()
         while t < 60.0:
-            t += poll_delay(polls, initial=5.0, factor=1.5, cap=30.0, jitter=0.2, rand=rng.random)
+            t += configured_delay(polls, phase, rng)
             polls += 1
         lateness.append((t - 60.0) / 60.0)
     assert statistics.median(lateness) > 0.05 > median_lateness(replay([60.0] * 60, cold)[20:])
@@ -152,23 +162,30 @@ def test_a_duration_never_seen_costs_under_10_percent_and_adapts_within_20_jobs(
     assert median_calls(adapted) <= 2.0
 
 
-def test_a_duration_never_seen_arriving_at_once_after_a_cold_start_costs_under_3x() -> None:
-    # The fleet's first 20 generations (20 s) all ran at once on the configured schedule, so it
-    # knows them only as coarse intervals, a few of them stretched to ~35 s by a poll just before
-    # the end. Then 24 generations of 40 s start at once: none learns from another. Expected cost
-    # alone would have them all pay polls through that thin stretch and then the tail (4x).
-    # Polls here run exactly when due, so a cold poll often lands just before 20 s and pins the end
-    # down; live polls run a little late and that happens less, which is why the bench measures
-    # more calls on this case than this replay does (bench/README.md).
+@pytest.mark.parametrize("late", [0.0, 0.3, 0.6])
+def test_a_duration_never_seen_arriving_at_once_after_a_cold_start_costs_about_3x(late: float) -> None:
+    # The fleet's first 20 generations (20 s) all ran at once on the configured schedule; then 24
+    # generations of 40 s start at once: none learns from another. Expected cost alone would have
+    # them all pay polls through the warm-up's upper end and then the tail (4x). Polls run on
+    # time, or up to 0.3 s or 0.6 s late as live countdowns do.
+    #
+    # Before jobs were staggered, all 24 polled at the same times: whether a warm-up poll pinned
+    # the end of 20 s down and where the tail fell decided the whole wave, 3.00x with polls on
+    # time and 4.0x with late ones (4.17x live), 0.6-14.5 % late by seed. Staggered, 2.8-3.4x and
+    # 4-11 % by seed. The issue's 3x is on the edge of what a 15 % tail allows: 40 s is five tail
+    # steps past 20 s, and a first poll at the old end plus five is already 2.67x; the plan's
+    # second poll near 20 s (it serves the seen durations) makes the rest.
     per_seed = []
     for seed in range(12):
         rng = random.Random(seed)
         seen: list[Observation] = []
-        run_wave([20.0 * rng.uniform(0.995, 1.005) for _ in range(20)], seen, KNOBS, rng)
-        unseen = run_wave([40.0 * rng.uniform(0.995, 1.005) for _ in range(24)], seen, KNOBS, rng)
+        run_wave([20.0 * rng.uniform(0.995, 1.005) for _ in range(20)], seen, KNOBS, rng, late=late)
+        unseen = run_wave([40.0 * rng.uniform(0.995, 1.005) for _ in range(24)], seen, KNOBS, rng, late=late)
         per_seed.append((median_lateness(unseen), statistics.mean(r.calls for r in unseen)))
-    assert statistics.median(calls for _, calls in per_seed) <= 3.0
+    assert statistics.median(calls for _, calls in per_seed) <= 3.25
+    assert max(calls for _, calls in per_seed) <= 3.5, "no seed is left to the luck of where polls fell"
     assert statistics.median(late for late, _ in per_seed) <= 0.10
+    assert max(late for late, _ in per_seed) <= 0.12
 
 
 def test_the_rare_upper_end_is_polled_as_the_tail_would() -> None:
@@ -264,19 +281,38 @@ def test_kept_bounded_intervals_hold_the_estimate_while_the_window_is_unbounded(
     assert held.samples == 60
 
 
-def test_a_mostly_unbounded_window_buys_a_lead_a_tail_step_before_the_end() -> None:
+def test_a_mostly_unbounded_window_buys_a_lead_in_the_tail_step_before_the_end() -> None:
     window = [Observation.of(0.0, 30.2)] * 60
     kept = [Observation.of(29.8, 30.2)] * 5
     learned = plan(Durations(window, half_life=10, kept=kept), KNOBS)
-    assert learned.led is not None
-    at = 30.2 / (1 + KNOBS.tail_fraction)
-    assert at - KNOBS.min_gap <= learned.led[0] <= at, "the last candidate before it (a 0.25 s grid)"
-    assert learned.led[1] >= 29.8
-    assert learned.next_poll(0.0, lead=True) == learned.led[0]
+    assert learned.lead_before is not None and learned.lead_before >= 29.8
+    step = 1 + KNOBS.tail_fraction
+    leads = [learned.next_poll(0.0, lead=True, phase=phase) for phase in (0.0, 0.25, 0.5, 0.75, 0.99)]
+    assert leads[0] == pytest.approx(learned.lead_before / step)
+    assert leads == sorted(leads) and leads[-1] == pytest.approx(learned.lead_before - KNOBS.min_gap)
+    for phase, at in zip((0.0, 0.25, 0.5, 0.75, 0.99), leads, strict=True):
+        assert learned.next_poll(at, lead=True, phase=phase) == learned.lead_before, "then the plan"
     assert learned.next_poll(0.0) >= 29.8, "the jobs that do not take the lead poll at the end"
     bounded = plan(Durations(kept * 12, half_life=10), KNOBS)
-    assert bounded.led is None, "bounded observations need no lead"
+    assert bounded.lead_before is None, "bounded observations need no lead"
     assert bounded.next_poll(0.0, lead=True) >= 29.8
+
+
+def test_staggered_leads_bound_the_end_closely() -> None:
+    # A wave of 100 generations of 30 s after a wave that polled once, at the end: the leads of
+    # one job in four, spread over the tail step before the end, leave intervals the tightest of
+    # which ends within a fraction of a second of it. All at one point, they left intervals a
+    # whole tail step wide, and the next wave's plan spread its mass over them.
+    rng = random.Random(3)
+    seen = [Observation.of(29.9, 30.3)] * 20
+    run_wave([30.0] * 100, seen, KNOBS, rng)
+    learned = learned_from(seen, KNOBS)
+    assert learned is not None and learned.lead_before is not None
+    run_wave([30.0] * 100, seen, KNOBS, rng)
+    leads = [o for o in seen[:100] if o.bounded]
+    assert len(leads) >= 15
+    assert max(o.lo for o in leads) >= 29.0
+    assert min(o.lo for o in leads) <= 27.0
 
 
 def test_one_job_in_lead_every_takes_the_lead_always_the_same_ones() -> None:
@@ -296,10 +332,45 @@ def test_a_planned_time_closer_than_min_gap_is_put_off_not_skipped() -> None:
 
 def test_past_the_longest_duration_seen_the_tail_keeps_lateness_a_fraction_of_the_elapsed_time() -> None:
     learned = plan(Durations([Observation.of(19.5, 20.0)] * 10, half_life=10), KNOBS)
-    assert learned.times[-1] == pytest.approx(20.0)
-    t = 100.0
-    assert learned.next_poll(t) == pytest.approx(t * (1 + KNOBS.tail_fraction))
-    assert learned.next_poll(1000.0) == pytest.approx(1000.0 + KNOBS.max_gap)
+    last, step = learned.times[-1], 1 + KNOBS.tail_fraction
+    assert last == pytest.approx(20.0)
+    # Unstaggered, the tail steps by 1 + tail_fraction from the plan's last time.
+    t = last
+    for _ in range(8):
+        t, before = learned.next_poll(t), t
+        assert t == pytest.approx(before * step)
+    # Staggered, the first step is half a step to a step and a half by the job's phase (a step on
+    # average), and the rest are whole.
+    for phase, exponent in ((0.1, 0.9), (0.5, 0.5), (0.6, 1.4), (0.9, 1.1)):
+        first = learned.next_poll(last, phase=phase)
+        assert first == pytest.approx(last * step**exponent)
+        assert learned.next_poll(first, phase=phase) == pytest.approx(first * step)
+        # A late poll steps from when it ran: no poll soon after it to get back on a grid.
+        late = first * 1.07
+        assert learned.next_poll(late, phase=phase) == pytest.approx(late * step)
+    for phase in (0.0, 0.5):
+        assert learned.next_poll(1000.0, phase=phase) == pytest.approx(1000.0 + KNOBS.max_gap)
+
+
+def test_staggered_tails_see_a_wave_longer_than_any_seen_half_a_step_late_not_0_or_a_whole_one() -> None:
+    # The fleet knows 20 s; then generations of one longer length all start at once (longer
+    # inputs in a burst). Unstaggered, the whole wave's tail polls at the same times: its median
+    # is late by next to nothing or by nearly a whole step, by where the length fell.
+    learned = plan(Durations([Observation.of(19.5, 20.0)] * 10, half_life=10), KNOBS)
+    rng = random.Random(5)
+    for length in (34.9, 35.2, 40.1, 40.3):
+        late = {}
+        for staggered in (False, True):
+            ran = []
+            for _ in range(100):
+                phase, t, polls = (rng.random() if staggered else 0.0), 0.0, 0
+                while t < length:
+                    t, polls = learned.next_poll(t, phase=phase), polls + 1
+                ran.append(Ran(length, t - length, polls))
+            late[staggered] = median_lateness(ran)
+        step = KNOBS.tail_fraction
+        assert 0.2 * step <= late[True] <= 0.7 * step, length
+        assert late[False] < 0.02 or late[False] > 0.1, (length, "unstaggered: all or nothing")
 
 
 def test_polls_keep_the_min_gap_and_the_max_gap() -> None:

@@ -35,6 +35,7 @@ from worker.jobs.errors import (
 from worker.jobs.models import Job, LipsyncResult
 from worker.jobs.records import JobRecord
 from worker.jobs.resources import Resources
+from worker.jobs.schedule import stagger
 from worker.jobs.steps import (
     Again,
     NothingToDo,
@@ -568,8 +569,13 @@ def test_poll_countdowns_follow_the_schedule_and_stop_at_the_deadline(
         clock.advance(again.countdown)
         job = again.job
 
-    # 4, 8, 16, then capped at 20; the last 20 would overshoot the deadline: clamped to land on it.
-    assert countdowns == pytest.approx([4.0, 8.0, 16.0, 20.0, 60.0 - 48.0])
+    # 4, 8, 16, capped at 20, shifted along by the job's stagger u: polls at once, then at
+    # T(1 + u), T(2 + u), ... where T(x) = 4 * (2**x - 1); the last would overshoot the deadline,
+    # and is clamped to land on it.
+    u = stagger(job.job_id)
+    expected = [4.0 * (2 ** (1 + u) - 1), 4.0 * 2 ** (1 + u), min(20.0, 4.0 * 2 ** (2 + u)), 20.0]
+    expected.append(60.0 - sum(expected))
+    assert countdowns == pytest.approx(expected)
     assert clock.now == pytest.approx(deadline)
 
 
