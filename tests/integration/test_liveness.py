@@ -213,8 +213,8 @@ def test_sigkill_a_worker_holding_reserved_fetches(fleet: Fleet) -> None:
 
 
 def test_sigkill_a_worker_holding_only_countdown_polls(fleet: Fleet) -> None:
-    """GEN takes 40 s; the default schedule polls at ~5, ~12.5, ~24 s...: between polls the worker
-    holds nothing but countdown messages."""
+    """GEN takes 40 s; the default schedule polls at once, then 5-12.5 s in (by each job's stagger)
+    and ever more slowly: between polls the worker holds nothing but countdown messages."""
     fleet.sim.durations = {"gen": 40.0}
     a = fleet.start("a", concurrency=2)
     job_ids = fleet.run.submit(4)

@@ -31,12 +31,19 @@ estimate would then spread from 0 to the end (the next wave polled its way up fr
 status calls per job). So bounded observations (``lo > 0``) are also kept beyond the window
 (:class:`Durations`' ``kept``) and only they are spread evenly; and when most of the window's
 weight is unbounded, one job in :data:`LEAD_EVERY` (:func:`takes_the_lead`) polls once more, at
-the *lead*: ``1 / (1 + tail_fraction)`` of the way to the plan's first poll that expects
-generations done, so that its interval is bounded. A sample is enough to keep the estimate
-bounded, and a burst's jobs do not all poll again in the seconds before they all end (the lead
-for every job made the burst bench's rounds with it 5 s slower at p95). The lead is placed from
-that first poll, which follows the ends, not from earlier leads, so leads do not creep. A faster
-GEN shows at the lead: it finds the generations done, earlier than every kept span.
+the *lead*: somewhere in the tail step (``1 / (1 + tail_fraction)``) before the plan's first poll
+that expects generations done, where its :func:`stagger` puts it, so that its interval is
+bounded. A sample is enough to keep the estimate bounded, and a burst's jobs do not all poll again
+in the seconds before they all end (worker.jobs.durations also caps the leads a process hands out
+per read of the plan). Spread over the step, a wave's leads bound the end at many points, the
+tightest closely; all at one point, they left intervals a whole step wide, over which the next
+wave's plan spread its polls. The lead is placed from that first poll, which follows the ends,
+not from earlier leads, so leads do not creep. A faster GEN shows at the lead: it finds the
+generations done, earlier than every kept span.
+
+Every job's schedule is also shifted by its :func:`stagger` on the configured schedule
+(worker.jobs.backoff) and in the tail (:meth:`Plan.next_poll`): jobs that start together do not
+poll at the same instants, so between them they see where generations end.
 
 The model, its knobs and how it was tested: docs/polling.md.
 """

@@ -471,13 +471,15 @@ def poll(job: Job, res: Resources) -> Job | Again:
         return _deadline_passed(job, res)
     if job.polls == 0 and job.drive == 1 and job.submitted_at is not None:
         # Straight after the submit: GEN's generations of this model usually take longer than
-        # this, so the first question waits for when they usually end (a learned plan). A job
-        # driven again (GEN's event nudged it, or it was recovered) asks at once.
-        first_in = res.planner.first_poll_in(
-            job.model, elapsed=asked_at - job.submitted_at, job_id=job.job_id
-        )
-        if first_in > EARLY_ENOUGH:
-            return _wait(job, res, countdown=first_in)
+        # this, so the first question waits for when they usually end (a learned plan). The submit
+        # sends this poll with that countdown (its own, or its lead's); one that came before any
+        # job of the plan would ask (sent without one) waits for its own. A job driven again
+        # (GEN's event nudged it, or it was recovered) asks at once.
+        elapsed = asked_at - job.submitted_at
+        if res.planner.earliest_poll_in(job.model, elapsed=elapsed) > EARLY_ENOUGH:
+            first_in = res.planner.first_poll_in(job.model, elapsed=elapsed, job_id=job.job_id)
+            if first_in > EARLY_ENOUGH:
+                return _wait(job, res, countdown=first_in)
     throttled = _throttle(job, res, "status")
     if throttled is not None:
         return throttled

@@ -15,7 +15,7 @@ import pytest
 from gensim import GenSimulator
 from tests.unit.conftest import DURATIONS, FakeClock, ResFactory
 from tests.unit.jobs.builders import created
-from worker.jobs.durations import DurationLog
+from worker.jobs.durations import LEADS_PER_READ, DurationLog
 from worker.jobs.models import Job
 from worker.jobs.resources import Resources
 from worker.jobs.schedule import Observation, stagger, takes_the_lead
@@ -195,24 +195,43 @@ def test_bounded_intervals_outlive_a_window_of_unbounded_ones(make_res: ResFacto
     assert learned.times[0] > 20.0, "the plan still knows where generations end, and polls there"
 
 
-def test_one_job_in_four_polls_at_the_lead_the_rest_at_the_end(make_res: ResFactory) -> None:
-    # The window holds only (0, hi] intervals: a sample of jobs polls once more, in the tail step
-    # before the end (each where its stagger puts it), so that the fleet keeps learning where
-    # generations end.
-    res = make_res()
+def _unbounded_window(res: Resources) -> None:
     log = DurationLog(res.redis, keep=60)
     for _ in range(5):
         log.add("gen", Observation.of(29.8, 30.2))
     for _ in range(60):
         log.add("gen", Observation.of(0.0, 30.2))
+
+
+def test_one_job_in_four_polls_at_the_lead_the_rest_at_the_end(make_res: ResFactory) -> None:
+    # The window holds only (0, hi] intervals: a sample of jobs polls once more, in the tail step
+    # before the end (each where its stagger puts it), so that the fleet keeps learning where
+    # generations end. Jobs arriving one by one: the plan is read again between them.
+    res = make_res(poll_plan_refresh=1e-6)
+    _unbounded_window(res)
     firsts = {i: res.planner.first_poll_in("gen", elapsed=0.0, job_id=f"job-{i}") for i in range(80)}
     end = min(firsts.values(), key=lambda first: abs(first - 30.2))
     leading = [i for i, first in firsts.items() if first < end - 0.1]
+    assert leading == [i for i in range(80) if takes_the_lead(f"job-{i}")]
     assert 10 <= len(leading) <= 35, firsts
-    assert all(takes_the_lead(f"job-{i}") for i in leading)
     assert all(end / 1.15 - 1e-6 <= firsts[i] <= end - res.settings.poll_min_delay + 1e-6 for i in leading)
     assert max(firsts[i] for i in leading) - min(firsts[i] for i in leading) > 2.0, "spread, not at one time"
     assert all(first >= 29.8 for i, first in firsts.items() if i not in leading)
+
+
+def test_a_burst_takes_a_few_leads_per_read_of_the_plan(make_res: ResFactory) -> None:
+    # 80 jobs submitted within one read of the plan (10 s): LEADS_PER_READ of them lead, not one
+    # in four. A lead's second poll falls due among the burst's last polls, and Celery takes no new
+    # message while they are worked off: 250 leads in a burst of 1,000 came last.
+    res = make_res()
+    _unbounded_window(res)
+    firsts = [res.planner.first_poll_in("gen", elapsed=0.0, job_id=f"job-{i}") for i in range(80)]
+    end = max(firsts)
+    assert sum(first < end - 0.1 for first in firsts) == LEADS_PER_READ
+    # A first poll sent without a countdown (it came early) waits for its own first time; one
+    # that comes at a lead's time asks.
+    assert res.planner.earliest_poll_in("gen", elapsed=0.0) == pytest.approx(end / 1.15, abs=0.3)
+    assert res.planner.earliest_poll_in("gen", elapsed=end / 1.15 + 0.3) == 0.0
 
 
 def test_a_fleet_with_only_the_window_list_plans_as_before(make_res: ResFactory) -> None:
