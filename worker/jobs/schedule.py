@@ -76,8 +76,8 @@ def takes_the_lead(job_key: str) -> bool:
 
 def stagger(job_key: str) -> float:
     """Where in a step (0 to 1) this job's schedule is shifted: the configured schedule
-    (:func:`worker.jobs.backoff.first_poll_after`) and the tail (:meth:`Plan.next_poll`). A stable
-    choice by its key, spread evenly over the fleet's jobs and independent of the lead's."""
+    (:func:`worker.jobs.backoff.poll_delay`), the tail and the lead (:meth:`Plan.next_poll`). A
+    stable choice by its key, spread evenly over the fleet's jobs and independent of the lead's."""
     return zlib.crc32(b"stagger:" + job_key.encode()) / 2**32
 
 
@@ -229,16 +229,16 @@ class Plan:
 
     def next_poll(self, elapsed: float, *, lead: bool = False, phase: float = 0.0) -> float:
         """When (seconds after acceptance) to poll next, ``elapsed`` seconds after acceptance: the
-        next planned time (of the lead's plan, for a job that takes it), at least ``min_gap`` and
-        at most ``max_gap`` away. A planned time closer than ``min_gap`` (the poll before it ran
+        next planned time (with the lead, for a job that takes it), at least ``min_gap`` and at
+        most ``max_gap`` away. A planned time closer than ``min_gap`` (the poll before it ran
         late) is put off, not skipped: skipping the plan's last time sent a generation ending
         there to the tail, 15 % of its duration later.
 
-        Past the plan, the tail, shifted by a part of a step by the job's :func:`stagger`
-        (:meth:`_tail_after`). Generations longer than any seen
-        that end together (a slower GEN, longer inputs in a burst) are then each seen within a
-        fraction of a step, half of one on average, instead of all at the same tail times: the
-        median of such a wave is no longer late by 0 or by 15 % depending on where the tail fell.
+        Past the plan, the tail, shifted by part of a step by the job's ``phase``
+        (:func:`stagger`, :meth:`_tail_after`). Generations longer than any seen that end together
+        (a slower GEN, longer inputs in a burst) are then each seen within a step, half of one on
+        average, instead of all at the same tail times: the median of such a wave is no longer
+        late by 0 or by 15 % depending on where the tail fell.
         """
         k = self.knobs
         times = self.times
