@@ -241,38 +241,41 @@ class Plan:
         late by 0 or by 15 % depending on where the tail fell.
         """
         k = self.knobs
+        # The part of a step the job's stagger leaves, 0 to 1: the lead and the tail's first step.
+        rest = 1.0 - min(max(phase, 0.0), 1.0)
         times = self.times
         if lead and self.lead_before is not None:
-            times = self._with_lead(self.lead_before, phase)
+            times = self._with_lead(self.lead_before, rest)
         i = bisect.bisect_right(times, elapsed + 1e-9)
-        if i < len(times):
-            return min(max(times[i], elapsed + k.min_gap), elapsed + k.max_gap)
-        return min(max(self._tail_after(times, elapsed, phase), elapsed + k.min_gap), elapsed + k.max_gap)
+        due = times[i] if i < len(times) else self._tail_after(times, elapsed, rest)
+        return min(max(due, elapsed + k.min_gap), elapsed + k.max_gap)
 
-    def _with_lead(self, first: float, phase: float) -> tuple[float, ...]:
+    @property
+    def _step(self) -> float:
+        """A tail step, as a factor of the time elapsed."""
+        return 1.0 + self.knobs.tail_fraction
+
+    def _with_lead(self, first: float, rest: float) -> tuple[float, ...]:
         """The plan with the lead: somewhere in the tail step before ``first``, by the job's
         phase, so that the leads of a wave bound the end at many points and the tightest of them
         closely (all at one point, they left intervals a whole tail step wide, and the estimate
         spread the mass over them: the next wave polled there too). At least ``min_gap`` before
         ``first``; none where the plan polls in that step already."""
-        step = 1.0 + self.knobs.tail_fraction
-        at = min(first / step ** (1.0 - min(max(phase, 0.0), 1.0)), first - self.knobs.min_gap)
+        at = min(first / math.pow(self._step, rest), first - self.knobs.min_gap)
         if at <= 0 or any(at <= t < first for t in self.times):
             return self.times
         return tuple(sorted((*self.times, at)))
 
-    def _tail_after(self, times: Sequence[float], elapsed: float, phase: float) -> float:
+    def _tail_after(self, times: Sequence[float], elapsed: float, rest: float) -> float:
         """Past the plan: the first step from its last time is half a step to a step and a half,
         by the job's phase (a step on average, as unstaggered; never so short a poll that it
         learns nothing), then every step is ``tail_fraction`` of the time elapsed (from when the
         poll ran: a late poll shifts the rest, it does not bring on an early one)."""
-        step = 1.0 + self.knobs.tail_fraction
         if times:
-            first = 1.0 - min(max(phase, 0.0), 1.0)
-            staggered = times[-1] * math.pow(step, first if first >= 0.5 else first + 1.0)
+            staggered = times[-1] * math.pow(self._step, rest if rest >= 0.5 else rest + 1.0)
             if elapsed < staggered - 1e-9:
                 return staggered
-        return elapsed * step
+        return elapsed * self._step
 
 
 def plan(durations: Durations, knobs: Knobs, *, resolution: int = 240) -> Plan:
