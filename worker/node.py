@@ -1,8 +1,10 @@
 """This worker node's part in liveness (:mod:`worker.jobs.liveness`), in Celery terms.
 
-* :class:`Node` is the process's identity in the fleet: one *holder* name per broker connection,
-  a fresh one after every reconnect (Celery drops the reserved and countdown messages it held when
-  its connection is lost, so the old holder is released for the sweeper to recover at once).
+* :class:`Node` is the process's identity in the fleet: one *holder* name per broker connection.
+  Celery drops the reserved and countdown messages it held, and cancels its running steps, the
+  moment that connection is lost; the node then takes a fresh holder and releases the old one for
+  the sweeper to recover at once — at the loss, not at the reconnect, which Celery's backoff can
+  put 30 s after Redis is back.
 * :class:`HeartbeatThread` writes the current holder's heartbeat from a thread of its own, so a long
   download or a busy pool is never mistaken for death.
 * :meth:`Node.took` runs on Celery's ``task_received`` signal, in the consumer, for every message
@@ -34,6 +36,10 @@ from worker.ops.broker import Drives, drives_args
 
 log = logging.getLogger("lipsync.node")
 
+#: A blueprint's state while it runs, a restart after a lost connection included (Celery's stubs
+#: leave it out).
+BLUEPRINT_RUNNING: int = bootsteps.RUN  # type: ignore[attr-defined]
+
 
 class Node:
     """One worker process in the fleet, and the holder name of its current broker connection."""
@@ -52,6 +58,10 @@ class Node:
         self._pending_holds: list[tuple[Holding, str]] = []
         #: Monotonic time since when every heartbeat reached Redis (None: the last one failed).
         self.healthy_since: float | None = None
+        #: Whether the current connection was lost and its holder released already (by :meth:`lost`).
+        self._lost = False
+        #: Set when something is owed (a release, a holding): wakes the heartbeat to write it now.
+        self.wake = threading.Event()
 
     def _new_holder(self) -> str:
         # Unique across processes, restarts (a pid can be reused) and reconnects.
@@ -60,16 +70,41 @@ class Node:
     # -- the consumer's side ---------------------------------------------------------------------
 
     def connected(self) -> None:
-        """The consumer (re)connected to the broker. After a reconnect, whatever the previous
-        connection held is gone from this process: release that holder so its jobs are re-driven
-        now rather than after a timer."""
+        """The consumer (re)connected to the broker. Whatever the previous connection held is gone
+        from this process: if :meth:`lost` did not release that holder already, release it now."""
         with self._lock:
             self._connections += 1
             if self._connections == 1:
                 return
-            old, self.holder = self.holder, self._new_holder()
-            self._to_release.append(old)
+            if self._lost:
+                self._lost = False
+                return
+            old = self._switch_holder()
         log.warning("broker connection re-established; re-driving what this worker held before it (%s)", old)
+        self._try_release(old)
+
+    def lost(self) -> None:
+        """The consumer lost its broker connection: Celery has just dropped the messages that
+        connection held (reserved ones, countdown polls) and cancelled its running steps. Release
+        its holder now, so that the sweeper re-drives those jobs as soon as Redis answers, whoever
+        runs them. Waiting for this consumer's reconnect would add Celery's backoff (2, 4, 6 ... up
+        to 30 s between attempts) to the recovery of every job it held."""
+        with self._lock:
+            if self._connections == 0 or self._lost:
+                return
+            self._lost = True
+            old = self._switch_holder()
+        log.warning("broker connection lost; re-driving what this worker held (%s) once Redis answers", old)
+        self._try_release(old)
+
+    def _switch_holder(self) -> str:
+        """A new holder for the next connection; the old one is owed a release. Under the lock."""
+        old, self.holder = self.holder, self._new_holder()
+        self._to_release.append(old)
+        self.wake.set()
+        return old
+
+    def _try_release(self, old: str) -> None:
         try:
             self._release_pending()
         except redis.RedisError:  # still owed: the heartbeat writes it
@@ -96,6 +131,7 @@ class Node:
         except redis.RedisError:
             with self._lock:
                 self._pending_holds.append((holding, holder))
+                self.wake.set()
         except Exception:
             log.warning("could not record who holds %s %s", request.name, request.id, exc_info=True)
 
@@ -170,11 +206,17 @@ class Node:
             raise
         if self.healthy_since is None:
             self.healthy_since = time.monotonic()
+        self.wake.clear()  # before writing: whatever is owed after this sets it again
         try:
             self._write_pending_holds()
             self._release_pending()
         except redis.RedisError as exc:  # still owed: the next beat writes it
             log.warning("heartbeat: could not write what is owed (%s); will retry", type(exc).__name__)
+
+    def owes(self) -> bool:
+        """Whether a release or a holding is still to be written."""
+        with self._lock:
+            return bool(self._to_release or self._pending_holds)
 
     def trusts_silence(self, dead_after: float) -> bool:
         """Whether this node has reached Redis for the last ``dead_after`` seconds without a gap, so
@@ -215,7 +257,15 @@ def _holding_of(request: Any) -> Holding | None:
     return Holding(str(tag), task_id, what)
 
 
+#: How soon the heartbeat tries again while a release or a holding is owed (seconds): until it is
+#: written, the sweeper cannot re-drive the jobs it concerns.
+OWED_RETRY = 0.5
+
+
 class HeartbeatThread(threading.Thread):
+    """Beats every ``interval``; at once when the node owes a release or a holding, and then every
+    :data:`OWED_RETRY` until Redis takes it."""
+
     def __init__(self, node: Node, interval: float) -> None:
         super().__init__(name="lipsync-heartbeat", daemon=True)
         self.node = node
@@ -230,7 +280,14 @@ class HeartbeatThread(threading.Thread):
                 self.node.beat()
             except Exception:
                 log.exception("heartbeat failed; will retry in %.0f s", self.interval)
-            self.stopping.wait(self.interval)
+            if self.node.owes():
+                self.stopping.wait(OWED_RETRY)
+            else:
+                self.node.wake.wait(self.interval)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.node.wake.set()
 
 
 class NodeStep(bootsteps.StartStopStep):
@@ -266,7 +323,8 @@ def _on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None
 
 
 class ConnectionStep(bootsteps.StartStopStep):
-    """Consumer bootstep, started after every broker (re)connection: a new holder per connection."""
+    """Consumer bootstep, started after every broker (re)connection and stopped when the connection
+    is lost: a new holder per connection, the old one released at the loss."""
 
     requires = ("celery.worker.consumer.connection:Connection",)
 
@@ -274,3 +332,11 @@ class ConnectionStep(bootsteps.StartStopStep):
         node: Node | None = getattr(c.controller, "lipsync_node", None)
         if node is not None:
             node.connected()
+
+    def stop(self, c: Any) -> None:
+        # Celery stops the consumer's steps, with its blueprint still running, when the connection
+        # is lost (after dropping what it held), and with the blueprint closing at a shutdown: a
+        # warm shutdown finishes its running steps and puts back its reserved messages itself.
+        node: Node | None = getattr(c.controller, "lipsync_node", None)
+        if node is not None and c.blueprint.state == BLUEPRINT_RUNNING:
+            node.lost()

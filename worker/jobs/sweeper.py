@@ -19,8 +19,8 @@ message was lost with a worker, or a broker restart) are sent again the same way
 same webhook id. A job re-driven ``LIPSYNC_MAX_REDRIVES`` times fails (``redrive_limit``)
 rather than crash-loop the fleet (re-drives a job owes to a reconnect or a broker loss are free).
 Recovery takes ``LIPSYNC_NODE_DEAD_AFTER`` plus ``LIPSYNC_SWEEP_INTERVAL`` after a worker's death,
-one sweep after a reconnect; the overdue timers (``LIPSYNC_RECOVERY_GRACE``,
-``LIPSYNC_QUEUED_RECOVERY``) are the backstop.
+and one sweep after Redis answers again when a worker lost its broker connection; the overdue
+timers (``LIPSYNC_RECOVERY_GRACE``, ``LIPSYNC_QUEUED_RECOVERY``) are the backstop.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import redis
 
 from worker.batches.progress import sweep_batches
 from worker.callbacks.delivery import send_delivery
@@ -383,6 +385,11 @@ class SweeperThread(threading.Thread):
                 interval = res.settings.sweep_interval
                 if try_lease(res, self.holder, interval * 0.9):
                     self._round(res)
+            except redis.ConnectionError as exc:
+                # Redis restarting: expected, and said in one line (not a traceback every round).
+                log.warning(
+                    "sweep: Redis unreachable (%s); will retry in %.0f s", type(exc).__name__, interval
+                )
             except Exception:
                 log.exception("sweep failed; will retry in %.0f s", interval)
             self.stopping.wait(interval)

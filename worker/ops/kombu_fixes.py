@@ -20,8 +20,8 @@ The fix, at the two places a detached channel dereferences its connection:
   logged (``Message.ack_log_error``) instead of ending the worker.
 * ``QoS.restore_unacked`` skips the restore when the connection is already detached, so closing
   the channel completes. Nothing is lost by skipping it: the messages stay in Redis's ``unacked``
-  hash (Redis would redeliver them after the visibility timeout), the worker releases that
-  connection's holder when it reconnects, and the next sweep re-drives their jobs
+  hash (Redis would redeliver them after the visibility timeout), the worker released that
+  connection's holder when it lost it, and the first sweep after Redis is back re-drives their jobs
   (:mod:`worker.jobs.liveness`).
 
 Both are no-ops on an attached channel, so nothing changes while the connection is healthy.

@@ -9,12 +9,14 @@ defaults with real worker processes.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery import bootsteps
 
 from tests.unit.conftest import queued, unit_settings
 from tests.unit.jobs.builders import created, result, submitted
@@ -32,7 +34,8 @@ from worker.names import (
     TASK_POLL,
     TASK_RUN,
 )
-from worker.node import HeartbeatThread, Node, _holding_of
+from worker.node import OWED_RETRY, ConnectionStep, HeartbeatThread, Node, _holding_of
+from worker.ops.replies import as_text
 from worker.settings import Settings
 
 SILENCE = 0.3
@@ -254,6 +257,75 @@ def test_a_reconnect_releases_what_the_old_connection_held(res: Resources) -> No
     assert res.redis.zscore(HOLDERS_KEY, node.holder) > 0  # type: ignore[operator]
 
 
+def test_a_lost_connection_releases_its_holder_at_once_not_at_the_reconnect(res: Resources) -> None:
+    # Celery dropped what the connection held when it lost it; its reconnect can come 30 s after
+    # Redis is back (its backoff), and the jobs must not wait for it.
+    node = Node("n1", resources=lambda: res)
+    node.connected()
+    first = node.holder
+    node.beat()
+    node.lost()
+    assert node.holder != first
+    assert res.redis.zscore(HOLDERS_KEY, first) == 0.0
+    second = node.holder
+    node.lost()  # Celery stops the consumer's steps again after a failed reconnect: nothing more
+    node.connected()  # the reconnect keeps the holder the loss made
+    assert node.holder == second
+    released: Any = res.redis.zrangebyscore(HOLDERS_KEY, 0, 0)
+    assert [as_text(h) for h in released] == [first]
+
+
+def test_a_release_owed_while_redis_is_down_is_written_as_soon_as_it_answers(
+    res: Resources, tmp_path: Path
+) -> None:
+    # At a Redis restart the loss comes while Redis is down: the heartbeat writes the release, and
+    # must not wait for its interval (5 s by default, 30 s here) to do so.
+    down = Resources(unit_settings(f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:9", tmp_path))
+    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    current = [res]
+    node = Node("n1", resources=lambda: current[0])
+    node.connected()
+    first = node.holder
+    thread = HeartbeatThread(node, interval=30.0)
+    thread.start()
+    try:
+        assert _wait_for(lambda: (res.redis.zscore(HOLDERS_KEY, first) or 0) > 0)
+        current[0] = down
+        node.lost()
+        assert node.owes()
+        current[0] = res
+        back = time.monotonic()
+        assert _wait_for(lambda: res.redis.zscore(HOLDERS_KEY, first) == 0.0, timeout=5)
+        assert time.monotonic() - back < 2 * OWED_RETRY + 0.5
+        assert _wait_for(lambda: not node.owes())
+    finally:
+        thread.stop()
+        thread.join(2)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    ("state", "releases"),
+    [(bootsteps.RUN, True), (bootsteps.CLOSE, False)],  # type: ignore[attr-defined]
+    ids=["connection-lost", "shutdown"],
+)
+def test_only_a_lost_connection_releases_the_holder_not_a_shutdown(
+    res: Resources, state: int, releases: bool
+) -> None:
+    # Celery stops the consumer's steps with its blueprint running when the connection is lost, and
+    # closing at a warm shutdown, which finishes the running steps and puts back what is reserved:
+    # released then, the sweeper would re-drive steps that are still running.
+    node = Node("n1", resources=lambda: res)
+    node.connected()
+    first = node.holder
+    consumer = SimpleNamespace(
+        controller=SimpleNamespace(lipsync_node=node), blueprint=SimpleNamespace(state=state)
+    )
+    ConnectionStep(consumer).stop(consumer)
+    assert (res.redis.zscore(HOLDERS_KEY, first) == 0.0) is releases
+    assert (node.holder != first) is releases
+
+
 def test_trust_needs_an_unbroken_link_for_the_whole_window(res: Resources) -> None:
     node = Node("n1", resources=lambda: res)
     assert not node.trusts_silence(0.0)
@@ -416,7 +488,7 @@ def test_the_heartbeat_thread_outlives_a_non_redis_error(res: Resources, failing
         assert _wait_for(lambda: (res.redis.zscore(HOLDERS_KEY, node.holder) or 0) > first)
         assert thread.is_alive()
     finally:
-        thread.stopping.set()
+        thread.stop()
         thread.join(2)
 
 
@@ -477,3 +549,26 @@ def test_the_sweeper_thread_outlives_an_error_reading_its_resources(
     finally:
         sweeper.stopping.set()
         sweeper.join(5)
+
+
+def test_the_sweeper_says_redis_is_unreachable_in_one_line_per_round(
+    settings: Settings, queue: CeleryQueue, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every worker sweeps every 5 s: through a Redis restart a traceback each time buries the log.
+    down = Resources(
+        unit_settings(f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:9", tmp_path).model_copy(
+            update={"sweep_interval": 0.05}
+        )
+    )
+    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    caplog.set_level(logging.WARNING, logger="lipsync.sweeper")
+    sweeper = SweeperThread(queue, "sweeper-1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("worker.jobs.sweeper.resources", lambda: down)
+        sweeper.start()
+        try:
+            assert _wait_for(lambda: len(caplog.records) >= 2)
+        finally:
+            sweeper.stopping.set()
+            sweeper.join(5)
+    assert all("Redis unreachable" in r.getMessage() and r.exc_info is None for r in caplog.records)
