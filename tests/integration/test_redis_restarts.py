@@ -24,15 +24,18 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
+import redis
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from gensim import Fault
 from tests.conftest import Cluster, WorkerProcess, wait_for
-from tests.harness import Run
-from worker.names import Stage
+from tests.harness import Run, holdings
+from worker.names import ALL_QUEUES, JOB_KEY_PREFIX, Stage
+from worker.ops.broker import in_broker
 from worker.ops.metrics import RECOVERIES_KEY
 from worker.settings import Settings
 
@@ -169,12 +172,30 @@ def wait_all_finished(run: Run, timeout: float, *, since: float | None = None) -
         if all((r := run.record(job_id)) is not None and r.outcome is not None for job_id in run.results):
             return
         time.sleep(0.5)
-    unfinished = {}
-    for job_id in run.results:
-        record = run.record(job_id)
-        if record is None or record.outcome is None:
-            unfinished[job_id] = record.model_dump(include={"state", "polls", "redrives"}) if record else None
-    pytest.fail(f"{len(unfinished)} job(s) unfinished {timeout:.0f} s after the last restart: {unfinished}")
+    unfinished = [job_id for job_id in run.results if (r := run.record(job_id)) is None or r.outcome is None]
+    story = "\n".join(what_became_of(run, job_id) for job_id in unfinished)
+    pytest.fail(f"{len(unfinished)} job(s) unfinished {timeout:.0f} s after the last restart:\n{story}")
+
+
+def what_became_of(run: Run, job_id: str) -> str:
+    """An unfinished job's record, where its messages are in the broker, and what each worker logged
+    about it: enough to tell a lost message from one a worker holds, or a late reconnect."""
+    client = run.cluster.redis()
+    raw: dict[bytes, bytes] = client.hgetall(JOB_KEY_PREFIX + job_id)  # type: ignore[assignment]
+    record = {k.decode(): v.decode() for k, v in raw.items() if k not in (b"job", b"callback")}
+    now = time.time()
+    for when in ("created_at", "updated_at", "overdue_at", "next_poll_at"):
+        if record.get(when):
+            record[when] = f"{float(record[when]) - now:+.1f} s"
+    found = in_broker(redis.Redis.from_url(run.cluster.env["LIPSYNC_BROKER_URL"]), ALL_QUEUES)
+    taken = [(tag, f"{now - since:.1f} s ago") for tag, since in found.taken_jobs.get(job_id, [])]
+    lines = [
+        f"{job_id}: {record}",
+        f"  queued: {job_id in found.queued_jobs}; taken (unacknowledged): {taken}",
+    ]
+    for worker in run.cluster.workers:
+        lines += [f"  {worker.name}: {line[:300]}" for line in worker.log().splitlines() if job_id in line]
+    return "\n".join(lines)
 
 
 def collect_outcomes(run: Run, timeout: float) -> dict[str, dict[str, Any]]:
@@ -287,4 +308,73 @@ def test_workers_survive_five_redis_restarts(run: Run, simulator: Any) -> None:
         f"the download cut off by restart 2 re-driven after {redriven_after:.1f} s; "
         f"{jobs} jobs, {restarts.count} restarts, {WORKERS} workers alive: {took:.1f} s in all; "
         f"{finished - last_restart:.1f} s from the last restart to the last outcome"
+    )
+
+
+#: Redis down this long: Celery's consumer retries its connection 2, 6, 12, 20 and 30 s after the
+#: loss (kombu's backoff, not a setting of ours), so the workers reconnect ~9 s after Redis is back.
+LONG_OUTAGE = 21.0
+LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
+
+
+def reconnected_at(worker: WorkerProcess, mark: int) -> float | None:
+    """When ``worker`` logged its first broker connection after log offset ``mark`` (epoch)."""
+    for line in worker.log()[mark:].splitlines():
+        stamp = LOG_LINE.match(line)
+        if stamp and CONNECTED in line:
+            return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
+def wait_reconnected(worker: WorkerProcess, mark: int, timeout: float = 60) -> float | None:
+    deadline = time.monotonic() + timeout
+    while (at := reconnected_at(worker, mark)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return at
+
+
+def test_a_job_held_by_a_worker_still_backing_off_is_carried_on_by_another(run: Run, simulator: Any) -> None:
+    """Celery drops what a connection held (countdown polls here) the moment it is lost, and its
+    reconnect waits out a backoff that is up to 30 s long. The jobs it held are re-driven as soon
+    as Redis answers, so a worker that is connected (one added here, as a supervisor or an
+    autoscaler adds one) carries them on: GEN sees each job's next poll before the worker that held
+    it reconnects. Released at the reconnect instead, GEN would see it a sweep after it."""
+    cluster = run.cluster
+    simulator.durations = {"gen": 25.0}
+    jobs = run.submit(3)
+    for job_id in jobs:
+        run.wait_state(job_id, Stage.POLLING.value, min_polls=1)
+    nodes = {w.name: w for w in cluster.workers}
+    held: dict[str, WorkerProcess] = {}
+    for holding in holdings(cluster.redis(), nodes).values():
+        held.update(dict.fromkeys(holding.jobs, nodes[holding.node]))
+    assert sorted(held) == sorted(jobs), "each polling job is held by the worker with its countdown"
+    marks = {w.name: len(w.log()) for w in cluster.workers}
+    server = cluster.redis_server
+    server.stop()
+    time.sleep(LONG_OUTAGE)
+    server.start()
+    back = time.time()
+    cluster.start_worker()  # connects at once
+    wait_all_finished(run, timeout=90)
+    assert_all_alive(run)
+    arrivals = simulator.stats()["arrivals"]
+    margins = []
+    for job_id, worker in held.items():
+        record = run.record(job_id)
+        assert record is not None and record.generation_id
+        path = f"/v1/generations/{record.generation_id}"
+        first_poll = min(a["t"] for a in arrivals if a["t"] > back and a["path"] == path)
+        reconnected = wait_reconnected(worker, marks[worker.name])
+        assert reconnected is not None, f"{worker.name} did not reconnect"
+        assert first_poll < reconnected, (
+            f"{job_id}: GEN saw its next poll {first_poll - back:.1f} s after Redis was back, only after "
+            f"{worker.name}, which held it, reconnected ({reconnected - back:.1f} s)"
+        )
+        margins.append(reconnected - first_poll)
+    outcomes = collect_outcomes(run, timeout=30)
+    assert {job_id: o["status"] for job_id, o in outcomes.items()} == dict.fromkeys(jobs, "completed")
+    run.check_invariants(outcomes)
+    print(
+        f"each job's next poll came {min(margins):.1f}-{max(margins):.1f} s before its old worker reconnected"
     )
