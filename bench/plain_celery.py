@@ -23,14 +23,15 @@ from worker.settings import Settings
 
 NOOP = "bench.noop"
 
-#: Settings of ``celery_config`` this app does not copy: they route our task names to our queues.
-ROUTING = frozenset({"task_queues", "task_routes", "task_annotations"})
+#: Settings of ``celery_config`` this app does not copy: they route our task names to our queues,
+#: or name a class of ours (the consumer's reconnect backoff, which a steady run never meets).
+NOT_COPIED = frozenset({"task_queues", "task_routes", "task_annotations", "worker_consumer"})
 #: The one it sets otherwise: Celery's own backend class for the same URL.
 BACKEND = "result_backend"
 
 
 def plain_config(settings: Settings) -> dict[str, object]:
-    """Every Celery setting of ``worker.app.celery_config`` except :data:`ROUTING`, and
+    """Every Celery setting of ``worker.app.celery_config`` except :data:`NOT_COPIED`, and
     :data:`BACKEND` without our backend class."""
     transport = {"visibility_timeout": settings.visibility_timeout}
     return {
@@ -49,6 +50,7 @@ def plain_config(settings: Settings) -> dict[str, object]:
         "visibility_timeout": settings.visibility_timeout,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
         "task_publish_retry_policy": {
             "max_retries": 10,
             "interval_start": 0,

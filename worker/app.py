@@ -69,6 +69,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # message is redelivered elsewhere: the same step twice, in parallel (celery#4671).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
+        # Reconnect within 5 s of the broker coming back, not kombu's 30 s (worker.ops.reconnect),
+        # for as long as it takes: a worker waiting for Redis is not broken.
+        "worker_consumer": "worker.ops.reconnect:Consumer",
+        "broker_connection_max_retries": None,
         # A Redis restart or failover takes seconds (docs/redis-restart-crash.md). Publishing
         # (retries, chain steps, callbacks) keeps retrying for ~15 s instead of Celery's ~0.6 s,
         # after which Task.retry drops the step's message and the job waits for the sweeper.

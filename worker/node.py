@@ -3,8 +3,8 @@
 * :class:`Node` is the process's identity in the fleet: one *holder* name per broker connection.
   Celery drops the reserved and countdown messages it held, and cancels its running steps, the
   moment that connection is lost; the node then takes a fresh holder and releases the old one for
-  the sweeper to recover at once — at the loss, not at the reconnect, which Celery's backoff can
-  put 30 s after Redis is back.
+  the sweeper to recover at once — at the loss, not at the reconnect, which a backoff puts seconds
+  after Redis is back (30 s with Celery's own; worker.ops.reconnect).
 * :class:`HeartbeatThread` writes the current holder's heartbeat from a thread of its own, so a long
   download or a busy pool is never mistaken for death.
 * :meth:`Node.took` runs on Celery's ``task_received`` signal, in the consumer, for every message
@@ -87,8 +87,8 @@ class Node:
         """The consumer lost its broker connection: Celery has just dropped the messages that
         connection held (reserved ones, countdown polls) and cancelled its running steps. Release
         its holder now, so that the sweeper re-drives those jobs as soon as Redis answers, whoever
-        runs them. Waiting for this consumer's reconnect would add Celery's backoff (2, 4, 6 ... up
-        to 30 s between attempts) to the recovery of every job it held."""
+        runs them. Waiting for this consumer's reconnect would add its backoff (up to
+        ``LIPSYNC_BROKER_RECONNECT_MAX`` between attempts) to the recovery of every job it held."""
         with self._lock:
             if self._connections == 0 or self._lost:
                 return

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     #: Redis visibility timeout (seconds): an unacknowledged message is redelivered after this long.
     #: It must stay far above the longest step (the download) and the longest poll countdown.
     visibility_timeout: int = Field(default=7200, ge=60)
+    #: Longest wait between a worker's attempts to reconnect to a lost broker (seconds); the waits
+    #: grow 1, 2, 3 … s up to it (worker.ops.reconnect). Celery's own would grow to 30 s.
+    broker_reconnect_max: float = Field(default=5.0, ge=1.0)
     #: How long finished results and job records are kept in Redis (seconds).
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60)
 

@@ -311,9 +311,15 @@ def test_workers_survive_five_redis_restarts(run: Run, simulator: Any) -> None:
     )
 
 
-#: Redis down this long: Celery's consumer retries its connection 2, 6, 12, 20 and 30 s after the
-#: loss (kombu's backoff, not a setting of ours), so the workers reconnect ~9 s after Redis is back.
+#: A long outage. kombu's own backoff would reconnect a worker 30 s after the loss (retries at 2, 6,
+#: 12, 20 and 30 s): ~9 s after Redis is back. Ours (LIPSYNC_BROKER_RECONNECT_MAX, 5 s) retries at
+#: 1, 3, 6, 10, 15, 20 and 25 s: ~4 s after.
 LONG_OUTAGE = 21.0
+#: A worker that is to reconnect late runs with kombu's cap (30 s): its attempts come 1, 3, 6, 10,
+#: 15, 21, 28, 36 and 45 s after the loss. Down this long, Redis is back ~7.7 s before that worker's
+#: next attempt, while what it held is re-driven within a sweep (5 s) of Redis answering.
+KOMBU_RECONNECT_MAX = "30"
+SLOW_OUTAGE = 37.0
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
 
 
@@ -333,43 +339,58 @@ def wait_reconnected(worker: WorkerProcess, mark: int, timeout: float = 60) -> f
     return at
 
 
-def test_a_job_held_by_a_worker_still_backing_off_is_carried_on_by_another(run: Run, simulator: Any) -> None:
-    """Celery drops what a connection held (countdown polls here) the moment it is lost, and its
-    reconnect waits out a backoff that is up to 30 s long. The jobs it held are re-driven as soon
-    as Redis answers, so a worker that is connected (one added here, as a supervisor or an
-    autoscaler adds one) carries them on: GEN sees each job's next poll before the worker that held
-    it reconnects. Released at the reconnect instead, GEN would see it a sweep after it."""
-    cluster = run.cluster
+def outage(cluster: Cluster, seconds: float) -> tuple[dict[str, int], float]:
+    """Stop Redis for ``seconds``, keeping its data: each worker's log offset before, and the
+    (epoch) time Redis answered again."""
+    marks = {w.name: len(w.log()) for w in cluster.workers}
+    cluster.redis_server.stop()
+    time.sleep(seconds)
+    cluster.redis_server.start()
+    return marks, time.time()
+
+
+@pytest.fixture
+def bare_run(make_cluster: Callable[..., Cluster], simulator: Any) -> Iterator[Run]:
+    """A cluster like ``run``'s, with no worker started."""
+    r = Run(make_cluster(persistent=True, **ENV), simulator)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_a_job_held_by_a_worker_still_reconnecting_is_carried_on_by_another(
+    bare_run: Run, simulator: Any
+) -> None:
+    """Celery drops what a connection held (countdown polls here) the moment it is lost. The jobs it
+    held are re-driven as soon as Redis answers, so that a worker that is connected (one added here,
+    as a supervisor or an autoscaler adds one) carries them on, however late their own worker
+    reconnects: GEN sees each job's next poll before it does. The holding worker reconnects late
+    because it runs with kombu's 30 s backoff cap; released at its reconnect instead, GEN would see
+    the poll a sweep after it."""
+    run, cluster = bare_run, bare_run.cluster
+    slow = cluster.start_worker("slow", LIPSYNC_BROKER_RECONNECT_MAX=KOMBU_RECONNECT_MAX)
     simulator.durations = {"gen": 25.0}
     jobs = run.submit(3)
     for job_id in jobs:
         run.wait_state(job_id, Stage.POLLING.value, min_polls=1)
-    nodes = {w.name: w for w in cluster.workers}
-    held: dict[str, WorkerProcess] = {}
-    for holding in holdings(cluster.redis(), nodes).values():
-        held.update(dict.fromkeys(holding.jobs, nodes[holding.node]))
-    assert sorted(held) == sorted(jobs), "each polling job is held by the worker with its countdown"
-    marks = {w.name: len(w.log()) for w in cluster.workers}
-    server = cluster.redis_server
-    server.stop()
-    time.sleep(LONG_OUTAGE)
-    server.start()
-    back = time.time()
+    assert sorted(holdings(cluster.redis(), ["slow"])["slow"].jobs) == sorted(jobs)
+    marks, back = outage(cluster, SLOW_OUTAGE)
     cluster.start_worker()  # connects at once
     wait_all_finished(run, timeout=90)
     assert_all_alive(run)
+    reconnected = wait_reconnected(slow, marks["slow"])
+    assert reconnected is not None, "the worker that held the jobs did not reconnect"
     arrivals = simulator.stats()["arrivals"]
     margins = []
-    for job_id, worker in held.items():
+    for job_id in jobs:
         record = run.record(job_id)
         assert record is not None and record.generation_id
         path = f"/v1/generations/{record.generation_id}"
         first_poll = min(a["t"] for a in arrivals if a["t"] > back and a["path"] == path)
-        reconnected = wait_reconnected(worker, marks[worker.name])
-        assert reconnected is not None, f"{worker.name} did not reconnect"
         assert first_poll < reconnected, (
             f"{job_id}: GEN saw its next poll {first_poll - back:.1f} s after Redis was back, only after "
-            f"{worker.name}, which held it, reconnected ({reconnected - back:.1f} s)"
+            f"the worker that held it reconnected ({reconnected - back:.1f} s)"
         )
         margins.append(reconnected - first_poll)
     outcomes = collect_outcomes(run, timeout=30)
@@ -378,3 +399,22 @@ def test_a_job_held_by_a_worker_still_backing_off_is_carried_on_by_another(run: 
     print(
         f"each job's next poll came {min(margins):.1f}-{max(margins):.1f} s before its old worker reconnected"
     )
+
+
+def test_workers_reconnect_within_their_backoff_cap_of_redis_coming_back(run: Run, simulator: Any) -> None:
+    """At the default LIPSYNC_BROKER_RECONNECT_MAX (5 s) every worker is back within ~5 s of Redis
+    after a 21 s outage (kombu's backoff: ~9 s), and the jobs enqueued during the outage's end run."""
+    simulator.durations = {"gen": 3.0}
+    marks, back = outage(run.cluster, LONG_OUTAGE)
+    jobs = run.submit(3)
+    late = {}
+    for worker in run.cluster.workers:
+        reconnected = wait_reconnected(worker, marks[worker.name])
+        assert reconnected is not None, f"{worker.name} did not reconnect"
+        late[worker.name] = reconnected - back
+    assert max(late.values()) < float(_default("broker_reconnect_max")) + 1.0, late
+    wait_all_finished(run, timeout=30)
+    assert_all_alive(run)
+    outcomes = collect_outcomes(run, timeout=30)
+    assert {job_id: o["status"] for job_id, o in outcomes.items()} == dict.fromkeys(jobs, "completed")
+    print("reconnected after Redis was back: " + ", ".join(f"{n} {t:.1f} s" for n, t in sorted(late.items())))

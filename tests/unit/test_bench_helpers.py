@@ -22,7 +22,7 @@ import pytest
 from bench import __main__ as umbrella
 from bench.figures import DASH, Figure, Spread, Target, median, p95, percent, print_table, ratios
 from bench.gen_seen import added_latency, seen_by_key
-from bench.plain_celery import BACKEND, ROUTING, plain_config
+from bench.plain_celery import BACKEND, NOT_COPIED, plain_config
 from bench.polling_client import FixedIntervalPoller
 from bench.proc import CLOCK_TICKS, parse_stat, parse_vmrss, tree, tree_cpu_seconds, tree_rss_bytes
 from bench.waiting import poll_gaps
@@ -223,11 +223,11 @@ def test_the_reference_client_polls_at_its_interval_and_fetches_the_output_once(
 # ---------------------------------------------------------------------------- the plain reference
 
 
-def test_the_plain_app_has_every_celery_setting_of_ours_but_the_routing() -> None:
+def test_the_plain_app_has_every_celery_setting_of_ours_but_routing_and_our_classes() -> None:
     settings = Settings.from_environ(
         {"LIPSYNC_BROKER_URL": "redis://127.0.0.1:1/0", "LIPSYNC_RESULT_TTL": "120"}
     )
-    ours = {k: v for k, v in celery_config(settings).items() if k not in ROUTING}
+    ours = {k: v for k, v in celery_config(settings).items() if k not in NOT_COPIED}
     plain = plain_config(settings)
     # The same Redis for results; Celery's own backend class for the plain app (see bench.plain_celery).
     assert str(ours.pop(BACKEND)) == f"worker.ops.results:ResultBackend+{plain.pop(BACKEND)}"
