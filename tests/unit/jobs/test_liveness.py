@@ -61,6 +61,14 @@ def go_silent() -> None:
     time.sleep(SILENCE + 0.1)
 
 
+def unreachable(tmp_path: Path, **settings: Any) -> Resources:
+    """Resources on a Redis nobody listens on (one restarting), failing fast."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    down = Resources(unit_settings(url, "http://127.0.0.1:9", tmp_path).model_copy(update=settings))
+    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    return down
+
+
 # --------------------------------------------------------------------------------------------
 # recording who holds a job
 # --------------------------------------------------------------------------------------------
@@ -245,31 +253,29 @@ def test_a_message_the_node_cannot_read_does_not_stop_it(res: Resources) -> None
     assert res.jobs.get("bad") is None
 
 
-def test_a_reconnect_releases_what_the_old_connection_held(res: Resources) -> None:
+@pytest.mark.parametrize("ended", ["lost", "connected"])
+def test_a_connection_that_ended_releases_what_it_held(res: Resources, ended: str) -> None:
+    # Celery drops what a connection held when it loses it. The release comes at the loss (Node.lost,
+    # from the consumer step's stop); a reconnect whose loss the node never heard of releases too.
     node = Node("n1", resources=lambda: res)
     node.connected()
     first = node.holder
     node.beat()
-    node.connected()
+    getattr(node, ended)()
     assert node.holder != first
     assert res.redis.zscore(HOLDERS_KEY, first) == 0.0
     node.beat()
     assert res.redis.zscore(HOLDERS_KEY, node.holder) > 0  # type: ignore[operator]
 
 
-def test_a_lost_connection_releases_its_holder_at_once_not_at_the_reconnect(res: Resources) -> None:
-    # Celery dropped what the connection held when it lost it; its reconnect can come 30 s after
-    # Redis is back (its backoff), and the jobs must not wait for it.
+def test_a_loss_releases_once_and_the_reconnect_keeps_its_new_holder(res: Resources) -> None:
     node = Node("n1", resources=lambda: res)
     node.connected()
     first = node.holder
-    node.beat()
     node.lost()
-    assert node.holder != first
-    assert res.redis.zscore(HOLDERS_KEY, first) == 0.0
     second = node.holder
     node.lost()  # Celery stops the consumer's steps again after a failed reconnect: nothing more
-    node.connected()  # the reconnect keeps the holder the loss made
+    node.connected()
     assert node.holder == second
     released: Any = res.redis.zrangebyscore(HOLDERS_KEY, 0, 0)
     assert [as_text(h) for h in released] == [first]
@@ -280,8 +286,7 @@ def test_a_release_owed_while_redis_is_down_is_written_as_soon_as_it_answers(
 ) -> None:
     # At a Redis restart the loss comes while Redis is down: the heartbeat writes the release, and
     # must not wait for its interval (5 s by default, 30 s here) to do so.
-    down = Resources(unit_settings(f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:9", tmp_path))
-    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    down = unreachable(tmp_path)
     current = [res]
     node = Node("n1", resources=lambda: current[0])
     node.connected()
@@ -375,8 +380,7 @@ def test_a_job_held_by_dead_workers_counts_toward_the_limit(res: Resources, queu
 def test_a_holding_redis_refused_at_receipt_is_written_by_the_next_beat(
     res: Resources, queue: CeleryQueue, tmp_path: Path
 ) -> None:
-    down = Resources(unit_settings(f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:9", tmp_path))
-    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    down = unreachable(tmp_path)
     current = [down]
     node = Node("n1", resources=lambda: current[0])
     node.connected()
@@ -555,12 +559,7 @@ def test_the_sweeper_says_redis_is_unreachable_in_one_line_per_round(
     settings: Settings, queue: CeleryQueue, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Every worker sweeps every 5 s: through a Redis restart a traceback each time buries the log.
-    down = Resources(
-        unit_settings(f"redis://127.0.0.1:{free_port()}/0", "http://127.0.0.1:9", tmp_path).model_copy(
-            update={"sweep_interval": 0.05}
-        )
-    )
-    down.redis.connection_pool.connection_kwargs.update(socket_connect_timeout=0.2)
+    down = unreachable(tmp_path, sweep_interval=0.05)
     caplog.set_level(logging.WARNING, logger="lipsync.sweeper")
     sweeper = SweeperThread(queue, "sweeper-1")
     with pytest.MonkeyPatch.context() as patch:
