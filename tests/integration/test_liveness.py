@@ -170,7 +170,10 @@ def test_sigkill_a_worker_holding_reserved_fetches(fleet: Fleet) -> None:
     run trickles too (slot 2 busy), and the other two are due with no slot free: reserved.
     """
     sim = fleet.sim
-    sim.durations = {"gen": 1.0}
+    # Done at once: the poll each submit sends at once finds every output ready, and the four
+    # fetches come together. (Later polls are staggered per job, up to 7.5 s apart: with a 1 s
+    # generation the fetches spread out, and sometimes no retry had to wait for a slot.)
+    sim.durations = {"gen": 0.0}
     for fault in (
         Fault(endpoint="cdn", trickle=2.0, times=1),
         Fault(endpoint="cdn", status=503, times=3),
