@@ -1,4 +1,6 @@
 """Redis restarts five times under three running workers: no worker exits, every job completes.
+And after long outages (21 s, 37 s) workers reconnect within their backoff cap of Redis answering,
+while the jobs a worker held are re-driven without waiting for its reconnect (the last two tests).
 
 Nothing restarts a worker here (unlike a deployment's supervisor): a worker process that exits on a
 broker restart fails the test (kombu 5.7 made them exit: docs/redis-restart-crash.md). Redis keeps
