@@ -25,7 +25,7 @@ from worker.node import ConnectionStep, Node, NodeStep
 from worker.ops import deferred, einfo_fixes, kombu_fixes, kombu_reuse, logs
 from worker.ops.results import backend_setting
 from worker.preflight import preflight, refuse_to_start
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, get_settings, settings_of
 
 #: The modules that define the tasks (named explicitly: no auto-discovery).
 TASK_MODULES = ["tasks.lipsync", "tasks.callbacks", "tasks.cards", "tasks.batches"]
@@ -135,7 +135,7 @@ class SweeperStep(bootsteps.StartStopStep):
 
 def _preflight(sender: Any = None, **_: Any) -> None:
     """Celery's ``worker_init``: refuse to start a worker GEN would not serve (worker.preflight)."""
-    settings: Settings = getattr(getattr(sender, "app", None), "lipsync_settings", None) or get_settings()
+    settings = settings_of(getattr(sender, "app", None))
 
     def say(line: str) -> None:
         print(f"lipsync-worker: {line}", file=sys.stderr, flush=True)

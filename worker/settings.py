@@ -284,3 +284,9 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once."""
     return Settings()
+
+
+def settings_of(app: object) -> Settings:
+    """The settings a Celery app made by :func:`worker.app.create_app` was given, else the process's."""
+    given: Settings | None = getattr(app, "lipsync_settings", None)
+    return given or get_settings()

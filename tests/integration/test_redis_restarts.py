@@ -93,15 +93,21 @@ def recoveries(run: Run, cause: str) -> int:
 
 
 @pytest.fixture
-def run(make_cluster: Callable[..., Cluster], simulator: Any) -> Iterator[Run]:
-    cluster = make_cluster(persistent=True, **ENV)
-    for _ in range(WORKERS):
-        cluster.start_worker()
-    r = Run(cluster, simulator)
+def bare_run(make_cluster: Callable[..., Cluster], simulator: Any) -> Iterator[Run]:
+    """A cluster with Redis persistent and the production recovery timings, no worker started."""
+    r = Run(make_cluster(persistent=True, **ENV), simulator)
     try:
         yield r
     finally:
         r.close()
+
+
+@pytest.fixture
+def run(bare_run: Run) -> Run:
+    """:func:`bare_run` with :data:`WORKERS` workers."""
+    for _ in range(WORKERS):
+        bare_run.cluster.start_worker()
+    return bare_run
 
 
 class Restarts:
@@ -325,40 +331,21 @@ SLOW_OUTAGE = 37.0
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
 
 
-def reconnected_at(worker: WorkerProcess, mark: int) -> float | None:
-    """When ``worker`` logged its first broker connection after log offset ``mark`` (epoch)."""
-    for line in worker.log()[mark:].splitlines():
+def reconnected_at(log: str) -> float | None:
+    """When ``log`` (a worker's, from some point on) says the worker connected first (epoch)."""
+    for line in log.splitlines():
         stamp = LOG_LINE.match(line)
         if stamp and CONNECTED in line:
             return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     return None
 
 
-def wait_reconnected(worker: WorkerProcess, mark: int, timeout: float = 60) -> float | None:
+def wait_reconnected(restarts: Restarts, worker: WorkerProcess, timeout: float = 60) -> float | None:
+    """When ``worker`` reconnected after the latest restart, waiting up to ``timeout`` s for it."""
     deadline = time.monotonic() + timeout
-    while (at := reconnected_at(worker, mark)) is None and time.monotonic() < deadline:
+    while (at := reconnected_at(restarts.since_last(worker))) is None and time.monotonic() < deadline:
         time.sleep(0.2)
     return at
-
-
-def outage(cluster: Cluster, seconds: float) -> tuple[dict[str, int], float]:
-    """Stop Redis for ``seconds``, keeping its data: each worker's log offset before, and the
-    (epoch) time Redis answered again."""
-    marks = {w.name: len(w.log()) for w in cluster.workers}
-    cluster.redis_server.stop()
-    time.sleep(seconds)
-    cluster.redis_server.start()
-    return marks, time.time()
-
-
-@pytest.fixture
-def bare_run(make_cluster: Callable[..., Cluster], simulator: Any) -> Iterator[Run]:
-    """A cluster like ``run``'s, with no worker started."""
-    r = Run(make_cluster(persistent=True, **ENV), simulator)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def test_a_job_held_by_a_worker_still_reconnecting_is_carried_on_by_another(
@@ -377,11 +364,13 @@ def test_a_job_held_by_a_worker_still_reconnecting_is_carried_on_by_another(
     for job_id in jobs:
         run.wait_state(job_id, Stage.POLLING.value, min_polls=1)
     assert sorted(holdings(cluster.redis(), ["slow"])["slow"].jobs) == sorted(jobs)
-    marks, back = outage(cluster, SLOW_OUTAGE)
+    restarts = Restarts(run)
+    restarts.restart(down=SLOW_OUTAGE)
+    back = time.time()
     cluster.start_worker()  # connects at once
     wait_all_finished(run, timeout=90)
     assert_all_alive(run)
-    reconnected = wait_reconnected(slow, marks["slow"])
+    reconnected = wait_reconnected(restarts, slow)
     assert reconnected is not None, "the worker that held the jobs did not reconnect"
     arrivals = simulator.stats()["arrivals"]
     margins = []
@@ -407,11 +396,13 @@ def test_workers_reconnect_within_their_backoff_cap_of_redis_coming_back(run: Ru
     """At the default LIPSYNC_BROKER_RECONNECT_MAX (5 s) every worker is back within ~5 s of Redis
     after a 21 s outage (kombu's backoff: ~9 s), and the jobs enqueued during the outage's end run."""
     simulator.durations = {"gen": 3.0}
-    marks, back = outage(run.cluster, LONG_OUTAGE)
+    restarts = Restarts(run)
+    restarts.restart(down=LONG_OUTAGE)
+    back = time.time()
     jobs = run.submit(3)
     late = {}
     for worker in run.cluster.workers:
-        reconnected = wait_reconnected(worker, marks[worker.name])
+        reconnected = wait_reconnected(restarts, worker)
         assert reconnected is not None, f"{worker.name} did not reconnect"
         late[worker.name] = reconnected - back
     assert max(late.values()) < float(_default("broker_reconnect_max")) + 1.0, late

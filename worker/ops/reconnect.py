@@ -20,7 +20,7 @@ from typing import Any
 
 from celery.worker.consumer import Consumer as CeleryConsumer
 
-from worker.settings import Settings, get_settings
+from worker.settings import Settings, settings_of
 
 
 def backoff(settings: Settings) -> dict[str, float]:
@@ -33,7 +33,6 @@ class Consumer(CeleryConsumer):
     """Celery's consumer, reconnecting to the broker on :func:`backoff` instead of kombu's default."""
 
     def ensure_connected(self, conn: Any) -> Any:
-        settings = getattr(self.app, "lipsync_settings", None) or get_settings()
         # Celery calls conn.ensure_connection(errback, max_retries, callback=...) without intervals.
-        conn.ensure_connection = partial(conn.ensure_connection, **backoff(settings))
+        conn.ensure_connection = partial(conn.ensure_connection, **backoff(settings_of(self.app)))
         return super().ensure_connected(conn)
